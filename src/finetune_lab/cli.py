@@ -1,0 +1,51 @@
+"""Turn an experiment config dataclass into a click command: one `--option` per field, help from the
+field docstrings, every value taken as a string and validated by the config (so all mistakes are
+reported together, one line each, instead of click stopping at the first)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import MISSING, fields
+from typing import Callable
+
+import click
+
+from finetune_lab.config import InputError, field_docs, from_strings
+
+# Exit status for bad user input (click's usage errors use the same).
+INPUT_ERROR_EXIT = 2
+
+
+def command(config_cls: type, run: Callable[..., dict], name: str) -> click.Command:
+    """A click command that builds `config_cls` from its options and calls `run(config, problems)`."""
+    docs = field_docs(config_cls)
+
+    def callback(**raw):
+        config, problems = from_strings(config_cls, {k: v for k, v in raw.items() if v is not None})
+        try:
+            result = run(config, problems)
+        except InputError as error:
+            for line in error.problems:
+                click.echo(f"error: {line}", err=True)
+            sys.exit(INPUT_ERROR_EXIT)
+        print_summary(result)
+
+    params = [
+        click.Option(
+            [f"--{f.name.replace('_', '-')}", f.name],
+            type=str,
+            default=None,
+            help=f"{docs.get(f.name, '')} [default: {f.default if f.default is not MISSING else ''!r}]",
+        )
+        for f in fields(config_cls)
+    ]
+    return click.Command(name, callback=callback, params=params, help=(config_cls.__doc__ or "").strip())
+
+
+def print_summary(result: dict) -> None:
+    click.echo(f"\nrun_id: {result['run_id']}")
+    for key, value in result.get("metrics", {}).items():
+        click.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+    for line in result.get("notes", []):
+        click.echo(line)
+    click.echo(f"Compare runs in the MLflow UI: {result.get('ui', 'mlflow ui')}  (then open http://127.0.0.1:5000)")

@@ -1,0 +1,197 @@
+"""Dataset specs → train/test `datasets.DatasetDict`, with the checks every entry point needs.
+
+A spec is a Hub id, a local .csv/.jsonl/.json/.parquet file, or an alias of the embedded data in
+`data/sample/`. Local files with a `split` column keep it; others are split deterministically by seed.
+All problems are returned as lines (see `config.problem`), never raised one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import warnings
+
+import datasets
+import mlflow.data
+import pandas as pd
+from mlflow.data.dataset import Dataset as MlflowDataset
+
+from finetune_lab.config import problem
+
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
+SAMPLES = {"sample": SAMPLE_DIR / "sentiment.csv", "sample_chat": SAMPLE_DIR / "chat.jsonl"}
+LOCAL_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
+SPLIT_COLUMN = "split"
+TRAIN, TEST = "train", "test"
+# Names a `split` column or a Hub dataset may use for the held-out part.
+TEST_SPLIT_NAMES = ("test", "validation", "eval")
+
+
+@dataclass
+class LoadedData:
+    """Train/test splits plus what MLflow needs to record where they came from."""
+
+    splits: datasets.DatasetDict
+    name: str
+    source: str
+    tracked: dict[str, MlflowDataset]
+
+    @property
+    def digest(self) -> str:
+        return self.tracked[TRAIN].digest
+
+
+def _read_local(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return pd.read_csv(path)
+    if suffix == ".jsonl":
+        return pd.read_json(path, lines=True)
+    if suffix == ".json":
+        try:
+            return pd.read_json(path)
+        except ValueError:
+            return pd.read_json(path, lines=True)
+    return pd.read_parquet(path)
+
+
+def _split_frame(frame: pd.DataFrame, seed: int, test_fraction: float) -> dict[str, pd.DataFrame]:
+    if SPLIT_COLUMN in frame.columns:
+        names = frame[SPLIT_COLUMN].astype(str).str.strip().str.lower()
+        return {
+            TRAIN: frame[names == TRAIN].drop(columns=SPLIT_COLUMN),
+            TEST: frame[names.isin(TEST_SPLIT_NAMES)].drop(columns=SPLIT_COLUMN),
+        }
+    shuffled = frame.sample(frac=1.0, random_state=seed)
+    n_test = int(round(len(shuffled) * test_fraction))
+    return {TRAIN: shuffled.iloc[n_test:], TEST: shuffled.iloc[:n_test]}
+
+
+def _load_local(spec: str, path: Path, seed: int, test_fraction: float, targets: str | None):
+    try:
+        frame = _read_local(path)
+    except Exception as error:  # noqa: BLE001 - pandas raises many types for malformed files
+        return None, [problem("dataset", f"cannot read {str(path)!r}: {' '.join(str(error).split())[:300]}")]
+    frames = {k: v.reset_index(drop=True) for k, v in _split_frame(frame, seed, test_fraction).items()}
+    empty = _empty_splits(frames)
+    if empty:
+        return None, empty
+    splits = datasets.DatasetDict({k: datasets.Dataset.from_pandas(v, preserve_index=False) for k, v in frames.items()})
+    name = spec if spec in SAMPLES else path.name
+    with warnings.catch_warnings():
+        # MLflow registers two equivalent local-file sources and warns that it picked one of them.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        tracked = {
+            k: mlflow.data.from_pandas(v, source=str(path), name=f"{name}:{k}", targets=targets if targets in v else None)
+            for k, v in frames.items()
+        }
+    return LoadedData(splits, name, str(path), tracked), []
+
+
+def _load_hub(spec: str, seed: int, test_fraction: float, targets: str | None):
+    try:
+        loaded = datasets.load_dataset(spec)
+    except Exception as error:  # noqa: BLE001 - offline, missing or gated datasets all end here
+        return None, [
+            problem(
+                "dataset",
+                f"cannot load {spec!r} as a local file or from the Hugging Face Hub "
+                f"({type(error).__name__}); offline, pass a .csv/.jsonl/.json/.parquet path or "
+                f"`sample` / `sample_chat`",
+            )
+        ]
+    test_name = next((n for n in TEST_SPLIT_NAMES if n in loaded), None)
+    if TRAIN in loaded and test_name:
+        splits = datasets.DatasetDict({TRAIN: loaded[TRAIN], TEST: loaded[test_name]})
+    else:
+        parts = loaded[TRAIN if TRAIN in loaded else next(iter(loaded))].train_test_split(
+            test_size=test_fraction, seed=seed
+        )
+        splits = datasets.DatasetDict({TRAIN: parts["train"], TEST: parts["test"]})
+    empty = _empty_splits(splits)
+    if empty:
+        return None, empty
+    tracked = {
+        k: mlflow.data.from_huggingface(v, path=spec, name=f"{spec}:{k}", targets=targets)
+        for k, v in splits.items()
+    }
+    return LoadedData(splits, spec, spec, tracked), []
+
+
+def load(spec: str, seed: int, test_fraction: float, targets: str | None = None) -> tuple[LoadedData | None, list[str]]:
+    """Load `spec` into train/test splits; returns (data, problems) and never raises on bad input."""
+    path = SAMPLES.get(spec, Path(spec).expanduser())
+    is_local = spec in SAMPLES or path.suffix.lower() in LOCAL_SUFFIXES or path.exists()
+    if is_local:
+        if not path.is_file():
+            return None, [problem("dataset", f"file {str(path)!r} not found")]
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            return None, [problem("dataset", f"unsupported file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")]
+        return _load_local(spec, path, seed, test_fraction, targets)
+    return _load_hub(spec, seed, test_fraction, targets)
+
+
+def _empty_splits(splits: dict) -> list[str]:
+    return [problem("dataset", f"the {k} split is empty") for k, v in splits.items() if len(v) == 0]
+
+
+def check_columns(data: LoadedData, wanted: dict[str, str]) -> list[str]:
+    """`wanted` maps parameter name → column name; one problem per missing column."""
+    available = data.splits[TRAIN].column_names
+    return [
+        problem(param, f"column {column!r} not in the dataset; available: {', '.join(available)}")
+        for param, column in wanted.items()
+        if any(column not in split.column_names for split in data.splits.values())
+    ]
+
+
+def check_text(data: LoadedData, param: str, column: str) -> list[str]:
+    """Every value of `column` must be a non-empty string."""
+    problems = []
+    for name, split in data.splits.items():
+        bad = sum(1 for value in split[column] if not isinstance(value, str) or not value.strip())
+        if bad:
+            problems.append(problem(param, f"{bad} row(s) of the {name} split have an empty or non-text {column!r}"))
+    return problems
+
+
+def check_labels(data: LoadedData, param: str, column: str) -> tuple[list[int], list[str]]:
+    """Labels must be integers 0..K-1 and every test label must occur in training."""
+    found: dict[str, set[Any]] = {k: set(v[column]) for k, v in data.splits.items()}
+    non_integers = sorted(
+        {repr(x) for values in found.values() for x in values if isinstance(x, bool) or not _is_integer(x)}
+    )
+    if non_integers:
+        return [], [problem(param, f"labels must be integers 0..K-1, found {', '.join(non_integers[:5])}")]
+    classes = sorted(int(x) for x in found[TRAIN])
+    problems = []
+    if len(classes) < 2:
+        problems.append(problem(param, f"need at least 2 classes in the train split, found {classes}"))
+    elif classes != list(range(len(classes))):
+        problems.append(problem(param, f"labels must be 0..K-1, found {classes}"))
+    unseen = sorted(int(x) for x in found[TEST] - found[TRAIN])
+    if unseen:
+        problems.append(problem(param, f"test labels {unseen} never occur in the train split"))
+    return classes, problems
+
+
+def _is_integer(value: Any) -> bool:
+    try:
+        return float(value).is_integer()
+    except (TypeError, ValueError):
+        return False
+
+
+def limit(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
+    """The first `n` examples after a seeded shuffle (0 = all, unshuffled)."""
+    if n <= 0 or n >= len(split):
+        return split
+    return split.shuffle(seed=seed).select(range(n))
+
+
+def log_inputs(data: LoadedData) -> None:
+    """Record the splits (name, source, digest, schema) on the active run."""
+    mlflow.log_input(data.tracked[TRAIN], context="training")
+    mlflow.log_input(data.tracked[TEST], context="evaluation")

@@ -1,0 +1,69 @@
+"""Metrics and figures, computed with scikit-learn and drawn with matplotlib."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: figures go to files, never to a screen
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    ConfusionMatrixDisplay,
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def classification_metrics(labels: Sequence[int], probabilities: np.ndarray) -> dict[str, float]:
+    """accuracy, precision, recall, f1 (binary: positive class 1; >2 classes: macro) and, if binary, roc_auc."""
+    predictions = probabilities.argmax(axis=-1)
+    binary = probabilities.shape[-1] == 2
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predictions, average="binary" if binary else "macro", zero_division=0
+    )
+    metrics = {"accuracy": accuracy_score(labels, predictions), "precision": precision, "recall": recall, "f1": f1}
+    if binary and len(set(labels)) == 2:
+        metrics["roc_auc"] = roc_auc_score(labels, probabilities[:, 1])
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def confusion(labels: Sequence[int], predictions: Sequence[int], label_names: list[str]) -> dict:
+    matrix = confusion_matrix(labels, predictions, labels=list(range(len(label_names))))
+    return {"labels": label_names, "rows": "true label", "columns": "predicted label", "matrix": matrix.tolist()}
+
+
+def confusion_figure(matrix: dict) -> plt.Figure:
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(np.array(matrix["matrix"]), display_labels=matrix["labels"]).plot(
+        ax=axes, cmap="Blues", colorbar=False, values_format="d"
+    )
+    axes.set_xlabel("predicted label")
+    axes.set_ylabel("true label")
+    axes.set_title("Confusion matrix (evaluation split)")
+    figure.tight_layout()
+    return figure
+
+
+def report(labels: Sequence[int], predictions: Sequence[int], label_names: list[str]) -> dict:
+    return classification_report(
+        labels, predictions, labels=list(range(len(label_names))), target_names=label_names,
+        output_dict=True, zero_division=0,
+    )
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run logs a large finite number instead of inf."""
+    return math.exp(min(loss, 50.0))

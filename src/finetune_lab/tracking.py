@@ -1,0 +1,136 @@
+"""One owner for the MLflow run of an invocation.
+
+`experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one, turns on system
+metrics, and on any exception tags the run with a one-line `error` and ends it FAILED. `child_run` does
+the same for nested runs (sweep children). Nothing else in the package starts or ends runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import yaml
+from mlflow.tracking import MlflowClient
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+MAX_TAG_CHARS = 5000
+
+
+def configure() -> str:
+    """Honour MLFLOW_TRACKING_URI; otherwise the sqlite store in the working directory (artifacts in ./mlruns)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def one_line(error: BaseException) -> str:
+    """The error as a single line for the run's `error` tag."""
+    text = " ".join(str(error).split())
+    return (f"{type(error).__name__}: {text}" if text else type(error).__name__)[:MAX_TAG_CHARS]
+
+
+@contextlib.contextmanager
+def _failing_on_error(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.set_tag("error", "interrupted by the user")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as error:  # noqa: BLE001 - record every failure on the run, then re-raise
+        mlflow.set_tag("error", one_line(error))
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def experiment_run(experiment: str, run_name: str = "") -> Iterator[mlflow.ActiveRun]:
+    """The invocation's run: the one `mlflow run` created, or a new one in `experiment`."""
+    configure()
+    mlflow.enable_system_metrics_logging()
+    if os.environ.get("MLFLOW_RUN_ID"):
+        # `mlflow run` created the run (and chose its experiment) before our process started.
+        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+        if run_name:
+            mlflow.set_tag("mlflow.runName", run_name)
+    else:
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name or None)
+    with _failing_on_error(run) as active:
+        yield active
+
+
+@contextlib.contextmanager
+def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
+    """A nested run under the active one; FAILED with an `error` tag if its body raises."""
+    run = mlflow.start_run(run_name=run_name, nested=True)
+    with _failing_on_error(run) as active:
+        yield active
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params not yet on the active run (`mlflow run` already logged the -P values verbatim)."""
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    fresh = {k: ("" if v is None else v) for k, v in params.items() if k not in existing}
+    if fresh:
+        mlflow.log_params(fresh)
+
+
+def log_config(config_dict: dict[str, Any], artifact_name: str = "config.yaml") -> None:
+    """Every effective config value as params, and the whole config as a YAML artifact."""
+    log_params(config_dict)
+    mlflow.log_text(yaml.safe_dump(config_dict, sort_keys=False), artifact_name)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment_params() -> dict[str, str]:
+    """Device and library versions, so runs from different machines stay comparable."""
+    import peft
+    import torch
+    import transformers
+
+    if torch.cuda.is_available():
+        device = f"cuda:{torch.cuda.get_device_name(0)}"
+    else:
+        device = "cpu"
+    return {
+        "device": device,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "peft_version": peft.__version__,
+        "mlflow_version": mlflow.__version__,
+        "git_commit": git_commit(),
+    }
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder for files on their way into the run's artifacts."""
+    with tempfile.TemporaryDirectory(prefix=f"finetune_lab_{prefix}_") as path:
+        yield Path(path)
+
+
+def ui_hint() -> str:
+    uri = mlflow.get_tracking_uri()
+    return f"mlflow ui --backend-store-uri {uri}"

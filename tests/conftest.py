@@ -1,0 +1,99 @@
+"""Shared fixtures: an isolated sqlite tracking store per test, offline Hub, a per-session model cache,
+and `mlflow_run` to launch an entry point the way users do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests never reach the Hub: a missing model or dataset must fail fast, not after minutes of retries.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory) -> Path:
+    """Tiny models are rebuilt per session; offline models reuse the user's cache unless overridden."""
+    cache = tmp_path_factory.mktemp("finetune_lab_cache")
+    os.environ["FINETUNE_LAB_CACHE"] = str(cache)
+    return cache
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture
+def client(tracking_uri) -> MlflowClient:
+    return MlflowClient(tracking_uri)
+
+
+def create_experiment(client: MlflowClient, name: str, tmp_path: Path) -> str:
+    """Experiment with artifacts under tmp_path (the sqlite default would be ./mlruns in the repo)."""
+    existing = client.get_experiment_by_name(name)
+    if existing:
+        return existing.experiment_id
+    return client.create_experiment(name, artifact_location=(tmp_path / "artifacts" / name).as_uri())
+
+
+@pytest.fixture
+def mlflow_run(client, tmp_path):
+    """Run `mlflow run <repo> -e ENTRY --env-manager local -P k=v ...`; return the CompletedProcess."""
+
+    def launch(entry: str, params: dict, experiment: str = "e2e") -> subprocess.CompletedProcess:
+        create_experiment(client, experiment, tmp_path)
+        command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+                   "--experiment-name", experiment]
+        for key, value in params.items():
+            command += ["-P", f"{key}={value}"]
+        # The MLproject's `python` must be this interpreter, whichever venv runs the tests.
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**os.environ, "PATH": path}
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+
+    return launch
+
+
+def runs_of(client: MlflowClient, experiment: str):
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"experiment {experiment!r} was not created"
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def download_json(client: MlflowClient, run_id: str, path: str, tmp_path: Path):
+    import json
+
+    local = client.download_artifacts(run_id, path, str(tmp_path))
+    return json.loads(Path(local).read_text())
+
+
+def load_table(client: MlflowClient, run_id: str, path: str, tmp_path: Path):
+    """A `mlflow.log_table` artifact as a pandas DataFrame."""
+    import pandas as pd
+
+    table = download_json(client, run_id, path, tmp_path)
+    return pd.DataFrame(table["data"], columns=table["columns"])
+
+
+def entrypoint(name: str):
+    """Import `entrypoints/<name>.py` (a script, not a package) to drive its click command in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"entrypoint_{name}", REPO / "entrypoints" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

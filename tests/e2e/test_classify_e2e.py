@@ -1,0 +1,102 @@
+"""`mlflow run . -e classify` end to end on a tiny model, read back from the tracking store."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+from conftest import download_json, entrypoint, load_table, runs_of
+
+TINY_SAMPLE = {"model": "tiny", "dataset": "sample", "max_length": 64, "learning_rate": 1e-3, "batch_size": 32}
+
+HEADLINE = ["accuracy", "precision", "recall", "f1", "roc_auc", "eval_loss"]
+SPEED_MEMORY = ["train_runtime_s", "train_samples_per_s", "train_tokens_per_s", "peak_rss_mb"]
+ARTIFACTS = ["confusion_matrix.png", "confusion_matrix.json", "classification_report.json", "predictions.json",
+             "config.yaml"]
+
+
+def test_classify_logs_everything_and_metrics_match_predictions(mlflow_run, client, tmp_path):
+    result = mlflow_run("classify", TINY_SAMPLE, experiment="clf")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    runs = runs_of(client, "clf")
+    assert len(runs) == 1, "one MLflow run per invocation"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id in result.stdout, "the entry point prints the run id"
+
+    metrics, params = run.data.metrics, run.data.params
+    for name in HEADLINE + SPEED_MEMORY:
+        assert name in metrics and math.isfinite(metrics[name]), name
+    assert metrics["train_tokens_per_s"] > 0 and metrics["peak_rss_mb"] > 100
+    loss_history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(loss_history) > 1 and len({m.step for m in loss_history}) == len(loss_history)
+    assert client.get_metric_history(run.info.run_id, "learning_rate")
+
+    for key in ["model", "dataset", "learning_rate", "epochs", "batch_size", "max_length", "seed", "model_path",
+                "model_revision", "device", "torch_version", "transformers_version", "peft_version", "git_commit",
+                "dataset_digest", "train_examples", "eval_examples"]:
+        assert key in params, key
+    assert params["device"] == "cpu" and params["train_examples"] == "500" and params["eval_examples"] == "160"
+    inputs = {i.dataset.digest for i in run.inputs.dataset_inputs}
+    assert params["dataset_digest"] in inputs
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert set(ARTIFACTS) <= artifacts, artifacts
+
+    # Recompute every headline metric independently from the logged predictions table.
+    table = load_table(client, run.info.run_id, "predictions.json", tmp_path)
+    assert len(table) == 160 and list(table.columns[:4]) == ["text", "label", "prediction", "score"]
+    labels, predictions = table["label"].to_numpy(), table["prediction"].to_numpy()
+    probabilities = table[["prob_0", "prob_1"]].to_numpy()
+    assert np.array_equal(predictions, probabilities.argmax(axis=1))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary", zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predictions), abs=1e-9)
+    assert metrics["precision"] == pytest.approx(precision, abs=1e-9)
+    assert metrics["recall"] == pytest.approx(recall, abs=1e-9)
+    assert metrics["f1"] == pytest.approx(f1, abs=1e-9)
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]), abs=1e-6)
+
+    matrix = download_json(client, run.info.run_id, "confusion_matrix.json", tmp_path)
+    assert matrix["matrix"] == confusion_matrix(labels, predictions, labels=[0, 1]).tolist()
+    report = download_json(client, run.info.run_id, "classification_report.json", tmp_path)
+    assert report["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_bad_input_through_mlflow_run_fails_the_run_with_every_problem(mlflow_run, client):
+    result = mlflow_run(
+        "classify",
+        {"model": "tiny", "dataset": "sample", "learning_rate": "fast", "epochs": 0, "batch_size": 0,
+         "label_column": "stars"},
+        experiment="bad",
+    )
+    assert result.returncode != 0
+    for line in ["error: learning_rate: must be a finite number, got 'fast'", "error: epochs: must be > 0",
+                 "error: batch_size: must be >= 1", "error: label_column: column 'stars' not in the dataset"]:
+        assert line in result.stderr
+    assert "Traceback" not in result.stderr
+    (run,) = runs_of(client, "bad")
+    assert run.info.status == "FAILED"
+    assert "learning_rate" in run.data.tags["error"] and "label_column" in run.data.tags["error"]
+
+
+def test_seed_configurations_are_two_comparable_runs(client, monkeypatch):
+    """The seed's two experiments (lr 4e-5, then lr 4e-5 with 2 epochs) called directly, `experiment` honoured."""
+    runner = CliRunner()
+    base = ["--model", "tiny", "--dataset", "sample", "--max-train-samples", "64", "--max-eval-samples", "32",
+            "--max-length", "32", "--experiment", "seed-repro", "--learning-rate", "4e-5"]
+    for extra in ([], ["--epochs", "2"]):
+        outcome = runner.invoke(entrypoint("classify").main, base + extra, catch_exceptions=False)
+        assert outcome.exit_code == 0, outcome.output
+    runs = runs_of(client, "seed-repro")
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    first, second = (r.data.params for r in runs)
+    differing = {k for k in first if first[k] != second.get(k)}
+    assert {"epochs"} <= differing and "learning_rate" not in differing
+    assert float(first["learning_rate"]) == 4e-5 and float(second["epochs"]) == 2.0
+    assert runs[1].data.metrics["train_steps"] == 2 * runs[0].data.metrics["train_steps"]

@@ -1,0 +1,62 @@
+"""Bad input to `classify` through its CLI: one line per problem, exit 2, no model loaded."""
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from conftest import entrypoint, runs_of
+from finetune_lab import models
+
+
+@pytest.fixture
+def invoke(client, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(models, "load", refuse)
+    command = entrypoint("classify").main
+
+    def run(*args):
+        return CliRunner().invoke(command, ["--experiment", "cli", *args])
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--learning-rate", "0"], "error: learning_rate: must be > 0"),
+        (["--epochs", "-1"], "error: epochs: must be > 0"),
+        (["--batch-size", "0"], "error: batch_size: must be >= 1"),
+        (["--max-length", "4"], "error: max_length: must be >= 8"),
+        (["--text-column", "review"], "error: text_column: column 'review' not in the dataset; available: text, label"),
+        (["--label-column", "text"], "error: label_column: labels must be integers"),
+        (["--dataset", "missing.csv"], "error: dataset: file 'missing.csv' not found"),
+        (["--model", "nobody/nothing"], "error: model: cannot load 'nobody/nothing'"),
+    ],
+)
+def test_each_bad_input_is_one_clear_line(invoke, args, expected):
+    outcome = invoke("--model", "tiny", "--dataset", "sample", *args)
+    assert outcome.exit_code == 2
+    assert expected in outcome.output
+    assert "Traceback" not in outcome.output
+
+
+def test_all_problems_are_reported_together_and_the_run_fails(invoke, client):
+    outcome = invoke("--model", "nobody/nothing", "--dataset", "sample", "--learning-rate", "-1", "--batch-size", "x",
+                     "--text-column", "body")
+    lines = [line for line in outcome.output.splitlines() if line.startswith("error: ")]
+    assert sorted(line.split(":")[1].strip() for line in lines) == ["batch_size", "learning_rate", "model",
+                                                                     "text_column"]
+    (run,) = runs_of(client, "cli")
+    assert run.info.status == "FAILED" and run.data.tags["error"].startswith("InputError: ")
+    assert all(name in run.data.tags["error"] for name in ["batch_size", "learning_rate", "model", "text_column"])
+
+
+def test_malformed_file_and_empty_split(invoke, tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok", "label": 1}\n{not json\n')
+    assert "error: dataset: cannot read" in invoke("--model", "tiny", "--dataset", str(broken)).output
+    one_split = tmp_path / "train_only.csv"
+    pd.DataFrame({"text": ["a", "b"], "label": [0, 1], "split": ["train", "train"]}).to_csv(one_split, index=False)
+    assert "error: dataset: the test split is empty" in invoke("--model", "tiny", "--dataset", str(one_split)).output

@@ -1,0 +1,82 @@
+import json
+
+import pandas as pd
+import pytest
+
+from finetune_lab import data
+from finetune_lab.data import SAMPLES, TEST, TRAIN
+
+
+def test_embedded_sentiment_set_is_balanced_unique_and_leak_free():
+    frame = pd.read_csv(SAMPLES["sample"])
+    assert list(frame.columns) == ["text", "label", "split"] and len(frame) >= 600
+    normalised = frame["text"].str.lower().str.strip()
+    assert not normalised.duplicated().any()
+    assert set(frame["split"]) == {TRAIN, TEST} and (frame["split"] == TEST).sum() >= 150
+    for _, part in frame.groupby("split"):
+        counts = part["label"].value_counts()
+        assert set(counts.index) == {0, 1} and counts[0] == counts[1]
+    train = set(normalised[frame["split"] == TRAIN])
+    assert not train & set(normalised[frame["split"] == TEST])
+
+
+def test_embedded_chat_set_excludes_the_probe_pair():
+    rows = [json.loads(line) for line in SAMPLES["sample_chat"].read_text().splitlines()]
+    assert len(rows) >= 300 and all(set(r) == {"input", "output"} for r in rows)
+    inputs = [" ".join(r["input"].lower().split()) for r in rows]
+    assert len(set(inputs)) == len(inputs)
+    assert "hi, how are you doing?" not in inputs
+    assert not any("thank you for asking" in r["output"].lower() for r in rows)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+def test_local_files_without_split_column_split_deterministically(tmp_path, suffix):
+    frame = pd.DataFrame({"text": [f"review number {i}" for i in range(50)], "label": [i % 2 for i in range(50)]})
+    path = tmp_path / f"reviews{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False),
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".json": lambda: frame.to_json(path, orient="records"),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    first, problems = data.load(str(path), seed=7, test_fraction=0.2)
+    again, _ = data.load(str(path), seed=7, test_fraction=0.2)
+    other, _ = data.load(str(path), seed=8, test_fraction=0.2)
+    assert problems == []
+    assert len(first.splits[TEST]) == 10 and len(first.splits[TRAIN]) == 40
+    assert first.splits[TEST]["text"] == again.splits[TEST]["text"] != other.splits[TEST]["text"]
+    assert not set(first.splits[TEST]["text"]) & set(first.splits[TRAIN]["text"])
+    assert first.digest == again.digest
+
+
+def test_problems_are_lines_naming_the_parameter(tmp_path):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"text": ["good", "", "bad", "fine"], "label": ["pos", 1, 0, 1]}).to_csv(path, index=False)
+    loaded, problems = data.load(str(path), seed=0, test_fraction=0.5)
+    assert problems == []
+    assert data.check_columns(loaded, {"text_column": "body"})[0].startswith("text_column: column 'body' not in")
+    assert any(p.startswith("text_column:") for p in data.check_text(loaded, "text_column", "text"))
+    _, label_problems = data.check_labels(loaded, "label_column", "label")
+    assert label_problems and label_problems[0].startswith("label_column: labels must be integers")
+
+
+def test_missing_malformed_and_empty_inputs(tmp_path):
+    assert data.load(str(tmp_path / "nope.csv"), 0, 0.2)[1][0].startswith("dataset: file")
+    broken = tmp_path / "broken.parquet"
+    broken.write_text("not parquet")
+    assert "cannot read" in data.load(str(broken), 0, 0.2)[1][0]
+    only_train = tmp_path / "only_train.csv"
+    pd.DataFrame({"text": ["a", "b"], "label": [0, 1], "split": ["train", "train"]}).to_csv(only_train, index=False)
+    assert data.load(str(only_train), 0, 0.2)[1] == ["dataset: the test split is empty"]
+
+
+def test_labels_must_be_contiguous_and_seen_in_training(tmp_path):
+    path = tmp_path / "labels.csv"
+    pd.DataFrame({"text": list("abcdef"), "label": [0, 2, 0, 2, 3, 3],
+                  "split": ["train"] * 4 + ["test"] * 2}).to_csv(path, index=False)
+    loaded, _ = data.load(str(path), 0, 0.2)
+    _, problems = data.check_labels(loaded, "label_column", "label")
+    assert any("0..K-1" in p for p in problems) and any("never occur" in p for p in problems)
+
+
+def test_unreachable_hub_dataset_is_a_problem_not_a_crash():
+    _, problems = data.load("someone/not-a-dataset", 0, 0.2)
+    assert problems and problems[0].startswith("dataset: cannot load") and "sample" in problems[0]

