@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from conftest import REPO
-from finetune_lab.config import ClassifyConfig
+from finetune_lab.config import ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig
 
-ENTRY_POINTS = {"classify": ClassifyConfig}
+ENTRY_POINTS = {"classify": ClassifyConfig, "lora_sweep": SweepConfig, "retrain_probe": ProbeConfig,
+                "generate": GenerateConfig, "report": ReportConfig}
 
 
 def dependencies():
@@ -34,3 +35,8 @@ def test_mlproject_parameters_match_the_config(entry):
         declared = spec["parameters"][name]["default"]
         assert type(default)(declared) == default, name
         assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_every_entry_point_script_exists(entry):
+    assert (REPO / "entrypoints" / f"{entry}.py").is_file()

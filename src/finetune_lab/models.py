@@ -253,6 +253,15 @@ def load(source: ModelSource, loader: Callable, **kwargs):
     return model, tokenizer
 
 
+def skeleton(source: ModelSource, loader: Callable):
+    """The architecture without weights (meta device): enough to check module names and sizes up front."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path)
+    with torch.device("meta"):
+        return loader.from_config(config)
+
+
 def source_params(source: ModelSource) -> dict[str, str]:
     return {"model_path": source.path, "model_revision": source.revision}
 

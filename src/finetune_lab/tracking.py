@@ -56,16 +56,22 @@ def experiment_run(experiment: str, run_name: str = "") -> Iterator[mlflow.Activ
     """The invocation's run: the one `mlflow run` created, or a new one in `experiment`."""
     configure()
     mlflow.enable_system_metrics_logging()
-    if os.environ.get("MLFLOW_RUN_ID"):
-        # `mlflow run` created the run (and chose its experiment) before our process started.
-        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-        if run_name:
-            mlflow.set_tag("mlflow.runName", run_name)
-    else:
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name or None)
-    with _failing_on_error(run) as active:
-        yield active
+    # `mlflow run` created the run (and chose its experiment) before our process started. Take the id out of
+    # the environment while we hold the run: start_run() would otherwise resume it for every nested child too.
+    launched_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        if launched_run_id:
+            run = mlflow.start_run(run_id=launched_run_id)
+            if run_name:
+                mlflow.set_tag("mlflow.runName", run_name)
+        else:
+            mlflow.set_experiment(experiment)
+            run = mlflow.start_run(run_name=run_name or None)
+        with _failing_on_error(run) as active:
+            yield active
+    finally:
+        if launched_run_id:
+            os.environ["MLFLOW_RUN_ID"] = launched_run_id
 
 
 @contextlib.contextmanager

@@ -1,0 +1,149 @@
+"""Experiment: LoRA rank sweep. One parent run; one child run per rank x seed on the same frozen base,
+the same tokenized data and the same held-out split; then a comparison table, a per-rank summary
+(mean ± std over seeds), plots and the best rank on the parent.
+
+Recipe: prepare (config, data, model, architecture checks) → load base + tokenize once →
+children (fresh adapter each; a failing child is recorded and the sweep goes on) → summarise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlflow
+import pandas as pd
+
+from finetune_lab import data as data_lib
+from finetune_lab import lora, models, plots, tracking
+from finetune_lab.config import SweepConfig, as_dict
+from finetune_lab.data import TEST, TRAIN
+
+# Columns of the comparison table, in order; memory columns absent on CPU stay empty.
+TABLE_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb",
+                 "peak_cuda_mem_reserved_mb", "peak_rss_mb", "train_tokens_per_s", "train_runtime_s",
+                 "trainable_params", "adapter_size_bytes"]
+SUMMARY_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb", "peak_rss_mb",
+                   "train_tokens_per_s"]
+
+
+@dataclass
+class ChildOutcome:
+    rank: int
+    seed: int
+    run_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return child_name(self.rank, self.seed)
+
+
+def child_name(rank: int, seed: int) -> str:
+    return f"r{rank}-seed{seed}"
+
+
+def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: int) -> ChildOutcome:
+    """Train one adapter in its own child run; a failure ends that run FAILED and is returned, not raised."""
+    run_id = ""
+    try:
+        with tracking.child_run(child_name(rank, seed)) as child, lora.adapter(base, config, rank, seed) as model:
+            run_id = child.info.run_id
+            params = lora.lora_params(model, config, rank, seed)
+            tracking.log_params(params)  # first: the effective lora_alpha wins over the config's 0 = "per rank"
+            tracking.log_config(as_dict(config))
+            mlflow.log_metric("trainable_params", params["trainable_params"])  # also a metric, for charts
+            fitted = lora.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed)
+            size = lora.log_adapter(model, tokenizer)
+            metrics = {**fitted.metrics, "trainable_params": params["trainable_params"], "adapter_size_bytes": size}
+            return ChildOutcome(rank, seed, run_id, "FINISHED", metrics, fitted.curve)
+    except Exception as error:  # noqa: BLE001 - OOM, NaN loss, anything: record it and go on with the sweep
+        return ChildOutcome(rank, seed, run_id, "FAILED", error=tracking.one_line(error))
+
+
+def comparison_table(children: list[ChildOutcome]) -> pd.DataFrame:
+    rows = [
+        {"rank": c.rank, "seed": c.seed, **{m: c.metrics.get(m) for m in TABLE_METRICS}, "status": c.status,
+         "run_id": c.run_id, "error": c.error}
+        for c in children
+    ]
+    return pd.DataFrame(rows)
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Per rank: mean and std over the seeds that finished (std is empty for a single seed)."""
+    finished = table[table["status"] == "FINISHED"]
+    grouped = finished.groupby("rank")[SUMMARY_METRICS]
+    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_std"))
+    summary.insert(0, "seeds", finished.groupby("rank").size())
+    return summary.reset_index()
+
+
+def best_child(table: pd.DataFrame, summary: pd.DataFrame) -> pd.Series:
+    """The rank with the lowest mean eval loss, and its child with the lowest eval loss."""
+    best_rank = int(summary.loc[summary["eval_loss_mean"].idxmin(), "rank"])
+    finished = table[(table["status"] == "FINISHED") & (table["rank"] == best_rank)]
+    return finished.loc[finished["eval_loss"].idxmin()]
+
+
+def log_summary(children: list[ChildOutcome]) -> dict:
+    """Comparison table, per-rank summary, plots, best rank and failures on the parent run."""
+    table = comparison_table(children)
+    mlflow.log_table(table, "comparison_table.json")
+    failed = table[table["status"] != "FINISHED"]
+    mlflow.log_metric("failed_children", len(failed))
+    if len(failed):
+        mlflow.set_tag("failed_children", "; ".join(f"{child_name(r.rank, r.seed)}: {r.error}"
+                                                     for r in failed.itertuples()))
+    if len(failed) == len(table):
+        raise RuntimeError(f"all {len(table)} child runs failed; first error: {failed.iloc[0]['error']}")
+    summary = summarise(table)
+    mlflow.log_table(summary, "rank_summary.json")
+    for row in summary.itertuples():
+        mlflow.log_metrics({"eval_loss_by_rank": row.eval_loss_mean, "train_loss_by_rank": row.train_loss_mean},
+                           step=int(row.rank))
+    memory = "peak_cuda_mem_allocated_mb" if summary["peak_cuda_mem_allocated_mb_mean"].notna().any() else "peak_rss_mb"
+    mlflow.log_figure(
+        plots.metric_vs_x(summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss (last steps)"},
+                          "loss", "Loss vs LoRA rank (mean ± std over seeds)"),
+        "loss_vs_rank.png",
+    )
+    mlflow.log_figure(
+        plots.metric_vs_x(summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank"), "memory_vs_rank.png"
+    )
+    mlflow.log_figure(plots.loss_curves({c.name: c.curve for c in children}), "loss_curves.png")
+    best = best_child(table, summary)
+    mlflow.log_metrics({"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])})
+    mlflow.set_tags({"best_rank": str(int(best["rank"])), "best_run_id": best["run_id"]})
+    return {"table": table, "summary": summary, "best": best}
+
+
+def run(config: SweepConfig, config_problems: list[str] | None = None) -> dict:
+    """The whole sweep inside one parent run; return the parent's id, the best child and the tables."""
+    with tracking.experiment_run(config.experiment, config.run_name) as parent:
+        tracking.log_config(as_dict(config))
+        seeds = config.seed_list or [0]
+        # The held-out split (and the tiny model) come from the first seed: identical for every child.
+        prepared = lora.prepare(config, config_problems or [], config.rank_list, seeds[0])
+        tracking.log_params(
+            {**models.source_params(prepared.source), **tracking.environment_params(),
+             "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
+             "eval_examples": len(prepared.data.splits[TEST]), "split_seed": seeds[0]}
+        )
+        data_lib.log_inputs(prepared.data)
+        base, tokenizer = lora.load_base(prepared.source)
+        tokenized = lora.tokenize(prepared, tokenizer, config)
+        children = [run_child(base, tokenizer, tokenized, config, rank, seed)
+                    for seed in config.seed_list for rank in config.rank_list]
+        outcome = log_summary(children)
+        best = outcome["best"]
+        notes = [f"  {c.name:<14} {c.status:<9} " + (f"eval_loss {c.metrics['eval_loss']:.4f}" if c.metrics else c.error)
+                 for c in children]
+        return {
+            "run_id": parent.info.run_id,
+            "metrics": {"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])},
+            "notes": ["children:", *notes, f"best child run: {best['run_id']}"],
+            "ui": tracking.ui_hint(),
+        }

@@ -1,0 +1,93 @@
+"""`mlflow run . -e lora_sweep` end to end on a tiny Llama: parent + one child per rank x seed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import load_table, runs_of
+
+SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": "2,4", "seeds": "1,2", "max_steps": 6, "batch_size": 8,
+         "max_length": 64, "learning_rate": 1e-3}
+CHILD_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "train_tokens_per_s", "train_runtime_s", "peak_rss_mb",
+                 "adapter_size_bytes", "trainable_params"]
+CHILD_PARAMS = ["lora_r", "lora_alpha", "lora_scale", "target_modules", "seed", "trainable_params",
+                "trainable_percent"]
+
+
+def expected_trainable(model_path: str, rank: int) -> int:
+    """LoRA adds A (r x d_in) and B (d_out x r) to every targeted linear layer: r * (d_in + d_out) each."""
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    head = base.get_output_embeddings()
+    return sum(rank * (m.in_features + m.out_features) for m in base.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def test_sweep_parent_children_metrics_and_summary(mlflow_run, client, tmp_path):
+    result = mlflow_run("lora_sweep", SWEEP, experiment="sweep")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of(client, "sweep")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted((int(c.data.params["lora_r"]), int(c.data.params["seed"])) for c in children) == [
+        (2, 1), (2, 2), (4, 1), (4, 2)]
+
+    for child in children:
+        metrics, params = child.data.metrics, child.data.params
+        for name in CHILD_METRICS:
+            assert name in metrics and math.isfinite(metrics[name]), name
+        for name in CHILD_PARAMS:
+            assert name in params, name
+        assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+        rank = int(params["lora_r"])
+        # default alpha_per_rank=2: alpha = 2r, the same scale 2 at every rank
+        assert float(params["lora_alpha"]) == 2 * rank and float(params["lora_scale"]) == 2.0
+        assert int(params["trainable_params"]) == expected_trainable(parent.data.params["model_path"], rank)
+        files = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "adapter")}
+        assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+        assert "model.safetensors" not in files, "the adapter folder must not hold base weights"
+        weights = client.list_artifacts(child.info.run_id, "adapter")
+        size = next(a.file_size for a in weights if a.path.endswith("adapter_model.safetensors"))
+        assert metrics["adapter_size_bytes"] == size
+        assert len(client.get_metric_history(child.info.run_id, "train_loss")) >= 2
+
+    by_key = {(int(c.data.params["lora_r"]), int(c.data.params["seed"])): c for c in children}
+    assert by_key[(4, 1)].data.metrics["trainable_params"] == 2 * by_key[(2, 1)].data.metrics["trainable_params"]
+    # Every child starts from a fresh adapter (B = 0) on the same base and the same data order for its seed, so
+    # the loss of the first step is the base model's and equal across ranks: a leftover adapter would change it.
+    for seed in (1, 2):
+        first = [client.get_metric_history(by_key[(r, seed)].info.run_id, "train_loss")[0] for r in (2, 4)]
+        assert first[0].step == first[1].step == 1
+        assert first[0].value == pytest.approx(first[1].value, abs=1e-6)
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison_table.json", "rank_summary.json", "loss_vs_rank.png", "memory_vs_rank.png",
+            "loss_curves.png"} <= artifacts
+    table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
+    assert len(table) == 4 and set(table["status"]) == {"FINISHED"}
+    for row in table.itertuples():
+        assert row.eval_loss == pytest.approx(client.get_run(row.run_id).data.metrics["eval_loss"])
+
+    # The per-rank summary is the mean / std of the children's own logged metrics.
+    summary = load_table(client, parent.info.run_id, "rank_summary.json", tmp_path).set_index("rank")
+    logged = pd.DataFrame([{"rank": int(c.data.params["lora_r"]), "eval_loss": c.data.metrics["eval_loss"],
+                            "train_loss": c.data.metrics["train_loss"]} for c in children])
+    for rank, group in logged.groupby("rank"):
+        assert summary.loc[rank, "seeds"] == 2
+        assert summary.loc[rank, "eval_loss_mean"] == pytest.approx(group["eval_loss"].mean())
+        assert summary.loc[rank, "eval_loss_std"] == pytest.approx(group["eval_loss"].std(ddof=1))
+        assert summary.loc[rank, "train_loss_mean"] == pytest.approx(group["train_loss"].mean())
+    best_rank = int(summary["eval_loss_mean"].idxmin())
+    assert parent.data.tags["best_rank"] == str(best_rank) and parent.data.metrics["best_rank"] == best_rank
+    best_run = client.get_run(parent.data.tags["best_run_id"])
+    assert int(best_run.data.params["lora_r"]) == best_rank
+    assert parent.data.metrics["failed_children"] == 0

@@ -1,0 +1,113 @@
+"""The sweep in-process: adapters reload exactly, a failing child leaves the others finished, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from conftest import entrypoint, runs_of
+from finetune_lab import lora, models, sweep
+from finetune_lab.config import SweepConfig
+
+PROBE = "Hello, how are you?\n"
+
+
+def tiny_sweep(**overrides) -> SweepConfig:
+    settings = dict(model="tiny", dataset="sample_chat", ranks="2,4", seeds="3", max_steps=4, batch_size=8,
+                    max_length=48, learning_rate=1e-2, experiment="sweep-unit")
+    return SweepConfig(**{**settings, **overrides})
+
+
+def test_logged_adapters_reload_with_the_in_memory_logits(client, monkeypatch, tmp_path):
+    in_memory = {}
+    original = lora.log_adapter
+
+    def remember_logits(model, tokenizer, *args, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            in_memory[mlflow.active_run().info.run_id] = model(**tokenizer(PROBE, return_tensors="pt")).logits
+        return original(model, tokenizer, *args, **kwargs)
+
+    monkeypatch.setattr(lora, "log_adapter", remember_logits)
+    result = sweep.run(tiny_sweep())
+    parent = client.get_run(result["run_id"])
+    assert len(in_memory) == 2
+    for run_id, expected in in_memory.items():
+        base = AutoModelForCausalLM.from_pretrained(parent.data.params["model_path"])
+        adapter_dir = client.download_artifacts(run_id, "adapter", str(tmp_path / run_id))
+        reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
+        tokenizer = models.load(models.ModelSource("tiny", adapter_dir, ""), AutoModelForCausalLM)[1]
+        with torch.no_grad():
+            logits = reloaded(**tokenizer(PROBE, return_tensors="pt")).logits
+        assert torch.equal(logits, expected), "reloaded adapter must give exactly the in-memory logits"
+        untouched = AutoModelForCausalLM.from_pretrained(parent.data.params["model_path"])  # from_pretrained above
+        with torch.no_grad():                                                     # injected LoRA into `base`
+            base_logits = untouched(**tokenizer(PROBE, return_tensors="pt")).logits
+        assert not torch.allclose(logits, base_logits), "the adapter was trained, so it must change the logits"
+
+
+def test_a_child_with_nan_loss_fails_alone(client, monkeypatch):
+    original = lora.attach
+
+    def poison_rank_4(base, config, rank, seed):
+        model = original(base, config, rank, seed)
+        if rank == 4:  # a diverged adapter: NaN weights give a NaN loss through the real training path
+            next(p for n, p in model.named_parameters() if "lora_A" in n).data.fill_(math.nan)
+        return model
+
+    monkeypatch.setattr(lora, "attach", poison_rank_4)
+    result = sweep.run(tiny_sweep(ranks="2,4,8"))
+    runs = {r.info.run_id: r for r in runs_of(client, "sweep-unit")}
+    parent = runs[result["run_id"]]
+    children = {int(r.data.params["lora_r"]): r for r in runs.values() if r.info.run_id != result["run_id"]}
+    assert parent.info.status == "FINISHED"
+    assert children[4].info.status == "FAILED" and "NonFiniteLossError" in children[4].data.tags["error"]
+    assert children[2].info.status == children[8].info.status == "FINISHED"
+    assert parent.data.metrics["failed_children"] == 1 and "r4-seed3" in parent.data.tags["failed_children"]
+    assert parent.data.tags["best_rank"] in {"2", "8"}
+
+
+def test_loss_on_output_masks_the_prompt_and_changes_the_loss(client):
+    losses = {}
+    for loss_on in ("all", "output"):
+        result = sweep.run(tiny_sweep(ranks="2", loss_on=loss_on, run_name=loss_on))
+        child = [r for r in runs_of(client, "sweep-unit") if r.data.tags.get("mlflow.parentRunId") == result["run_id"]]
+        losses[loss_on] = child[0].data.metrics["eval_loss"]
+    assert losses["all"] != losses["output"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--ranks", "4,x"], "error: ranks: must be a comma list of positive integers"),
+        (["--ranks", "4,4"], "error: ranks: lists 4 more than once"),
+        (["--ranks", "128"], "error: ranks: [128] exceed the model's hidden size 64"),
+        (["--target-modules", "q_proj,attn_out"], "error: target_modules: attn_out not in this model; linear modules: "
+                                                  "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+        (["--eval-fraction", "0.7"], "error: eval_fraction: must be in (0, 0.5]"),
+        (["--batch-size", "1000"], "error: batch_size: the train split has"),
+        (["--output-column", "input", "--input-column", "nope"], "error: input_column: column 'nope' not in"),
+        (["--seeds", "1,1"], "error: seeds: lists 1 more than once"),
+        (["--loss-on", "prompt"], "error: loss_on: must be one of output, all"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_before_training(client, monkeypatch, args, expected):
+    monkeypatch.setattr(lora, "load_base", lambda *a: pytest.fail("the base model was loaded before validation"))
+    outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
+                                 ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "bad", *args])
+    assert outcome.exit_code == 2, outcome.output
+    assert expected in outcome.output
+
+
+def test_empty_outputs_are_reported(client, tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(f'{{"input": "question {i}", "output": "{"" if i % 2 else "fine"}"}}\n' for i in range(40)))
+    outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
+                                 ["--model", "tiny", "--dataset", str(path), "--experiment", "bad"])
+    assert outcome.exit_code == 2 and "error: output_column:" in outcome.output and "empty" in outcome.output
