@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
-from finetune_lab import models, tracking, training
+from finetune_lab import models, registry, tracking, training
 from finetune_lab.config import ClassifyConfig, InputError, as_dict
 from finetune_lab.data import TEST, TRAIN
 
@@ -138,5 +138,26 @@ def run(config: ClassifyConfig, config_problems: list[str] | None = None) -> dic
             "eval_loss": float(output.metrics["eval_loss"]),
         }
         mlflow.log_metrics(headline)
-        _log_predictions(prepared.data.splits[TEST][config.text_column], labels, probabilities, prepared.label_names)
-        return {"run_id": active.info.run_id, "metrics": headline, "ui": tracking.ui_hint()}
+        texts = prepared.data.splits[TEST][config.text_column]
+        _log_predictions(texts, labels, probabilities, prepared.label_names)
+        notes = []
+        if config.register_as:
+            result = register(config, prepared, model, tokenizer, texts[:3], headline["eval_loss"])
+            notes.append(f"registered {result['model_uri']} (champion {result['decision']})")
+        return {"run_id": active.info.run_id, "metrics": headline, "notes": notes, "ui": tracking.ui_hint()}
+
+
+def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check_texts: list[str],
+             eval_loss: float) -> dict:
+    """Register the fine-tuned classifier after checking that its reload gives the same logits."""
+    truncation = {"truncation": True, "max_length": config.max_length}
+    candidate = registry.Candidate(
+        log=lambda: registry.log_classifier_model(model, tokenizer, config.max_length, check_texts[0]),
+        check_texts=check_texts,
+        expected_logits=registry.reference_logits(model, tokenizer, check_texts, **truncation),
+        eval_loss=eval_loss,
+        eval_set_digest=prepared.data.tracked[TEST].digest,
+        tags={"run_id": mlflow.active_run().info.run_id, "dataset_digest": prepared.data.digest,
+              "base_model": prepared.source.spec},
+    )
+    return registry.register_verified(config.register_as, candidate)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import mlflow
 import pandas as pd
+import torch
 
 from finetune_lab import data as data_lib
-from finetune_lab import lora, models, plots, tracking
+from finetune_lab import lora, models, plots, prompts, registry, tracking
 from finetune_lab.config import SweepConfig, as_dict
 from finetune_lab.data import TEST, TRAIN
 
@@ -22,6 +23,8 @@ from finetune_lab.data import TEST, TRAIN
 TABLE_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb",
                  "peak_cuda_mem_reserved_mb", "peak_rss_mb", "train_tokens_per_s", "train_runtime_s",
                  "trainable_params", "adapter_size_bytes"]
+# A prompt every registered adapter is checked and exemplified on.
+PROBE_PROMPT = "Hello, how are you?"
 SUMMARY_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb", "peak_rss_mb",
                    "train_tokens_per_s"]
 
@@ -35,6 +38,8 @@ class ChildOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
     error: str = ""
+    reference_logits: list[torch.Tensor] = field(default_factory=list)
+    """The trained model's logits on the registry's check texts (only when registering)."""
 
     @property
     def name(self) -> str:
@@ -45,8 +50,10 @@ def child_name(rank: int, seed: int) -> str:
     return f"r{rank}-seed{seed}"
 
 
-def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: int) -> ChildOutcome:
-    """Train one adapter in its own child run; a failure ends that run FAILED and is returned, not raised."""
+def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: int,
+              check_texts: list[str]) -> ChildOutcome:
+    """Train one adapter in its own child run; a failure ends that run FAILED and is returned, not raised.
+    `check_texts`: texts whose logits are kept for verifying a registry reload (empty = keep none)."""
     run_id = ""
     try:
         with tracking.child_run(child_name(rank, seed)) as child, lora.adapter(base, config, rank, seed) as model:
@@ -58,7 +65,8 @@ def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: 
             fitted = lora.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed)
             size = lora.log_adapter(model, tokenizer)
             metrics = {**fitted.metrics, "trainable_params": params["trainable_params"], "adapter_size_bytes": size}
-            return ChildOutcome(rank, seed, run_id, "FINISHED", metrics, fitted.curve)
+            reference = registry.reference_logits(model, tokenizer, check_texts)
+            return ChildOutcome(rank, seed, run_id, "FINISHED", metrics, fitted.curve, reference_logits=reference)
     except Exception as error:  # noqa: BLE001 - OOM, NaN loss, anything: record it and go on with the sweep
         return ChildOutcome(rank, seed, run_id, "FAILED", error=tracking.one_line(error))
 
@@ -120,6 +128,32 @@ def log_summary(children: list[ChildOutcome]) -> dict:
     return {"table": table, "summary": summary, "best": best}
 
 
+def registry_check_texts(prepared: lora.Prepared, tokenizer, config: SweepConfig) -> list[str]:
+    """Prompts on which a registered adapter must reproduce the trained model's logits exactly."""
+    held_out = prepared.data.splits[TEST][0][config.input_column]
+    return [prompts.prompt_text(tokenizer, text, config.prompt_format) for text in (held_out, PROBE_PROMPT)]
+
+
+def register_best(config: SweepConfig, prepared: lora.Prepared, best: ChildOutcome, check_texts: list[str]) -> dict:
+    """Register the best child's adapter (adapter files + base reference) after a verified reload."""
+    with tracking.scratch_dir("register") as scratch:
+        adapter_dir = mlflow.artifacts.download_artifacts(
+            run_id=best.run_id, artifact_path=lora.ADAPTER_ARTIFACT, dst_path=str(scratch)
+        )
+        candidate = registry.Candidate(
+            log=lambda: registry.log_adapter_model(adapter_dir, prepared.source, config.prompt_format,
+                                                   registry.DEFAULT_MAX_NEW_TOKENS, PROBE_PROMPT),
+            check_texts=check_texts,
+            expected_logits=best.reference_logits,
+            eval_loss=best.metrics["eval_loss"],
+            eval_set_digest=prepared.data.tracked[TEST].digest,
+            tags={"rank": str(best.rank), "seed": str(best.seed), "run_id": best.run_id,
+                  "parent_run_id": mlflow.active_run().info.run_id, "dataset_digest": prepared.data.digest,
+                  "base_model": prepared.source.spec, "base_revision": prepared.source.revision},
+        )
+        return registry.register_verified(config.register_as, candidate)
+
+
 def run(config: SweepConfig, config_problems: list[str] | None = None) -> dict:
     """The whole sweep inside one parent run; return the parent's id, the best child and the tables."""
     with tracking.experiment_run(config.experiment, config.run_name) as parent:
@@ -135,15 +169,21 @@ def run(config: SweepConfig, config_problems: list[str] | None = None) -> dict:
         data_lib.log_inputs(prepared.data)
         base, tokenizer = lora.load_base(prepared.source)
         tokenized = lora.tokenize(prepared, tokenizer, config)
-        children = [run_child(base, tokenizer, tokenized, config, rank, seed)
+        check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
+        children = [run_child(base, tokenizer, tokenized, config, rank, seed, check_texts)
                     for seed in config.seed_list for rank in config.rank_list]
         outcome = log_summary(children)
         best = outcome["best"]
+        registered = []
+        if config.register_as:
+            chosen = next(c for c in children if c.run_id == best["run_id"])
+            result = register_best(config, prepared, chosen, check_texts)
+            registered = [f"registered {result['model_uri']} (champion {result['decision']})"]
         notes = [f"  {c.name:<14} {c.status:<9} " + (f"eval_loss {c.metrics['eval_loss']:.4f}" if c.metrics else c.error)
                  for c in children]
         return {
             "run_id": parent.info.run_id,
             "metrics": {"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])},
-            "notes": ["children:", *notes, f"best child run: {best['run_id']}"],
+            "notes": ["children:", *notes, f"best child run: {best['run_id']}", *registered],
             "ui": tracking.ui_hint(),
         }

@@ -1,0 +1,238 @@
+"""Fine-tuned models in the MLflow model registry, registered only after a verified reload.
+
+- `AdapterModel`: a pyfunc holding only a LoRA adapter (+ tokenizer) and a reference to its base model
+  (offline alias, Hub id + revision, or local path); `load_context` rebuilds base + adapter, `predict`
+  answers prompts greedily with the logged generation settings. The transformers flavour is not used for
+  adapters: it was seen to reload a PEFT model onto the wrong base weights without a word.
+- `ClassifierModel`: a pyfunc holding a fine-tuned sequence classifier; `predict` returns labels and
+  per-class probabilities.
+- `register_verified`: log → reload from the logged URI → compare logits with the in-memory model →
+  only then register, tag, and move the `champion` alias if the new version is better on the same eval set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+from finetune_lab import models, prompts, tracking, training
+
+CHAMPION = "champion"
+DEFAULT_MAX_NEW_TOKENS = 30
+MODEL_ARTIFACT = "model"
+# The project itself brings every dependency of the pyfunc models.
+PIP_REQUIREMENTS = ["finetune-lab"]
+
+
+class RegistrationError(RuntimeError):
+    pass
+
+
+def _prompt_list(model_input: Any) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, pd.DataFrame):  # a list of strings arrives as a one-column frame
+        return [str(x) for x in model_input.iloc[:, 0]]
+    return [str(x) for x in model_input]
+
+
+def _load_base(config: dict):
+    """The base model named in `config`: offline alias (fetched if needed), tiny/local path, or Hub id + revision."""
+    spec = config["base_spec"]
+    if spec in models.OFFLINE_MODELS:
+        source, problems = models.resolve(spec)
+        if problems:
+            raise RegistrationError(problems[0])
+    elif spec == models.TINY:
+        if not Path(config["base_path"], "config.json").is_file():
+            raise RegistrationError(
+                f"the tiny base model {config['base_path']} is not on this machine (tiny models are made per run)"
+            )
+        source = models.ModelSource(spec, config["base_path"], config["base_revision"])
+    else:
+        source = models.ModelSource(spec, spec, config["base_revision"])
+    from transformers import AutoModelForCausalLM
+
+    revision = {} if source.revision in ("", "local", "main") or spec in models.OFFLINE_MODELS else {
+        "revision": source.revision}
+    return AutoModelForCausalLM.from_pretrained(source.path, **revision, **models.model_kwargs(frozen_base=True))
+
+
+class AdapterModel(mlflow.pyfunc.PythonModel):
+    """A LoRA adapter on a referenced base model; predicts replies for a list of prompts."""
+
+    def load_context(self, context) -> None:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        self.settings = dict(context.model_config)
+        adapter_dir = context.artifacts["adapter"]
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        self.model = PeftModel.from_pretrained(_load_base(self.settings), adapter_dir).eval()
+
+    def logits(self, text: str) -> torch.Tensor:
+        with torch.no_grad():
+            encoded = self.tokenizer(text, return_tensors="pt").to(self.model.device)
+            return self.model(**encoded).logits.float().cpu()
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+        max_new_tokens = int((params or {}).get("max_new_tokens") or self.settings["max_new_tokens"])
+        return [
+            prompts.generate_reply(self.model, self.tokenizer, prompt, self.settings["prompt_format"], max_new_tokens)
+            for prompt in _prompt_list(model_input)
+        ]
+
+
+class ClassifierModel(mlflow.pyfunc.PythonModel):
+    """A fine-tuned sequence classifier; predicts a label and per-class probabilities per text."""
+
+    def load_context(self, context) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.settings = dict(context.model_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
+        self.model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"]).eval()
+
+    def logits(self, text: str) -> torch.Tensor:
+        with torch.no_grad():
+            encoded = self.tokenizer(text, return_tensors="pt", truncation=True,
+                                     max_length=self.settings["max_length"]).to(self.model.device)
+            return self.model(**encoded).logits.float().cpu()
+
+    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
+        from finetune_lab.metrics import softmax
+
+        probabilities = np.stack([softmax(self.logits(t).numpy()[0]) for t in _prompt_list(model_input)])
+        frame = pd.DataFrame({"label": probabilities.argmax(axis=1), "score": probabilities.max(axis=1)})
+        for k in range(probabilities.shape[1]):
+            frame[f"prob_{k}"] = probabilities[:, k]
+        return frame
+
+
+def reference_logits(model, tokenizer, texts: list[str], **tokenizer_kwargs) -> list[torch.Tensor]:
+    """Logits of the in-memory model, to check a reload against (eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        result = [model(**tokenizer(t, return_tensors="pt", **tokenizer_kwargs).to(model.device)).logits.float().cpu()
+                  for t in texts]
+    model.train(was_training)
+    return result
+
+
+@dataclass
+class Candidate:
+    """What to register: how to log it, how to check it, and how to compare it with the champion."""
+
+    log: Callable[[], Any]
+    """Logs the pyfunc model into the active run; returns its ModelInfo."""
+    check_texts: list[str]
+    expected_logits: list[torch.Tensor]
+    eval_loss: float
+    eval_set_digest: str
+    tags: dict[str, str]
+
+
+def _verify(model_uri: str, candidate: Candidate) -> float:
+    """Reload from the logged URI and return the largest logit difference to the in-memory model."""
+    reloaded = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    worst = 0.0
+    for text, expected in zip(candidate.check_texts, candidate.expected_logits):
+        worst = max(worst, (reloaded.logits(text) - expected).abs().max().item())
+    return worst
+
+
+def _champion_decision(client: MlflowClient, name: str, version: str, candidate: Candidate) -> tuple[bool, str]:
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return True, "first version with an eval loss: alias set"
+    old_loss = float(current.tags.get("eval_loss", "inf"))
+    if current.tags.get("eval_set_digest") != candidate.eval_set_digest:
+        return False, f"kept on v{current.version}: its eval set differs, losses are not comparable"
+    if candidate.eval_loss < old_loss:
+        return True, f"moved from v{current.version}: eval_loss {candidate.eval_loss:.4f} < {old_loss:.4f}"
+    return False, f"kept on v{current.version}: eval_loss {candidate.eval_loss:.4f} >= {old_loss:.4f}"
+
+
+def register_verified(name: str, candidate: Candidate) -> dict[str, str]:
+    """Log, verify the reload, register as a new version of `name`, tag it, maybe move `champion`.
+
+    Nothing is registered when the reload differs from the in-memory model (RegistrationError).
+    """
+    info = candidate.log()
+    # bf16 matmuls on CUDA may differ in the last bits between two loads; on CPU the reload must be exact.
+    tolerance = 1e-2 if training.on_cuda() else 0.0
+    difference = _verify(info.model_uri, candidate)
+    mlflow.log_metric("registry_reload_max_logit_diff", difference)
+    if difference > tolerance:
+        raise RegistrationError(
+            f"reloaded model differs from the in-memory one (max |logit diff| {difference:.3g}); not registered"
+        )
+    version = mlflow.register_model(info.model_uri, name).version
+    client = MlflowClient()
+    tags = {**candidate.tags, "eval_loss": repr(candidate.eval_loss), "eval_set_digest": candidate.eval_set_digest,
+            "reload_max_logit_diff": repr(difference)}
+    move, decision = _champion_decision(client, name, version, candidate)
+    tags["champion_decision"] = decision
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if move:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    mlflow.set_tags({"registered_model": f"{name}/{version}", "champion_decision": decision})
+    return {"name": name, "version": str(version), "champion": str(move), "decision": decision,
+            "model_uri": f"models:/{name}/{version}"}
+
+
+def log_adapter_model(adapter_dir: str, base: models.ModelSource, prompt_format: str, max_new_tokens: int,
+                      example_prompt: str):
+    """Log an AdapterModel pyfunc (adapter files only + base reference) into the active run."""
+    config = {"base_spec": base.spec, "base_path": base.path, "base_revision": base.revision,
+              "prompt_format": prompt_format, "max_new_tokens": max_new_tokens}
+    signature = infer_signature([example_prompt], ["reply"],
+                                params={"max_new_tokens": max_new_tokens})
+    return mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT, python_model=AdapterModel(), artifacts={"adapter": adapter_dir}, model_config=config,
+        signature=signature, pip_requirements=PIP_REQUIREMENTS,
+    )
+
+
+def log_classifier_model(model, tokenizer, max_length: int, example_text: str):
+    """Log a ClassifierModel pyfunc (the fine-tuned weights + tokenizer) into the active run."""
+    with tracking.scratch_dir("classifier") as scratch:
+        model.save_pretrained(scratch / "model")
+        tokenizer.save_pretrained(scratch / "model")
+        signature = infer_signature([example_text],
+                                    pd.DataFrame({"label": [0], "score": [1.0]}))
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT, python_model=ClassifierModel(), artifacts={"model": str(scratch / "model")},
+            model_config={"max_length": max_length}, signature=signature, pip_requirements=PIP_REQUIREMENTS,
+        )
+
+
+def generate(config, config_problems: list[str] | None = None) -> dict:
+    """Load a pyfunc model (e.g. `models:/NAME@champion`) and answer `config.prompt`; logged as a run."""
+    from finetune_lab.config import InputError, as_dict, problem
+
+    with tracking.experiment_run("generate") as active:
+        tracking.log_config(as_dict(config))
+        if config_problems:
+            raise InputError(config_problems)
+        try:
+            loaded = mlflow.pyfunc.load_model(config.model_uri)
+        except mlflow.exceptions.MlflowException as error:
+            raise InputError([problem("model_uri", f"cannot load {config.model_uri!r}: {tracking.one_line(error)}")])
+        params = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else None
+        reply = loaded.predict([config.prompt], params=params)[0]
+        mlflow.set_tag("reply", reply[:5000])
+        mlflow.log_text(f"prompt: {config.prompt}\nreply: {reply}\n", "reply.txt")
+        return {"run_id": active.info.run_id, "metrics": {}, "notes": [f"prompt: {config.prompt}", f"reply:  {reply}"],
+                "ui": tracking.ui_hint()}
