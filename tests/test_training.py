@@ -21,6 +21,7 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
 
 def test_step_logger_records_loss_and_stops_on_nan(tracking_uri, client):
     logger = training.MlflowStepLogger()
+    mlflow.set_experiment("steps")
     with mlflow.start_run() as run:
         logger.on_log(None, SimpleNamespace(global_step=3), None, logs={"loss": 0.5, "learning_rate": 1e-4})
         with pytest.raises(training.NonFiniteLossError, match="step 4"):
