@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import mlflow
 import numpy as np
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
@@ -115,19 +115,11 @@ def run(config: ClassifyConfig, config_problems: list[str] | None = None) -> dic
             model.config.pad_token_id = tokenizer.pad_token_id
         tokenized = _tokenize(prepared, tokenizer, config)
         with tracking.scratch_dir("classify") as scratch:
-            trainer = Trainer(
-                model=model,
-                args=training.training_arguments(
-                    scratch,
-                    learning_rate=config.learning_rate,
-                    epochs=config.epochs,
-                    batch_size=config.batch_size,
-                    seed=config.seed,
-                ),
-                train_dataset=tokenized[TRAIN],
-                processing_class=tokenizer,
-                data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None),
-                callbacks=[training.MlflowStepLogger()],
+            trainer = training.make_trainer(
+                model, tokenizer, scratch, tokenized[TRAIN],
+                DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None),
+                learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
+                seed=config.seed,
             )
             training.train(trainer)
             output = trainer.predict(tokenized[TEST], metric_key_prefix="eval")

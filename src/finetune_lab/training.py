@@ -59,6 +59,21 @@ def training_arguments(
     )
 
 
+def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, *, learning_rate: float, epochs: float,
+                 batch_size: int, seed: int, max_steps: int = 0, eval_dataset=None) -> Trainer:
+    """The HF Trainer every experiment uses: the shared arguments and our per-step MLflow logger."""
+    return Trainer(
+        model=model,
+        args=training_arguments(output_dir, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+                                seed=seed, max_steps=max_steps),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=[MlflowStepLogger()],
+    )
+
+
 class MlflowStepLogger(TrainerCallback):
     """Per-step `train_loss`, `learning_rate` and `grad_norm` into the active run; stops on a non-finite loss."""
 
