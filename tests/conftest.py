@@ -33,6 +33,8 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    # mlflow.set_experiment() in an in-process run exports this; a later `mlflow run --experiment-name` refuses it.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -62,7 +64,8 @@ def mlflow_run(client, tmp_path):
             command += ["-P", f"{key}={value}"]
         # The MLproject's `python` must be this interpreter, whichever venv runs the tests.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        env = {**os.environ, "PATH": path}
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+        env["PATH"] = path
         return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
 
     return launch

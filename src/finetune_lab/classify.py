@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
-from finetune_lab import models, registry, tracking, training
+from finetune_lab import models, plots, registry, tracking, training
 from finetune_lab.config import ClassifyConfig, InputError, as_dict
 from finetune_lab.data import TEST, TRAIN
 
@@ -85,7 +85,7 @@ def _log_predictions(texts, labels, probabilities, label_names) -> None:
     mlflow.log_table(table, "predictions.json")
     matrix = metrics_lib.confusion(labels, predictions, label_names)
     mlflow.log_dict(matrix, "confusion_matrix.json")
-    mlflow.log_figure(metrics_lib.confusion_figure(matrix), "confusion_matrix.png")
+    plots.log_figure(metrics_lib.confusion_figure(matrix), "confusion_matrix.png")
     mlflow.log_dict(metrics_lib.report(labels, predictions, label_names), "classification_report.json")
 
 

@@ -188,7 +188,8 @@ class ProbeConfig(LoraTrainingConfig):
     new_example_repeats: int = 1
     """How many copies of the new example are added to the training data."""
     repeats_sweep: str = ""
-    """Comma list of repeat counts for a dose-response curve, one child per value (empty = just new_example_repeats)."""
+    """Comma list of repeat counts for a dose-response curve, one child per value; 0 = a control that retrains
+    without the example (empty = just new_example_repeats)."""
     mode: str = "continue"
     """`continue` = keep training the same adapter on the augmented data; `from_scratch` = a fresh adapter on it."""
     rank: int = 8
@@ -210,7 +211,7 @@ class ProbeConfig(LoraTrainingConfig):
         if self.new_example_repeats < 1:
             problems.append(problem("new_example_repeats", f"must be >= 1, got {self.new_example_repeats}"))
         if self.repeats_sweep.strip():
-            problems += parse_int_list("repeats_sweep", self.repeats_sweep)[1]
+            problems += parse_int_list("repeats_sweep", self.repeats_sweep, minimum=0)[1]
         if self.mode not in PROBE_MODES:
             problems.append(problem("mode", f"must be one of {', '.join(PROBE_MODES)}, got {self.mode!r}"))
         if self.rank < 1:
@@ -221,7 +222,7 @@ class ProbeConfig(LoraTrainingConfig):
     def repeats_list(self) -> list[int]:
         """The repeat counts to run: the sweep's values, or just new_example_repeats."""
         if self.repeats_sweep.strip():
-            return parse_int_list("repeats_sweep", self.repeats_sweep)[0]
+            return parse_int_list("repeats_sweep", self.repeats_sweep, minimum=0)[0]
         return [self.new_example_repeats]
 
 

@@ -10,8 +10,8 @@ from typing import Iterator
 
 import mlflow
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, set_seed
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, set_seed
 
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
@@ -33,8 +33,10 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     )
 
 
-def check_architecture(skeleton: torch.nn.Module, config: LoraTrainingConfig, ranks: list[int]) -> list[str]:
-    """Ranks and target modules against the model (a weightless skeleton is enough)."""
+def check_architecture(skeleton: torch.nn.Module, config: LoraTrainingConfig, ranks: list[int],
+                       rank_param: str = "ranks") -> list[str]:
+    """Ranks and target modules against the model (a weightless skeleton is enough); rank problems are reported
+    under `rank_param`, the parameter that set them."""
     problems = []
     available = linear_module_names(skeleton)
     targets = config.target_module_list
@@ -47,7 +49,7 @@ def check_architecture(skeleton: torch.nn.Module, config: LoraTrainingConfig, ra
     hidden = skeleton.config.hidden_size
     too_large = [r for r in ranks if r > hidden]
     if too_large:
-        problems.append(problem("ranks", f"{too_large} exceed the model's hidden size {hidden}"))
+        problems.append(problem(rank_param, f"{too_large} exceed the model's hidden size {hidden}"))
     return problems
 
 
@@ -62,6 +64,19 @@ def attach(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: i
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora_config)
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """A copy of the adapter's weights (training goes on in place), for `restore_adapter`."""
+    return {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+
+
+def restore_adapter(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Put the adapter's weights back to `state`, exactly."""
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise RuntimeError(f"adapter state does not fit the model: unexpected keys {unexpected[:3]}")
 
 
 def detach(model: PeftModel) -> torch.nn.Module:
@@ -97,24 +112,14 @@ def collator(tokenizer) -> DataCollatorForSeq2Seq:
     )
 
 
-def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int) -> FitResult:
-    """Train the adapter on `train_split`, evaluate on `eval_split`; log and return the metrics."""
+def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, collate=None) -> FitResult:
+    """Train the adapter on `train_split`, evaluate on `eval_split`; log and return the metrics.
+    `collate` replaces the default collator (e.g. one that also records what each batch held)."""
     with tracking.scratch_dir("lora") as scratch:
-        trainer = Trainer(
-            model=model,
-            args=training.training_arguments(
-                scratch,
-                learning_rate=config.learning_rate,
-                epochs=config.epochs,
-                max_steps=config.max_steps,
-                batch_size=config.batch_size,
-                seed=seed,
-            ),
-            train_dataset=train_split,
-            eval_dataset=eval_split,
-            processing_class=tokenizer,
-            data_collator=collator(tokenizer),
-            callbacks=[training.MlflowStepLogger()],
+        trainer = training.make_trainer(
+            model, tokenizer, scratch, train_split, collate or collator(tokenizer),
+            learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size, seed=seed,
+            max_steps=config.max_steps, eval_dataset=eval_split,
         )
         result = training.train(trainer)
         eval_loss = float(trainer.evaluate()["eval_loss"])
@@ -158,7 +163,8 @@ class Prepared:
     source: models.ModelSource
 
 
-def prepare(config: LoraTrainingConfig, config_problems: list[str], ranks: list[int], seed: int) -> Prepared:
+def prepare(config: LoraTrainingConfig, config_problems: list[str], ranks: list[int], seed: int,
+            rank_param: str = "ranks") -> Prepared:
     """Load and check data, model spec and architecture; raise InputError with every problem, config's included."""
     problems = list(config_problems)
     data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction)
@@ -184,7 +190,7 @@ def prepare(config: LoraTrainingConfig, config_problems: list[str], ranks: list[
         source, model_problems = models.resolve(config.model)
         problems += model_problems
     if source is not None:
-        problems += check_architecture(models.skeleton(source, AutoModelForCausalLM), config, ranks)
+        problems += check_architecture(models.skeleton(source, AutoModelForCausalLM), config, ranks, rank_param)
     if problems:
         raise InputError(problems)
     return Prepared(data, source)
@@ -200,7 +206,12 @@ def load_base(source: models.ModelSource):
 
 
 def tokenize(prepared: Prepared, tokenizer, config: LoraTrainingConfig):
+    return tokenize_splits(prepared.data.splits, tokenizer, config)
+
+
+def tokenize_splits(splits, tokenizer, config: LoraTrainingConfig):
+    """Input/output pairs → training tokens with the config's format, loss mask and truncation."""
     return prompts.tokenize_pairs(
-        prepared.data.splits, tokenizer, input_column=config.input_column, output_column=config.output_column,
+        splits, tokenizer, input_column=config.input_column, output_column=config.output_column,
         prompt_format=config.prompt_format, loss_on=config.loss_on, max_length=config.max_length,
     )

@@ -67,3 +67,27 @@ def report(labels: Sequence[int], predictions: Sequence[int], label_names: list[
 def perplexity(loss: float) -> float:
     """exp(loss), capped so a diverged run logs a large finite number instead of inf."""
     return math.exp(min(loss, 50.0))
+
+
+def mean_token_nll(model, input_ids: Sequence[int], labels: Sequence[int]) -> float:
+    """Mean negative log-likelihood (nats per token) of the labelled tokens (label != -100), each predicted from
+    the tokens before it; in eval mode (no dropout) and without gradients, so the same model gives the same value."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([list(input_ids)], device=model.device)
+    targets = torch.tensor([list(labels)[1:]], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+    model.train(was_training)
+    return float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 of `prediction` against `reference` (longest common word subsequence, stemmed), computed
+    locally with the `rouge-score` package; 0 for an empty prediction."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(scorer.score(reference, prediction)["rougeL"].fmeasure)

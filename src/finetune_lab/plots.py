@@ -7,7 +7,14 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
+
+
+def log_figure(figure: plt.Figure, artifact_file: str) -> None:
+    """Log a figure to the active run and free it (pyplot keeps every open figure alive)."""
+    mlflow.log_figure(figure, artifact_file)
+    plt.close(figure)
 
 
 def _errorbars(axes, summary: pd.DataFrame, x: str, metric: str, label: str) -> None:

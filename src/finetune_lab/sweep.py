@@ -113,15 +113,15 @@ def log_summary(children: list[ChildOutcome]) -> dict:
         mlflow.log_metrics({"eval_loss_by_rank": row.eval_loss_mean, "train_loss_by_rank": row.train_loss_mean},
                            step=int(row.rank))
     memory = "peak_cuda_mem_allocated_mb" if summary["peak_cuda_mem_allocated_mb_mean"].notna().any() else "peak_rss_mb"
-    mlflow.log_figure(
+    plots.log_figure(
         plots.metric_vs_x(summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss (last steps)"},
                           "loss", "Loss vs LoRA rank (mean ± std over seeds)"),
         "loss_vs_rank.png",
     )
-    mlflow.log_figure(
+    plots.log_figure(
         plots.metric_vs_x(summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank"), "memory_vs_rank.png"
     )
-    mlflow.log_figure(plots.loss_curves({c.name: c.curve for c in children}), "loss_curves.png")
+    plots.log_figure(plots.loss_curves({c.name: c.curve for c in children}), "loss_curves.png")
     best = best_child(table, summary)
     mlflow.log_metrics({"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])})
     mlflow.set_tags({"best_rank": str(int(best["rank"])), "best_run_id": best["run_id"]})

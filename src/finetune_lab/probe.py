@@ -1,0 +1,218 @@
+"""Experiment: does one new example change the model? Measured, not eyeballed.
+
+One parent run. The child run `before` trains a LoRA adapter on the data; one child `after` per repeats value
+adds the new example (`new_input` → `new_output`) that many times to the training split and retrains. Every
+child answers `probe_input` greedily and measures the mean per-token NLL of `new_output` given `probe_input`
+and given `new_input`, the ROUGE-L of its reply against `new_output`, and the held-out loss (the same split for
+all). The parent compares each `after` with `before`: replies, NLL drop, similarity, forgetting.
+
+`mode=continue` (the default; what the seed's code did: it trained, then called train again on the augmented
+data with the same model object) starts every `after` from the trained `before` adapter with a fresh optimizer;
+`mode=from_scratch` starts it from the initialisation `before` started from (the same seed gives the same fresh
+adapter). Either way every repeats value starts from that same saved state, never from the previous value's.
+
+Recipe: prepare (config, data, model, architecture checks) → load base + tokenize once → before → after per
+repeats value → compare on the parent.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import datasets
+import mlflow
+import pandas as pd
+
+from finetune_lab import data as data_lib
+from finetune_lab import lora, models, plots, prompts, tracking
+from finetune_lab import metrics as metrics_lib
+from finetune_lab.config import ProbeConfig, as_dict
+from finetune_lab.data import TEST, TRAIN
+
+BEFORE = "before"
+# Measured by every child; the parent pairs each as `<name>_before` / `<name>_after`.
+MEASURED = ("target_nll", "target_nll_new_input", "rouge_l", "eval_loss")
+COMPARISON_TABLE = "probe_comparison.json"
+
+
+@dataclass
+class Stage:
+    """One child run: the adapter trained on the train split plus `repeats` copies of the new example."""
+
+    name: str
+    repeats: int
+    run_id: str
+    reply: str
+    metrics: dict[str, float]
+
+
+class BatchRecorder:
+    """A collator that also counts, in every batch it builds, the rows that are the new example.
+
+    The counts come from the batches the Trainer actually trained on, whatever its sampler did. Only the first
+    `steps` batches are training steps: the dataloader builds one batch ahead (so one more when max_steps stops
+    it mid-epoch) and the evaluation batches come afterwards. One batch is one optimizer step here (no gradient
+    accumulation)."""
+
+    def __init__(self, collate, marker_ids):
+        self.collate = collate
+        self.marker = tuple(marker_ids)
+        self.counts: list[int] = []
+
+    def __call__(self, features):
+        self.counts.append(sum(tuple(f["input_ids"]) == self.marker for f in features))
+        return self.collate(features)
+
+    def exposure(self, steps: int) -> dict[str, float]:
+        trained = self.counts[:steps]
+        return {
+            "new_example_step_fraction": sum(1 for count in trained if count) / steps if steps else 0.0,
+            "new_example_copies_seen": float(sum(trained)),
+        }
+
+
+def new_example_row(tokenizer, config: ProbeConfig) -> datasets.Dataset:
+    """The new example tokenized exactly like the training data: one row (`.select([0] * n)` repeats it)."""
+    raw = datasets.Dataset.from_dict(
+        {config.input_column: [config.new_input], config.output_column: [config.new_output]}
+    )
+    return lora.tokenize_splits(datasets.DatasetDict({TRAIN: raw}), tokenizer, config)[TRAIN]
+
+
+def target_nlls(model, tokenizer, config: ProbeConfig) -> dict[str, float]:
+    """Mean per-token NLL of `new_output` + EOS (as trained) after the prompt of `probe_input` and of `new_input`,
+    both built with `prompts.prompt_text` and never truncated."""
+    nlls = {}
+    for name, user_input in (("target_nll", config.probe_input), ("target_nll_new_input", config.new_input)):
+        encoded = prompts.encode_pair(tokenizer, user_input, config.new_output, prompt_format=config.prompt_format,
+                                      loss_on="output", max_length=sys.maxsize)
+        nlls[name] = metrics_lib.mean_token_nll(model, encoded["input_ids"], encoded["labels"])
+    return nlls
+
+
+def measure(model, tokenizer, config: ProbeConfig) -> tuple[str, dict[str, float]]:
+    """The greedy reply to `probe_input`, the target NLLs and the reply's ROUGE-L against `new_output`."""
+    reply = prompts.generate_reply(model, tokenizer, config.probe_input, config.prompt_format, config.max_new_tokens)
+    return reply, {**target_nlls(model, tokenizer, config), "rouge_l": metrics_lib.rouge_l(reply, config.new_output)}
+
+
+def compare(before: Stage, after: Stage) -> dict[str, float]:
+    """The change from `before` to `after`; drops are positive when the target became more likely."""
+    change = {}
+    for name in MEASURED:
+        change[f"{name}_before"], change[f"{name}_after"] = before.metrics[name], after.metrics[name]
+    for name in ("target_nll", "target_nll_new_input"):
+        change[f"{name}_drop"] = before.metrics[name] - after.metrics[name]
+    change["forgetting"] = after.metrics["eval_loss"] - before.metrics["eval_loss"]
+    change["replies_differ"] = float(before.reply != after.reply)
+    for name in ("new_example_step_fraction", "new_example_copies_seen"):
+        change[name] = after.metrics[name]
+    return change
+
+
+def run_stage(model, tokenizer, tokenized, new_row, config: ProbeConfig, name: str, repeats: int, start: dict,
+              before: Stage | None = None) -> Stage:
+    """In child run `name`: reset the adapter to `start`, train on the train split + `repeats` copies of the new
+    example, answer the probe and measure; log the adapter, and the change from `before` when given."""
+    with tracking.child_run(name) as child:
+        lora.restore_adapter(model, start)
+        train = datasets.concatenate_datasets([tokenized[TRAIN], new_row.select([0] * repeats)])
+        params = lora.lora_params(model, config, config.rank, config.seed)
+        # First: this stage's repeats and the effective lora_alpha win over the config's values.
+        tracking.log_params({**params, "new_example_repeats": repeats, "train_examples": len(train)})
+        tracking.log_config(as_dict(config))
+        mlflow.log_metric("trainable_params", params["trainable_params"])
+        recorder = BatchRecorder(lora.collator(tokenizer), new_row[0]["input_ids"])
+        fitted = lora.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, collate=recorder)
+        reply, measured = measure(model, tokenizer, config)
+        measured.update(recorder.exposure(int(fitted.metrics["train_steps"])))
+        tracking.log_params({"reply": reply})
+        mlflow.log_metrics(measured)
+        size = lora.log_adapter(model, tokenizer)
+        measured["adapter_size_bytes"] = size
+        stage = Stage(name, repeats, child.info.run_id, reply, {**fitted.metrics, **measured})
+        if before is not None:
+            mlflow.log_metrics(compare(before, stage))
+        return stage
+
+
+def comparison_table(before: Stage, afters: list[Stage], config: ProbeConfig) -> pd.DataFrame:
+    """One row per repeats value, before and after side by side."""
+    return pd.DataFrame([
+        {"repeats": after.repeats, "mode": config.mode, "probe_input": config.probe_input,
+         "reply_before": before.reply, "reply_after": after.reply, **compare(before, after),
+         "before_run_id": before.run_id, "after_run_id": after.run_id}
+        for after in afters
+    ])
+
+
+def dose_response_figure(table: pd.DataFrame, series: dict[str, str], ylabel: str, title: str):
+    """`<metric>_after` against repeats, with `<metric>_before` as a dashed line of the same colour."""
+    frame = table[["repeats"]].copy()
+    for metric in series:
+        frame[f"{metric}_mean"], frame[f"{metric}_std"] = table[f"{metric}_after"], float("nan")
+    figure = plots.metric_vs_x(frame, "repeats", {m: f"{label} after" for m, label in series.items()}, ylabel, title)
+    axes = figure.axes[0]
+    for (metric, label), container in zip(series.items(), axes.containers):
+        axes.axhline(table[f"{metric}_before"].iloc[0], linestyle="--", color=container[0].get_color(),
+                     label=f"{label} before")
+    axes.legend()
+    return figure
+
+
+def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> pd.DataFrame:
+    """Table, replies, the change per repeats value (metrics at step = repeats) and, for a sweep, the plots."""
+    table = comparison_table(before, afters, config)
+    mlflow.log_table(table, COMPARISON_TABLE)
+    mlflow.set_tags({f"reply_{stage.name}": stage.reply for stage in [before, *afters]})
+    for after in afters:
+        mlflow.log_metrics(compare(before, after), step=after.repeats)
+    if len(afters) > 1:
+        nll = {"target_nll": "NLL | probe_input", "target_nll_new_input": "NLL | new_input"}
+        plots.log_figure(dose_response_figure(table, nll, "mean NLL per token of new_output",
+                                               "Target NLL vs copies of the new example"), "target_nll_vs_repeats.png")
+        plots.log_figure(dose_response_figure(table, {"rouge_l": "ROUGE-L of the reply"}, "ROUGE-L F1 vs new_output",
+                                               "Reply similarity vs copies of the new example"),
+                          "similarity_vs_repeats.png")
+    return table
+
+
+def run(config: ProbeConfig, config_problems: list[str] | None = None) -> dict:
+    """The whole probe inside one parent run; return the parent's id, the headline numbers and both replies."""
+    problems = config.validate() if config_problems is None else config_problems
+    with tracking.experiment_run(config.experiment, config.run_name) as parent:
+        tracking.log_config(as_dict(config))
+        prepared = lora.prepare(config, problems, [config.rank], config.seed, rank_param="rank")
+        tracking.log_params(
+            {**models.source_params(prepared.source), **tracking.environment_params(),
+             "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
+             "eval_examples": len(prepared.data.splits[TEST]),
+             "repeats": ",".join(map(str, config.repeats_list))}
+        )
+        data_lib.log_inputs(prepared.data)
+        base, tokenizer = lora.load_base(prepared.source)
+        tokenized = lora.tokenize(prepared, tokenizer, config)
+        new_row = new_example_row(tokenizer, config)
+        sweep = len(config.repeats_list) > 1
+        with lora.adapter(base, config, config.rank, config.seed) as model:
+            fresh = lora.adapter_state(model)
+            before = run_stage(model, tokenizer, tokenized, new_row, config, BEFORE, 0, fresh)
+            start = lora.adapter_state(model) if config.mode == "continue" else fresh
+            afters = [run_stage(model, tokenizer, tokenized, new_row, config, f"after-r{n}" if sweep else "after", n,
+                                start, before)
+                      for n in config.repeats_list]
+        table = log_comparison(before, afters, config)
+        last = table.iloc[-1]
+        notes = [f"probe_input: {config.probe_input!r}   mode: {config.mode}", f"  {'before':<10} {before.reply!r}"]
+        notes += [f"  {a.name:<10} {a.reply!r}\n  {'':<10} target_nll {row.target_nll_before:.4f} → "
+                  f"{row.target_nll_after:.4f}, rouge_l {row.rouge_l_before:.3f} → {row.rouge_l_after:.3f}, "
+                  f"forgetting {row.forgetting:+.4f}" for a, row in zip(afters, table.itertuples())]
+        return {
+            "run_id": parent.info.run_id,
+            "metrics": {name: float(last[name]) for name in ("target_nll_before", "target_nll_after",
+                                                             "target_nll_drop", "rouge_l_before", "rouge_l_after",
+                                                             "forgetting", "replies_differ")},
+            "notes": notes,
+            "ui": tracking.ui_hint(),
+        }

@@ -1,0 +1,224 @@
+"""The report on runs made by tiny experiments in-process: numbers equal the logged metrics, verdicts follow the
+seeds, the HTML is one self-contained file, and the report logs itself as a run."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from conftest import create_experiment, entrypoint, load_table, runs_of
+from finetune_lab import classify, probe, report, sweep
+from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
+
+TINY_CLASSIFY = dict(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=32, max_length=32,
+                     batch_size=16, seed=7, experiment="classification")
+TINY_SWEEP = dict(model="tiny", dataset="sample_chat", ranks="2,4", max_steps=2, batch_size=8, max_length=48,
+                  eval_fraction=0.05, learning_rate=1e-2, experiment="lora_sweep")
+TINY_PROBE = dict(model="tiny", dataset="sample_chat", max_steps=2, batch_size=8, max_length=48, eval_fraction=0.05,
+                  learning_rate=1e-2, max_new_tokens=4, experiment="retrain_probe")
+
+
+@dataclass
+class Store:
+    client: MlflowClient
+    root: Path
+    markdown: str
+    html: str
+    report_run_id: str
+    sweeps: dict[str, str]  # run name → parent run id
+    probe_run_id: str
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_experiment_id():
+    """In-process runs call mlflow.set_experiment, which exports MLFLOW_EXPERIMENT_ID; a later `mlflow run
+    --experiment-name` launched from this process would refuse to start with both set."""
+    yield
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    """Two classification runs (one seed each), a 2-seed and a 1-seed sweep, a probe, then the report."""
+    root = tmp_path_factory.mktemp("report_store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        for name in ("classification", "lora_sweep", "retrain_probe", "report"):
+            create_experiment(client, name, root)
+        for learning_rate in (1e-3, 5e-3):
+            classify.run(ClassifyConfig(**TINY_CLASSIFY, learning_rate=learning_rate))
+        sweeps = {name: sweep.run(SweepConfig(**TINY_SWEEP, seeds=seeds, run_name=name))["run_id"]
+                  for name, seeds in (("two-seeds", "1,2"), ("one-seed", "3"))}
+        probe_run_id = probe.run(ProbeConfig(**TINY_PROBE))["run_id"]
+        output = root / "out"
+        result = report.run(ReportConfig(experiments="classification,lora_sweep,retrain_probe,absent",
+                                         output=str(output)))
+        yield Store(client, root, (output / "report.md").read_text(), (output / "report.html").read_text(),
+                    result["run_id"], sweeps, probe_run_id)
+
+
+def md_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every markdown table as (header, rows) of stripped cells."""
+    tables, lines = [], markdown.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("| ") and lines[i + 1].startswith("|---"):
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.startswith("| "):
+                    break
+                rows.append([c.strip() for c in row[2:-2].split(" | ")])
+            tables.append(([c.strip() for c in line[2:-2].split(" | ")], rows))
+    return tables
+
+
+def section(markdown: str, heading: str) -> str:
+    """The text from `heading` to the next heading of any level."""
+    start = markdown.index(heading)
+    following = re.search(r"^#", markdown[start + len(heading):], flags=re.M)
+    return markdown[start: start + len(heading) + (following.start() if following else len(markdown))]
+
+
+def test_every_number_in_the_run_tables_equals_the_logged_value(store):
+    runs = {r.info.run_id[:8]: r for name in ("classification", "lora_sweep", "retrain_probe")
+            for r in runs_of(store.client, name)}
+    seen, metrics_checked = set(), 0
+    for header, rows in md_tables(store.markdown):
+        if "run id" not in header:
+            continue
+        for row in rows:
+            cells = dict(zip(header, row))
+            run = runs[cells["run id"]]
+            seen.add(run.info.run_id)
+            assert cells["status"] == run.info.status
+            for column, cell in cells.items():
+                if column in run.data.params:  # params come first (`learning_rate` is also a per-step metric)
+                    assert cell == run.data.params[column], column
+                elif column in run.data.metrics:
+                    assert float(cell) == pytest.approx(run.data.metrics[column], rel=1e-5, abs=1e-12), column
+                    metrics_checked += 1
+    probe_parent = {store.probe_run_id}  # a single probe: no overview table of probe parents
+    assert seen == {r.info.run_id for r in runs.values()} - probe_parent, "every run, parents of several sweeps too"
+    assert metrics_checked >= 2 * 8 + 6 * 7 + 2 * 8, metrics_checked
+    classification = section(store.markdown, "### Classification runs (2)")
+    header = md_tables(classification)[0][0]
+    assert {"learning_rate", "accuracy", "f1", "roc_auc", "eval_loss", "peak_rss_mb", "train_runtime_s"} <= set(header)
+    assert "seed" not in header, "only params that differ between the runs are shown"
+
+
+def test_rank_summary_cells_are_the_logged_mean_and_std(store, tmp_path):
+    text = section(store.markdown, f"### LoRA rank sweep two-seeds ({store.sweeps['two-seeds'][:8]})")
+    summary = load_table(store.client, store.sweeps["two-seeds"], "rank_summary.json", tmp_path).set_index("rank")
+    header, rows = next((h, r) for h, r in md_tables(text) if h[0] == "rank")
+    assert {"eval_loss", "train_loss", "peak_rss_mb"} <= set(header) and "peak_cuda_mem_allocated_mb" not in header
+    for row in rows:
+        cells = dict(zip(header, row))
+        rank = int(cells["rank"])
+        assert int(cells["seeds"]) == summary.loc[rank, "seeds"] == 2
+        for metric in ("eval_loss", "train_loss"):
+            mean, std = (float(x) for x in cells[metric].split(" ± "))
+            assert mean == pytest.approx(summary.loc[rank, f"{metric}_mean"], rel=1e-5)
+            assert std == pytest.approx(summary.loc[rank, f"{metric}_std"], rel=1e-5)
+    assert "report_images/" in text and "loss-vs-rank" in text and "memory-vs-rank" in text
+
+
+def test_a_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_children(store, tmp_path):
+    parent = store.client.get_run(store.sweeps["two-seeds"])
+    children = [r for r in runs_of(store.client, "lora_sweep")
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+    class NoArtifacts:
+        def table(self, run, path):
+            return None
+
+    computed = report.rank_summary(parent, children, NoArtifacts()).set_index("rank")
+    logged = load_table(store.client, parent.info.run_id, "rank_summary.json", tmp_path).set_index("rank")
+    for column in ("seeds", "eval_loss_mean", "eval_loss_std", "train_loss_mean", "peak_rss_mb_mean"):
+        assert computed[column].to_numpy() == pytest.approx(logged[column].to_numpy(), rel=1e-6), column
+    assert computed["peak_cuda_mem_allocated_mb_mean"].isna().all()
+
+
+def test_verdicts_follow_the_seeds(store):
+    verdicts = {name: [line for line in section(store.markdown, f"### LoRA rank sweep {name} ({run_id[:8]})")
+                       .splitlines() if line.startswith("- **verdict**")] for name, run_id in store.sweeps.items()}
+    (single,) = verdicts["one-seed"]
+    assert single.endswith("single seed: not conclusive") and "eval_loss" in single
+
+    # Recompute the 2-seed verdict from the children's own metrics.
+    children = [r for r in runs_of(store.client, "lora_sweep")
+                if r.data.tags.get("mlflow.parentRunId") == store.sweeps["two-seeds"]]
+    losses = {rank: [c.data.metrics["eval_loss"] for c in children if c.data.params["lora_r"] == rank]
+              for rank in ("2", "4")}
+    best, other = sorted(losses, key=lambda r: statistics.fmean(losses[r]))
+    spread = max(statistics.stdev(v) for v in losses.values())
+    larger = abs(statistics.fmean(losses[other]) - statistics.fmean(losses[best])) > spread
+    (double,) = verdicts["two-seeds"]
+    assert double.startswith(f"- **verdict** r{other} vs r{best}: eval_loss")
+    assert f"{'is' if larger else 'is not'} larger than the seed-to-seed spread" in double
+    assert "2 and 2 seeds" in double and "single seed" not in double
+
+    (classification,) = [line for line in section(store.markdown, "### Classification runs").splitlines()
+                         if line.startswith("- **verdict**")]
+    assert "learning_rate=" in classification and classification.endswith("single seed: not conclusive")
+
+
+def test_probe_before_after_table_and_verdict(store, tmp_path):
+    text = section(store.markdown, "### Retraining probe ")
+    comparison = load_table(store.client, store.probe_run_id, "probe_comparison.json", tmp_path)
+    header, rows = next((h, r) for h, r in md_tables(text) if h[0] == "measure")
+    assert header == ["measure", "before", f"after (repeats={comparison['repeats'][0]})"]
+    cells = {row[0]: row[1:] for row in rows}
+    assert cells["reply"] == [comparison["reply_before"][0], comparison["reply_after"][0]]
+    for measure in ("target_nll", "rouge_l", "eval_loss"):
+        before, after = (float(x) for x in cells[measure])
+        assert before == pytest.approx(comparison[f"{measure}_before"][0], rel=1e-5)
+        assert after == pytest.approx(comparison[f"{measure}_after"][0], rel=1e-5)
+    for change in ("target_nll_drop", "forgetting", "replies_differ"):
+        assert cells[change][0] == "" and float(cells[change][1]) == pytest.approx(comparison[change][0], rel=1e-5)
+    (verdict,) = [line for line in text.splitlines() if line.startswith("- **verdict**")]
+    assert verdict.startswith("- **verdict** after vs before: target_nll")
+    assert verdict.endswith("single seed: not conclusive")
+
+
+def test_html_is_one_file_with_embedded_images(store):
+    sources = re.findall(r'src="([^"]*)"', store.html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in sources)
+    assert "<link" not in store.html and "<script" not in store.html and "href=" not in store.html
+    # 2 confusion matrices + loss and memory vs rank for each of the 2 sweeps, as in the markdown
+    assert len(sources) == len(re.findall(r"!\[[^]]*\]\(report_images/", store.markdown)) == 6
+    assert store.html.count('class="verdict"') == store.markdown.count("- **verdict**") == 4
+
+
+def test_the_report_is_logged_as_its_own_run(store, tmp_path):
+    run = store.client.get_run(store.report_run_id)
+    assert run.info.status == "FINISHED"
+    assert store.client.get_experiment(run.info.experiment_id).name == "report"
+    assert run.data.metrics["experiments_found"] == 3 and run.data.metrics["experiments_missing"] == 1
+    artifacts = {a.path for a in store.client.list_artifacts(store.report_run_id)}
+    assert {"report.md", "report.html", "report_images"} <= artifacts
+    logged = store.client.download_artifacts(store.report_run_id, "report.md", str(tmp_path))
+    assert Path(logged).read_text() == store.markdown
+    assert len(store.client.list_artifacts(store.report_run_id, "report_images")) == 6
+    assert "## Experiment `absent`\n\nNot found in the tracking store." in store.markdown
+
+
+def test_bad_report_input_is_reported_before_reading_runs(client):
+    outcome = CliRunner().invoke(entrypoint("report").main, ["--experiments", " , ", "--output", ""])
+    assert outcome.exit_code == 2, outcome.output
+    assert "error: experiments: must name at least one experiment" in outcome.output
+    assert "error: output: must not be empty" in outcome.output
+    (run,) = runs_of(client, "report")
+    assert run.info.status == "FAILED" and "experiments" in run.data.tags["error"]
