@@ -13,10 +13,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, load_table
-from finetune_lab import lora, prompts, registry, sweep
+from click.testing import CliRunner
+
+from conftest import REPO, entrypoint, load_table
+from finetune_lab import classify, lora, prompts, registry, sweep
 from finetune_lab.config import ClassifyConfig, SweepConfig
-from finetune_lab import classify
 
 PROMPT = "Hello, how are you?"
 NAME = "chat-adapter"
@@ -138,3 +139,13 @@ def test_registered_classifier_predicts_what_the_run_logged(client, tmp_path):
     assert predicted["prob_1"].to_numpy() == pytest.approx(table["prob_1"].to_numpy(), abs=1e-4)
     version = client.get_model_version_by_alias("sentiment", registry.CHAMPION)
     assert float(version.tags["reload_max_logit_diff"]) == 0.0
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], "error: model_uri: is required, e.g. models:/NAME@champion"),
+    (["--model-uri", "models:/nobody@champion"], "error: model_uri: cannot load 'models:/nobody@champion'"),
+    (["--model-uri", "models:/x/1", "--prompt", " ", "--max-new-tokens", "-1"], "error: prompt: must not be empty"),
+])
+def test_generate_bad_input_is_one_clear_line(client, args, expected):
+    outcome = CliRunner().invoke(entrypoint("generate").main, args)
+    assert outcome.exit_code == 2 and expected in outcome.output and "Traceback" not in outcome.output
