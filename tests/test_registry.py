@@ -11,8 +11,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-
 from click.testing import CliRunner
 
 from conftest import REPO, entrypoint, load_table
