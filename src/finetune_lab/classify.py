@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import mlflow
 import numpy as np
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
@@ -105,6 +105,7 @@ def run(config: ClassifyConfig, config_problems: list[str] | None = None) -> dic
             }
         )
         data_lib.log_inputs(prepared.data)
+        set_seed(config.seed)  # a pretrained encoder gets a freshly initialised head: make it reproducible
         model, tokenizer = models.load(
             prepared.source,
             AutoModelForSequenceClassification,
