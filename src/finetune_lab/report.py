@@ -329,9 +329,12 @@ def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
 def probe_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
     """The probe's child runs (`before`, `after` or `after-r<N>`), the before/after comparison and its figures."""
     params = parent.data.params
+    # `mlflow run` logs the parent's -P values shell-quoted; the children hold the value as the code used it.
+    probe_input = next((c.data.params["probe_input"] for c in children if "probe_input" in c.data.params),
+                       params.get("probe_input", "n/a"))
     blocks: list[Block] = [
         Heading(3, f"Retraining probe {run_label(parent)} ({parent.info.run_id[:8]})"),
-        Text(f"status {parent.info.status}; probe_input {params.get('probe_input', 'n/a')!r}, mode "
+        Text(f"status {parent.info.status}; probe_input {probe_input!r}, mode "
              f"{params.get('mode', 'n/a')}, rank {params.get('rank', 'n/a')}, copies of the new example "
              f"{params.get('repeats', params.get('new_example_repeats', 'n/a'))}."),
     ]
