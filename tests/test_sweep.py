@@ -111,3 +111,11 @@ def test_empty_outputs_are_reported(client, tmp_path):
     outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
                                  ["--model", "tiny", "--dataset", str(path), "--experiment", "bad"])
     assert outcome.exit_code == 2 and "error: output_column:" in outcome.output and "empty" in outcome.output
+
+
+def test_called_in_process_the_config_is_still_validated(client):
+    """Library callers skip the CLI; `run` must check the config itself rather than fail deep inside."""
+    from finetune_lab.config import InputError
+
+    with pytest.raises(InputError, match="ranks: must be a comma list"):
+        sweep.run(tiny_sweep(ranks="4,x"))

@@ -93,7 +93,7 @@ def run(config: ClassifyConfig, config_problems: list[str] | None = None) -> dic
     """Run the experiment inside one MLflow run; return the run id and headline metrics."""
     with tracking.experiment_run(config.experiment, config.run_name) as active:
         tracking.log_config(as_dict(config))
-        prepared = prepare(config, config_problems or [])
+        prepared = prepare(config, config.validate() if config_problems is None else config_problems)
         tracking.log_params(
             {
                 **models.source_params(prepared.source),

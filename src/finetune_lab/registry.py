@@ -224,8 +224,9 @@ def generate(config, config_problems: list[str] | None = None) -> dict:
 
     with tracking.experiment_run("generate") as active:
         tracking.log_config(as_dict(config))
-        if config_problems:
-            raise InputError(config_problems)
+        problems = config.validate() if config_problems is None else config_problems
+        if problems:
+            raise InputError(problems)
         try:
             loaded = mlflow.pyfunc.load_model(config.model_uri)
         except mlflow.exceptions.MlflowException as error:

@@ -536,8 +536,9 @@ def run(config: ReportConfig, config_problems: list[str] | None = None) -> dict:
     """Build the report inside its own MLflow run and log it as that run's artifacts."""
     with tracking.experiment_run(config.experiment, config.run_name) as active:
         tracking.log_config(as_dict(config))
-        if config_problems:
-            raise InputError(config_problems)
+        problems = config.validate() if config_problems is None else config_problems
+        if problems:
+            raise InputError(problems)
         experiments = [e.strip() for e in config.experiments.split(",") if e.strip()]
         client = MlflowClient()
         with tracking.scratch_dir("report") as scratch:

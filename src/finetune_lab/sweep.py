@@ -160,7 +160,8 @@ def run(config: SweepConfig, config_problems: list[str] | None = None) -> dict:
         tracking.log_config(as_dict(config))
         seeds = config.seed_list or [0]
         # The held-out split (and the tiny model) come from the first seed: identical for every child.
-        prepared = lora.prepare(config, config_problems or [], config.rank_list, seeds[0])
+        prepared = lora.prepare(config, config.validate() if config_problems is None else config_problems,
+                                config.rank_list, seeds[0])
         tracking.log_params(
             {**models.source_params(prepared.source), **tracking.environment_params(),
              "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
