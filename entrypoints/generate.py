@@ -1,10 +1,10 @@
 """`generate` entry point: answer a prompt with a registered model (see `python entrypoints/generate.py --help`)."""
 
-from finetune_lab import registry
+from finetune_lab import generate
 from finetune_lab.cli import command
 from finetune_lab.config import GenerateConfig
 
-main = command(GenerateConfig, registry.generate, name="generate")
+main = command(GenerateConfig, generate.run, name="generate")
 
 if __name__ == "__main__":
     main()

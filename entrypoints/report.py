@@ -4,7 +4,7 @@ from finetune_lab import report
 from finetune_lab.cli import command
 from finetune_lab.config import ReportConfig
 
-main = command(ReportConfig, report.run, name="report")
+main = command(ReportConfig, report.write_report, name="report")
 
 if __name__ == "__main__":
     main()

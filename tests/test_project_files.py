@@ -1,13 +1,13 @@
 """The MLproject, pyproject.toml, python_env.yaml and conda.yaml agree with the code and each other."""
 
 import tomllib
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import pytest
 import yaml
 
 from conftest import REPO
-from finetune_lab.config import ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig
+from finetune_lab.config import ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig, as_params
 
 ENTRY_POINTS = {"classify": ClassifyConfig, "lora_sweep": SweepConfig, "retrain_probe": ProbeConfig,
                 "generate": GenerateConfig, "report": ReportConfig}
@@ -29,9 +29,10 @@ def test_the_three_environment_files_list_the_same_dependencies():
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_mlproject_parameters_match_the_config(entry):
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
-    config_fields = {f.name: f.default for f in fields(ENTRY_POINTS[entry]) if f.default is not MISSING}
-    assert set(spec["parameters"]) == set(config_fields)
-    for name, default in config_fields.items():
+    config_cls = ENTRY_POINTS[entry]
+    defaults = as_params(config_cls())
+    assert set(spec["parameters"]) == {f.name for f in fields(config_cls)}
+    for name, default in defaults.items():
         declared = spec["parameters"][name]["default"]
         assert type(default)(declared) == default, name
         assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name

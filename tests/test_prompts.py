@@ -1,4 +1,5 @@
 from finetune_lab import models, prompts
+from finetune_lab.config import PROMPT_FORMATS
 from transformers import AutoModelForCausalLM
 
 
@@ -9,7 +10,7 @@ def tokenizer():
 
 def test_loss_on_output_masks_exactly_the_prompt():
     tok = tokenizer()
-    for prompt_format in prompts.PROMPT_FORMATS:
+    for prompt_format in PROMPT_FORMATS:
         full = prompts.encode_pair(tok, "hello there", "fine thanks", prompt_format=prompt_format, loss_on="all",
                                    max_length=64)
         masked = prompts.encode_pair(tok, "hello there", "fine thanks", prompt_format=prompt_format,

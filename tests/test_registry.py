@@ -22,7 +22,7 @@ NAME = "chat-adapter"
 
 
 def tiny_sweep(**overrides) -> SweepConfig:
-    settings = dict(model="tiny", dataset="sample_chat", ranks="2,4", seeds="5", max_steps=6, batch_size=8,
+    settings = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(5,), max_steps=6, batch_size=8,
                     max_length=48, learning_rate=1e-2, experiment="registry", register_as=NAME)
     return SweepConfig(**{**settings, **overrides})
 
@@ -102,9 +102,9 @@ def test_registered_adapter_reloads_exactly_in_a_fresh_process(client, in_memory
 
 
 def test_champion_moves_only_on_improvement(client):
-    first = sweep.run(tiny_sweep(max_steps=2, learning_rate=1e-3))
-    better = sweep.run(tiny_sweep(max_steps=12))
-    worse = sweep.run(tiny_sweep(max_steps=1, learning_rate=1e-4))
+    sweep.run(tiny_sweep(max_steps=2, learning_rate=1e-3))
+    sweep.run(tiny_sweep(max_steps=12))
+    sweep.run(tiny_sweep(max_steps=1, learning_rate=1e-4))
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{NAME}'")}
     assert sorted(versions) == ["1", "2", "3"]
     loss = {k: float(v.tags["eval_loss"]) for k, v in versions.items()}
@@ -112,13 +112,25 @@ def test_champion_moves_only_on_improvement(client):
     assert str(client.get_model_version_by_alias(NAME, registry.CHAMPION).version) == "2"
     assert versions["2"].tags["champion_decision"].startswith("moved from v1")
     assert versions["3"].tags["champion_decision"].startswith("kept on v2")
-    assert len({first["run_id"], better["run_id"], worse["run_id"]}) == 3
+
+
+def test_champion_stays_when_the_eval_set_differs(client):
+    """Losses on different eval sets are not comparable: a lower loss on a smaller eval set must not win."""
+    base = dict(model="tiny", dataset="sample", max_train_samples=64, max_length=32, learning_rate=1e-3,
+                experiment="registry", register_as="sentiment")
+    classify.run(ClassifyConfig(**base, max_eval_samples=100, epochs=1))
+    classify.run(ClassifyConfig(**base, max_eval_samples=20, epochs=3))
+    versions = {str(v.version): v for v in client.search_model_versions("name='sentiment'")}
+    first, second = versions["1"].tags, versions["2"].tags
+    assert first["eval_set_digest"] != second["eval_set_digest"], "the digest must describe the eval set used"
+    assert second["champion_decision"] == "kept on v1: its eval set differs, losses are not comparable"
+    assert str(client.get_model_version_by_alias("sentiment", registry.CHAMPION).version) == "1"
 
 
 def test_failed_reload_check_registers_nothing(client, monkeypatch):
     monkeypatch.setattr(registry, "_verify", lambda uri, candidate: 0.5)
     with pytest.raises(registry.RegistrationError, match="not registered"):
-        sweep.run(tiny_sweep(ranks="2"))
+        sweep.run(tiny_sweep(ranks=(2,)))
     assert client.search_model_versions(f"name='{NAME}'") == []
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("registry").experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]

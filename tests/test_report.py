@@ -17,11 +17,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import create_experiment, entrypoint, load_table, runs_of
 from finetune_lab import classify, probe, report, sweep
+from finetune_lab.report import sections
 from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
 
 TINY_CLASSIFY = dict(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=32, max_length=32,
                      batch_size=16, seed=7, experiment="classification")
-TINY_SWEEP = dict(model="tiny", dataset="sample_chat", ranks="2,4", max_steps=2, batch_size=8, max_length=48,
+TINY_SWEEP = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), max_steps=2, batch_size=8, max_length=48,
                   eval_fraction=0.05, learning_rate=1e-2, experiment="lora_sweep")
 TINY_PROBE = dict(model="tiny", dataset="sample_chat", max_steps=2, batch_size=8, max_length=48, eval_fraction=0.05,
                   learning_rate=1e-2, max_new_tokens=4, experiment="retrain_probe")
@@ -61,10 +62,10 @@ def store(tmp_path_factory) -> Store:
         for learning_rate in (1e-3, 5e-3):
             classify.run(ClassifyConfig(**TINY_CLASSIFY, learning_rate=learning_rate))
         sweeps = {name: sweep.run(SweepConfig(**TINY_SWEEP, seeds=seeds, run_name=name))["run_id"]
-                  for name, seeds in (("two-seeds", "1,2"), ("one-seed", "3"))}
+                  for name, seeds in (("two-seeds", (1, 2)), ("one-seed", (3,)))}
         probe_run_id = probe.run(ProbeConfig(**TINY_PROBE))["run_id"]
         output = root / "out"
-        result = report.run(ReportConfig(experiments="classification,lora_sweep,retrain_probe,absent",
+        result = report.write_report(ReportConfig(experiments="classification,lora_sweep,retrain_probe,absent",
                                          output=str(output)))
         yield Store(client, root, (output / "report.md").read_text(), (output / "report.html").read_text(),
                     result["run_id"], sweeps, probe_run_id)
@@ -143,7 +144,7 @@ def test_a_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_chi
         def table(self, run, path):
             return None
 
-    computed = report.rank_summary(parent, children, NoArtifacts()).set_index("rank")
+    computed = sections.rank_summary(parent, children, NoArtifacts()).set_index("rank")
     logged = load_table(store.client, parent.info.run_id, "rank_summary.json", tmp_path).set_index("rank")
     for column in ("seeds", "eval_loss_mean", "eval_loss_std", "train_loss_mean", "peak_rss_mb_mean"):
         assert computed[column].to_numpy() == pytest.approx(logged[column].to_numpy(), rel=1e-6), column

@@ -12,14 +12,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import entrypoint, runs_of
-from finetune_lab import lora, models, sweep
+from finetune_lab import lora, models, prompts, sweep
 from finetune_lab.config import SweepConfig
 
 PROBE = "Hello, how are you?\n"
 
 
 def tiny_sweep(**overrides) -> SweepConfig:
-    settings = dict(model="tiny", dataset="sample_chat", ranks="2,4", seeds="3", max_steps=4, batch_size=8,
+    settings = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(3,), max_steps=4, batch_size=8,
                     max_length=48, learning_rate=1e-2, experiment="sweep-unit")
     return SweepConfig(**{**settings, **overrides})
 
@@ -62,7 +62,7 @@ def test_a_child_with_nan_loss_fails_alone(client, monkeypatch):
         return model
 
     monkeypatch.setattr(lora, "attach", poison_rank_4)
-    result = sweep.run(tiny_sweep(ranks="2,4,8"))
+    result = sweep.run(tiny_sweep(ranks=(2, 4, 8)))
     runs = {r.info.run_id: r for r in runs_of(client, "sweep-unit")}
     parent = runs[result["run_id"]]
     children = {int(r.data.params["lora_r"]): r for r in runs.values() if r.info.run_id != result["run_id"]}
@@ -73,19 +73,47 @@ def test_a_child_with_nan_loss_fails_alone(client, monkeypatch):
     assert parent.data.tags["best_rank"] in {"2", "8"}
 
 
-def test_loss_on_output_masks_the_prompt_and_changes_the_loss(client):
-    losses = {}
-    for loss_on in ("all", "output"):
-        result = sweep.run(tiny_sweep(ranks="2", loss_on=loss_on, run_name=loss_on))
-        child = [r for r in runs_of(client, "sweep-unit") if r.data.tags.get("mlflow.parentRunId") == result["run_id"]]
-        losses[loss_on] = child[0].data.metrics["eval_loss"]
-    assert losses["all"] != losses["output"]
+@pytest.mark.parametrize("loss_on", ["all", "output"])
+def test_the_loss_covers_exactly_the_tokens_loss_on_says(client, monkeypatch, loss_on):
+    """Every row the model trained on, checked against its own text: `output` masks the prompt (input + newline),
+    `all` masks nothing; padding never counts."""
+    seen = []
+    original = lora.attach
+
+    def record_labels(base, config, rank, seed):
+        model = original(base, config, rank, seed)
+
+        def hook(module, args, kwargs):
+            if module.training:
+                seen.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone(), kwargs["labels"].clone()))
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(lora, "attach", record_labels)
+    result = sweep.run(tiny_sweep(ranks=(2,), loss_on=loss_on))
+    tokenizer = models.load(models.ModelSource("tiny", client.get_run(result["run_id"]).data.params["model_path"],
+                                               ""), AutoModelForCausalLM)[1]
+    assert len(seen) == 4  # max_steps
+    rows = 0
+    for input_ids, attention_mask, labels in seen:
+        for ids, mask, row_labels in zip(input_ids, attention_mask, labels):
+            real = ids[mask.bool()].tolist()
+            user_input = tokenizer.decode(real).split("\n", 1)[0]
+            prompt_len = len(tokenizer(prompts.prompt_text(tokenizer, user_input, "plain"),
+                                       add_special_tokens=False)["input_ids"])
+            masked = prompt_len if loss_on == "output" else 0
+            expected = [prompts.IGNORE_INDEX] * masked + real[masked:]
+            assert row_labels[mask.bool()].tolist() == expected
+            assert (row_labels[~mask.bool()] == prompts.IGNORE_INDEX).all(), "padding must not count"
+            rows += 1
+    assert rows == 4 * 8
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--ranks", "4,x"], "error: ranks: must be a comma list of positive integers"),
+        (["--ranks", "4,x"], "error: ranks: must be a comma list of integers like 4,8,16, got '4,x'"),
         (["--ranks", "4,4"], "error: ranks: lists 4 more than once"),
         (["--ranks", "128"], "error: ranks: [128] exceed the model's hidden size 64"),
         (["--target-modules", "q_proj,attn_out"], "error: target_modules: attn_out not in this model; linear modules: "
@@ -97,8 +125,7 @@ def test_loss_on_output_masks_the_prompt_and_changes_the_loss(client):
         (["--loss-on", "prompt"], "error: loss_on: must be one of output, all"),
     ],
 )
-def test_bad_sweep_input_is_one_line_before_training(client, monkeypatch, args, expected):
-    monkeypatch.setattr(lora, "load_base", lambda *a: pytest.fail("the base model was loaded before validation"))
+def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, args, expected):
     outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
                                  ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "bad", *args])
     assert outcome.exit_code == 2, outcome.output
@@ -115,7 +142,7 @@ def test_empty_outputs_are_reported(client, tmp_path):
 
 def test_called_in_process_the_config_is_still_validated(client):
     """Library callers skip the CLI; `run` must check the config itself rather than fail deep inside."""
-    from finetune_lab.config import InputError
+    from finetune_lab.errors import InputError
 
-    with pytest.raises(InputError, match="ranks: must be a comma list"):
-        sweep.run(tiny_sweep(ranks="4,x"))
+    with pytest.raises(InputError, match="ranks: lists 4 more than once"):
+        sweep.run(tiny_sweep(ranks=(4, 4)))

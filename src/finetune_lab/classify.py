@@ -1,7 +1,7 @@
 """Experiment: fine-tune a sequence classifier, evaluate it on the held-out split, log everything.
 
-Recipe: prepare (validate config, data and model spec together) → tokenize once → train → predict →
-metrics, confusion matrix, report, predictions table.
+Recipe: prepare (validate config, data and model spec together; limit the splits) → tokenize once → train →
+predict the held-out split in its own order → metrics, confusion matrix, report, predictions table.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import mlflow
 import numpy as np
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
+from finetune_lab import contract, models, plots, registry, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
-from finetune_lab import models, plots, registry, tracking, training
-from finetune_lab.config import ClassifyConfig, InputError, as_dict
+from finetune_lab.config import ClassifyConfig, as_params
 from finetune_lab.data import TEST, TRAIN
+from finetune_lab.errors import raise_if_any
 
 # Held-out fraction for local files without a `split` column.
 TEST_FRACTION = 0.2
@@ -25,17 +26,19 @@ TEST_FRACTION = 0.2
 @dataclass
 class Prepared:
     data: data_lib.LoadedData
+    """The splits as used: limited by max_train_samples / max_eval_samples, with digests of what is left."""
     source: models.ModelSource
     classes: list[int]
     label_names: list[str]
 
 
-def prepare(config: ClassifyConfig, config_problems: list[str]) -> Prepared:
+def prepare(config: ClassifyConfig) -> Prepared:
     """Load and check data and model spec; raise InputError with every problem found, config's included."""
-    problems = list(config_problems)
+    problems = config.problems()
     data, data_problems = data_lib.load(config.dataset, config.seed, TEST_FRACTION, targets=config.label_column)
     problems += data_problems
     classes: list[int] = []
+    texts = None
     if data is not None and not data_problems:
         column_problems = data_lib.check_columns(
             data, {"text_column": config.text_column, "label_column": config.label_column}
@@ -45,18 +48,13 @@ def prepare(config: ClassifyConfig, config_problems: list[str]) -> Prepared:
             problems += data_lib.check_text(data, "text_column", config.text_column)
             classes, label_problems = data_lib.check_labels(data, "label_column", config.label_column)
             problems += label_problems
-    source = None
-    if config.model != models.TINY:
-        source, model_problems = models.resolve(config.model)
-        problems += model_problems
-    if problems:
-        raise InputError(problems)
-    train_split = data_lib.limit(data.splits[TRAIN], config.max_train_samples, config.seed)
-    test_split = data_lib.limit(data.splits[TEST], config.max_eval_samples, config.seed)
-    data.splits = data_lib.datasets.DatasetDict({TRAIN: train_split, TEST: test_split})
-    if source is None:
-        source = models.tiny("classifier", list(train_split[config.text_column]), config.seed, len(classes))
-    feature = train_split.features.get(config.label_column)
+        if not problems:
+            data = data_lib.limit(data, {TRAIN: config.max_train_samples, TEST: config.max_eval_samples}, config.seed)
+            texts = list(data.splits[TRAIN][config.text_column])
+    source, model_problems = models.resolve(config.model, models.CLASSIFIER, texts, config.seed, len(classes))
+    problems += model_problems
+    raise_if_any(problems)
+    feature = data.splits[TRAIN].features.get(config.label_column)
     names = list(getattr(feature, "names", None) or [str(c) for c in classes])
     return Prepared(data, source, classes, names)
 
@@ -73,6 +71,8 @@ def _tokenize(prepared: Prepared, tokenizer, config: ClassifyConfig):
 
 
 def _log_predictions(texts, labels, probabilities, label_names) -> None:
+    """The predictions table (row i: the i-th held-out example, its text, label and prediction) and what is
+    computed from it."""
     predictions = probabilities.argmax(axis=-1)
     table = {
         "text": list(texts),
@@ -82,18 +82,18 @@ def _log_predictions(texts, labels, probabilities, label_names) -> None:
     }
     for k in range(probabilities.shape[-1]):
         table[f"prob_{k}"] = [float(x) for x in probabilities[:, k]]
-    mlflow.log_table(table, "predictions.json")
+    mlflow.log_table(table, contract.PREDICTIONS_TABLE)
     matrix = metrics_lib.confusion(labels, predictions, label_names)
-    mlflow.log_dict(matrix, "confusion_matrix.json")
-    plots.log_figure(metrics_lib.confusion_figure(matrix), "confusion_matrix.png")
-    mlflow.log_dict(metrics_lib.report(labels, predictions, label_names), "classification_report.json")
+    mlflow.log_dict(matrix, contract.CONFUSION_MATRIX)
+    plots.log_figure(plots.confusion_figure(matrix), contract.CONFUSION_FIGURE)
+    mlflow.log_dict(metrics_lib.report(labels, predictions, label_names), contract.CLASSIFICATION_REPORT)
 
 
-def run(config: ClassifyConfig, config_problems: list[str] | None = None) -> dict:
+def run(config: ClassifyConfig) -> dict:
     """Run the experiment inside one MLflow run; return the run id and headline metrics."""
-    with tracking.experiment_run(config.experiment, config.run_name) as active:
-        tracking.log_config(as_dict(config))
-        prepared = prepare(config, config.validate() if config_problems is None else config_problems)
+    with tracking.experiment_run(contract.CLASSIFICATION, config.experiment, config.run_name) as active:
+        tracking.log_config(as_params(config))
+        prepared = prepare(config)
         tracking.log_params(
             {
                 **models.source_params(prepared.source),
@@ -115,20 +115,18 @@ def run(config: ClassifyConfig, config_problems: list[str] | None = None) -> dic
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         tokenized = _tokenize(prepared, tokenizer, config)
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None)
         with tracking.scratch_dir("classify") as scratch:
-            trainer = training.make_trainer(
-                model, tokenizer, scratch, tokenized[TRAIN],
-                DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None),
-                learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
-                seed=config.seed,
-            )
-            training.train(trainer)
-            output = trainer.predict(tokenized[TEST], metric_key_prefix="eval")
-        probabilities = metrics_lib.softmax(np.asarray(output.predictions, dtype=np.float64))
-        labels = np.asarray(output.label_ids)
+            trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], collator, config,
+                                            config.seed, active.info.run_id)
+            mlflow.log_metrics(training.train(trainer))
+        # Row i of the logits is held-out example i: the table below pairs it with its own text.
+        logits = training.predict_logits(model, tokenized[TEST], collator, training.eval_batch_size(config))
+        labels = np.asarray(tokenized[TEST]["labels"])
+        probabilities = metrics_lib.softmax(logits)
         headline = {
             **metrics_lib.classification_metrics(labels, probabilities),
-            "eval_loss": float(output.metrics["eval_loss"]),
+            "eval_loss": metrics_lib.cross_entropy(logits, labels),
         }
         mlflow.log_metrics(headline)
         texts = prepared.data.splits[TEST][config.text_column]
@@ -144,13 +142,13 @@ def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check
              eval_loss: float) -> dict:
     """Register the fine-tuned classifier after checking that its reload gives the same logits."""
     truncation = {"truncation": True, "max_length": config.max_length}
+    run_id = mlflow.active_run().info.run_id
     candidate = registry.Candidate(
         log=lambda: registry.log_classifier_model(model, tokenizer, config.max_length, check_texts[0]),
         check_texts=check_texts,
         expected_logits=registry.reference_logits(model, tokenizer, check_texts, **truncation),
         eval_loss=eval_loss,
-        eval_set_digest=prepared.data.tracked[TEST].digest,
-        tags={"run_id": mlflow.active_run().info.run_id, "dataset_digest": prepared.data.digest,
-              "base_model": prepared.source.spec},
+        eval_set_digest=prepared.data.eval_digest,
+        tags={"run_id": run_id, "dataset_digest": prepared.data.digest, "base_model": prepared.source.spec},
     )
-    return registry.register_verified(config.register_as, candidate)
+    return registry.register_verified(config.register_as, candidate, run_id)

@@ -5,25 +5,27 @@ reported together, one line each, instead of click stopping at the first)."""
 from __future__ import annotations
 
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import Callable
 
 import click
 
-from finetune_lab.config import InputError, field_docs, from_strings
+from finetune_lab.config import as_params, field_docs, from_strings
+from finetune_lab.errors import InputError
 
 # Exit status for bad user input (click's usage errors use the same).
 INPUT_ERROR_EXIT = 2
 
 
 def command(config_cls: type, run: Callable[..., dict], name: str) -> click.Command:
-    """A click command that builds `config_cls` from its options and calls `run(config, problems)`."""
-    docs = field_docs(config_cls)
+    """A click command that builds `config_cls` from its options and calls `run(config)`; the config carries
+    what failed to parse, so `run` reports it together with every other problem."""
+    docs, defaults = field_docs(config_cls), as_params(config_cls())
 
     def callback(**raw):
-        config, problems = from_strings(config_cls, {k: v for k, v in raw.items() if v is not None})
+        config = from_strings(config_cls, {k: v for k, v in raw.items() if v is not None})
         try:
-            result = run(config, problems)
+            result = run(config)
         except InputError as error:
             for line in error.problems:
                 click.echo(f"error: {line}", err=True)
@@ -35,7 +37,7 @@ def command(config_cls: type, run: Callable[..., dict], name: str) -> click.Comm
             [f"--{f.name.replace('_', '-')}", f.name],
             type=str,
             default=None,
-            help=f"{docs.get(f.name, '')} [default: {f.default if f.default is not MISSING else ''!r}]",
+            help=f"{docs.get(f.name, '')} [default: {defaults[f.name]!r}]",
         )
         for f in fields(config_cls)
     ]

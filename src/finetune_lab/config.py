@@ -1,9 +1,9 @@
 """Typed experiment configurations.
 
-Every field carries a one-line docstring (the string right below it); `describe()` reads them back
-for the README table and `--help`. Values arrive as strings from the CLI / `mlflow run -P` (MLflow does
-not type-check parameters), so `from_strings` coerces them and collects *every* problem instead of
-stopping at the first one.
+Every field carries a one-line docstring (the string right below it); `field_docs()` reads them back for
+`--help`. Values arrive as strings from the CLI / `mlflow run -P` (MLflow does not type-check parameters), so
+`from_strings` coerces them, lists of integers included, and remembers what failed to parse; `problems()` then
+returns those together with every rule `validate()` finds, so each mistake is reported once and all at once.
 """
 
 from __future__ import annotations
@@ -15,22 +15,84 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, get_type_hints
 
+from finetune_lab.errors import field_of, problem
 
-class InputError(Exception):
-    """Bad user input: one line per problem, each naming the parameter and the fix."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
+IntList = tuple[int, ...]
 
 
-def problem(field: str, message: str) -> str:
-    """Format one problem line so that every entry point reports alike."""
-    return f"{field}: {message}"
+def _check(problems: list[str], config, name: str, holds, requirement: str) -> None:
+    """Append `name: requirement, got value` unless `holds(value)`."""
+    value = getattr(config, name)
+    if not holds(value):
+        problems.append(problem(name, f"{requirement}, got {_shown(value)}"))
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+def _check_int_list(problems: list[str], config, name: str, minimum: int, allow_empty: bool = False) -> None:
+    """A list of distinct integers >= minimum (parsed from `4,8,16` by `from_strings`)."""
+    values = getattr(config, name)
+    if not values and not allow_empty:
+        problems.append(problem(name, "must list at least one integer, like 4,8,16"))
+    elif any(v < minimum for v in values):
+        problems.append(problem(name, f"must be integers >= {minimum}, got {_shown(values)}"))
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        problems.append(problem(name, f"lists {', '.join(map(str, repeated))} more than once"))
+
+
+class Config:
+    """What every entry point's configuration can do: report its problems, parse errors included."""
+
+    def validate(self) -> list[str]:
+        """Problems that need no data or model to detect (subclasses extend it)."""
+        return []
+
+    def problems(self) -> list[str]:
+        """Values that failed to parse, then every rule broken by the others (a field is reported once)."""
+        unparsable: dict[str, str] = getattr(self, "_parse_problems", {})
+        return [*unparsable.values(), *(p for p in self.validate() if field_of(p) not in unparsable)]
 
 
 @dataclass
-class ClassifyConfig:
+class TrainingConfig(Config):
+    """What every fine-tuning experiment shares: the model, the data and the optimisation."""
+
+    model: str = ""
+    """Hub id, local folder, or an alias of an offline model."""
+    dataset: str = ""
+    """Hub id, local .csv/.jsonl/.json/.parquet file, or an alias of the embedded data."""
+    learning_rate: float = 2e-5
+    """Peak learning rate of AdamW (linear decay)."""
+    epochs: float = 1.0
+    """Passes over the training split (fractions allowed; ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = train for `epochs`)."""
+    batch_size: int = 16
+    """Examples per device per optimizer step."""
+    max_length: int = 512
+    """Truncate inputs to this many tokens (batches are padded dynamically)."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        for name in ("model", "dataset"):
+            _check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
+        _check(problems, self, "learning_rate", lambda v: v > 0, "must be > 0")
+        _check(problems, self, "epochs", lambda v: v > 0, "must be > 0")
+        _check(problems, self, "max_steps", lambda v: v >= 0, "must be >= 0 (0 = train for `epochs`)")
+        _check(problems, self, "batch_size", lambda v: v >= 1, "must be >= 1")
+        _check(problems, self, "max_length", lambda v: v >= 8, "must be >= 8")
+        return problems
+
+
+def _check_experiment(problems: list[str], config) -> None:
+    _check(problems, config, "experiment", lambda v: bool(v.strip()), "must not be empty")
+
+
+@dataclass
+class ClassifyConfig(TrainingConfig):
     """Fine-tune a sequence classifier and evaluate it on a held-out split."""
 
     model: str = "distilbert-base-uncased"
@@ -41,14 +103,6 @@ class ClassifyConfig:
     """Column holding the input text."""
     label_column: str = "label"
     """Column holding integer class labels 0..K-1."""
-    learning_rate: float = 2e-5
-    """Peak learning rate of AdamW (linear decay)."""
-    epochs: float = 1.0
-    """Number of passes over the training split (fractions allowed)."""
-    batch_size: int = 16
-    """Examples per device per optimizer step."""
-    max_length: int = 512
-    """Truncate inputs to this many tokens (no padding to it: batches are padded dynamically)."""
     max_train_samples: int = 0
     """Use only the first N training examples after shuffling by seed (0 = all)."""
     max_eval_samples: int = 0
@@ -63,12 +117,19 @@ class ClassifyConfig:
     """Register the fine-tuned classifier under this model-registry name (empty = don't register)."""
 
     def validate(self) -> list[str]:
-        """Problems that need no data or model to detect."""
-        return check_common(self)
+        problems = super().validate()
+        _check(problems, self, "max_train_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
+        _check(problems, self, "max_eval_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
+        _check_experiment(problems, self)
+        return problems
+
+
+PROMPT_FORMATS = ("plain", "chat")
+LOSS_ON = ("output", "all")
 
 
 @dataclass
-class LoraTrainingConfig:
+class LoraTrainingConfig(TrainingConfig):
     """What every LoRA experiment on a causal LM shares (the sweep and the retraining probe)."""
 
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -93,10 +154,6 @@ class LoraTrainingConfig:
     """`all-linear` (every linear layer but the output head) or a comma list of module names."""
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW (linear decay)."""
-    epochs: float = 1.0
-    """Passes over the training split (ignored when max_steps > 0)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0 = train for `epochs`)."""
     batch_size: int = 8
     """Examples per device per optimizer step."""
     max_length: int = 256
@@ -105,16 +162,15 @@ class LoraTrainingConfig:
     """Held-out fraction (same split for every run with the same seed) when the data has no test split."""
 
     def validate(self) -> list[str]:
-        problems = check_common(self)
-        for name, allowed in (("prompt_format", ("plain", "chat")), ("loss_on", ("output", "all"))):
-            if getattr(self, name) not in allowed:
-                problems.append(problem(name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"))
-        if self.lora_alpha < 0:
-            problems.append(problem("lora_alpha", f"must be >= 0 (0 = use alpha_per_rank), got {self.lora_alpha}"))
-        if self.lora_alpha == 0 and not self.alpha_per_rank > 0:
-            problems.append(problem("alpha_per_rank", f"must be > 0 when lora_alpha is 0, got {self.alpha_per_rank}"))
-        if not 0 < self.eval_fraction <= 0.5:
-            problems.append(problem("eval_fraction", f"must be in (0, 0.5], got {self.eval_fraction}"))
+        problems = super().validate()
+        for name, allowed in (("prompt_format", PROMPT_FORMATS), ("loss_on", LOSS_ON)):
+            _check(problems, self, name, lambda v, allowed=allowed: v in allowed,
+                   f"must be one of {', '.join(allowed)}")
+        _check(problems, self, "lora_alpha", lambda v: v >= 0, "must be >= 0 (0 = use alpha_per_rank)")
+        if self.lora_alpha == 0:
+            _check(problems, self, "alpha_per_rank", lambda v: v > 0, "must be > 0 when lora_alpha is 0")
+        _check(problems, self, "lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
+        _check(problems, self, "eval_fraction", lambda v: 0 < v <= 0.5, "must be in (0, 0.5]")
         if not self.target_modules.strip() or any(not m.strip() for m in self.target_modules.split(",")):
             problems.append(problem("target_modules", "must be `all-linear` or a comma list of module names"))
         return problems
@@ -129,26 +185,13 @@ class LoraTrainingConfig:
         return [m.strip() for m in self.target_modules.split(",")]
 
 
-def parse_int_list(name: str, text: str, minimum: int = 1) -> tuple[list[int], list[str]]:
-    """A comma list of distinct integers >= minimum, or the problems with it."""
-    items = [item.strip() for item in text.split(",")]
-    if not text.strip() or not all(item.isdigit() and int(item) >= minimum for item in items):
-        kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
-        return [], [problem(name, f"must be a comma list of {kind} like 4,8,16, got {text!r}")]
-    values = [int(item) for item in items]
-    duplicates = sorted({v for v in values if values.count(v) > 1})
-    if duplicates:
-        return [], [problem(name, f"lists {', '.join(map(str, duplicates))} more than once")]
-    return values, []
-
-
 @dataclass
 class SweepConfig(LoraTrainingConfig):
     """LoRA fine-tuning of a causal LM over several ranks (and seeds): a parent run, one child per rank x seed."""
 
-    ranks: str = "4,8,16,32"
+    ranks: IntList = (4, 8, 16, 32)
     """Comma list of LoRA ranks r to compare."""
-    seeds: str = "42"
+    seeds: IntList = (42,)
     """Comma list of seeds; several seeds give one child per rank x seed, and error bars."""
     experiment: str = "lora_sweep"
     """MLflow experiment when called directly (under `mlflow run`, `--experiment-name` decides)."""
@@ -159,17 +202,10 @@ class SweepConfig(LoraTrainingConfig):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        problems += parse_int_list("ranks", self.ranks)[1]
-        problems += parse_int_list("seeds", self.seeds, minimum=0)[1]
+        _check_int_list(problems, self, "ranks", minimum=1)
+        _check_int_list(problems, self, "seeds", minimum=0)
+        _check_experiment(problems, self)
         return problems
-
-    @property
-    def rank_list(self) -> list[int]:
-        return parse_int_list("ranks", self.ranks)[0]
-
-    @property
-    def seed_list(self) -> list[int]:
-        return parse_int_list("seeds", self.seeds, minimum=0)[0]
 
 
 PROBE_MODES = ("continue", "from_scratch")
@@ -187,7 +223,7 @@ class ProbeConfig(LoraTrainingConfig):
     """Output of the example added before retraining."""
     new_example_repeats: int = 1
     """How many copies of the new example are added to the training data."""
-    repeats_sweep: str = ""
+    repeats_sweep: IntList = ()
     """Comma list of repeat counts for a dose-response curve, one child per value; 0 = a control that retrains
     without the example (empty = just new_example_repeats)."""
     mode: str = "continue"
@@ -206,28 +242,23 @@ class ProbeConfig(LoraTrainingConfig):
     def validate(self) -> list[str]:
         problems = super().validate()
         for name in ("probe_input", "new_input", "new_output"):
-            if not getattr(self, name).strip():
-                problems.append(problem(name, "must not be empty"))
-        if self.new_example_repeats < 1:
-            problems.append(problem("new_example_repeats", f"must be >= 1, got {self.new_example_repeats}"))
-        if self.repeats_sweep.strip():
-            problems += parse_int_list("repeats_sweep", self.repeats_sweep, minimum=0)[1]
-        if self.mode not in PROBE_MODES:
-            problems.append(problem("mode", f"must be one of {', '.join(PROBE_MODES)}, got {self.mode!r}"))
-        if self.rank < 1:
-            problems.append(problem("rank", f"must be >= 1, got {self.rank}"))
+            _check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
+        _check(problems, self, "new_example_repeats", lambda v: v >= 1, "must be >= 1")
+        _check_int_list(problems, self, "repeats_sweep", minimum=0, allow_empty=True)
+        _check(problems, self, "mode", lambda v: v in PROBE_MODES, f"must be one of {', '.join(PROBE_MODES)}")
+        _check(problems, self, "rank", lambda v: v >= 1, "must be >= 1")
+        _check(problems, self, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
+        _check_experiment(problems, self)
         return problems
 
     @property
-    def repeats_list(self) -> list[int]:
+    def repeats_list(self) -> IntList:
         """The repeat counts to run: the sweep's values, or just new_example_repeats."""
-        if self.repeats_sweep.strip():
-            return parse_int_list("repeats_sweep", self.repeats_sweep, minimum=0)[0]
-        return [self.new_example_repeats]
+        return self.repeats_sweep or (self.new_example_repeats,)
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Config):
     """Load a registered adapter (or any pyfunc model URI) and answer a prompt."""
 
     model_uri: str = ""
@@ -236,20 +267,22 @@ class GenerateConfig:
     """The prompt to answer."""
     max_new_tokens: int = 0
     """Tokens to generate (0 = the setting logged with the model)."""
+    experiment: str = "generate"
+    """MLflow experiment when called directly (under `mlflow run`, `--experiment-name` decides)."""
+    run_name: str = ""
+    """MLflow run name (empty = generated by MLflow)."""
 
     def validate(self) -> list[str]:
-        problems = []
-        if not self.model_uri.strip():
-            problems.append(problem("model_uri", "is required, e.g. models:/NAME@champion"))
-        if not self.prompt.strip():
-            problems.append(problem("prompt", "must not be empty"))
-        if self.max_new_tokens < 0:
-            problems.append(problem("max_new_tokens", f"must be >= 0 (0 = the logged setting), got {self.max_new_tokens}"))
+        problems = super().validate()
+        _check(problems, self, "model_uri", lambda v: bool(v.strip()), "is required, e.g. models:/NAME@champion")
+        _check(problems, self, "prompt", lambda v: bool(v.strip()), "must not be empty")
+        _check(problems, self, "max_new_tokens", lambda v: v >= 0, "must be >= 0 (0 = the logged setting)")
+        _check_experiment(problems, self)
         return problems
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Config):
     """Build a side-by-side report of the runs in the tracking store (no training)."""
 
     experiments: str = "classification,lora_sweep,retrain_probe"
@@ -262,39 +295,16 @@ class ReportConfig:
     """MLflow run name of the report run (empty = generated by MLflow)."""
 
     def validate(self) -> list[str]:
-        problems = []
-        if not [e for e in self.experiments.split(",") if e.strip()]:
+        problems = super().validate()
+        if not self.experiment_list:
             problems.append(problem("experiments", "must name at least one experiment"))
-        if not self.output.strip():
-            problems.append(problem("output", "must not be empty"))
+        _check(problems, self, "output", lambda v: bool(v.strip()), "must not be empty")
+        _check_experiment(problems, self)
         return problems
 
-
-# Rules shared by every config that has the field: (holds, what it must be).
-_COMMON_RULES: dict[str, tuple[Any, str]] = {
-    "learning_rate": (lambda v: v > 0, "must be > 0"),
-    "epochs": (lambda v: v > 0, "must be > 0"),
-    "batch_size": (lambda v: v >= 1, "must be >= 1"),
-    "max_length": (lambda v: v >= 8, "must be >= 8"),
-    "max_steps": (lambda v: v >= 0, "must be >= 0 (0 = train for `epochs`)"),
-    "max_train_samples": (lambda v: v >= 0, "must be >= 0 (0 = all)"),
-    "max_eval_samples": (lambda v: v >= 0, "must be >= 0 (0 = all)"),
-    "max_new_tokens": (lambda v: v >= 1, "must be >= 1"),
-    "lora_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "model": (lambda v: bool(v.strip()), "must not be empty"),
-    "dataset": (lambda v: bool(v.strip()), "must not be empty"),
-    "experiment": (lambda v: bool(v.strip()), "must not be empty"),
-}
-
-
-def check_common(config) -> list[str]:
-    """Apply the shared rules to whichever of their fields `config` has."""
-    problems = []
-    for f in fields(config):
-        rule = _COMMON_RULES.get(f.name)
-        if rule and not rule[0](getattr(config, f.name)):
-            problems.append(problem(f.name, f"{rule[1]}, got {getattr(config, f.name)!r}"))
-    return problems
+    @property
+    def experiment_list(self) -> list[str]:
+        return [name.strip() for name in self.experiments.split(",") if name.strip()]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -313,52 +323,54 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _coerce(name: str, kind: type, raw: Any) -> tuple[Any, str | None]:
+def _coerce(name: str, kind: Any, raw: Any) -> tuple[Any, str | None]:
     if kind is str:
         return ("" if raw is None else str(raw)), None
     text = str(raw).strip()
     try:
+        if kind == IntList:
+            return tuple(_integer(item) for item in text.split(",")) if text else (), None
         if kind is int:
-            value = float(text)
-            if not value.is_integer():
-                raise ValueError
-            return int(value), None
+            return _integer(text), None
         if kind is float:
             value = float(text)
             if math.isnan(value) or math.isinf(value):
                 raise ValueError
             return value, None
     except ValueError:
-        kind_name = "an integer" if kind is int else "a finite number"
-        return None, problem(name, f"must be {kind_name}, got {text!r}")
+        expected = {int: "an integer", float: "a finite number"}.get(kind, "a comma list of integers like 4,8,16")
+        return None, problem(name, f"must be {expected}, got {text!r}")
     raise TypeError(f"unsupported config field type {kind!r} for {name}")
 
 
-def from_strings(cls: type, raw: dict[str, Any]) -> tuple[Any, list[str]]:
-    """Build `cls` from string values (missing keys keep their defaults) and list every problem.
+def _integer(text: str) -> int:
+    value = float(text.strip())
+    if not value.is_integer():
+        raise ValueError
+    return int(value)
 
-    A field that fails to parse keeps its default so the remaining checks still run; its own rule
-    is then skipped, so each mistake is reported once.
-    """
+
+def from_strings(cls: type, raw: dict[str, Any]):
+    """Build `cls` from string values (missing keys keep their defaults); `problems()` on the result lists every
+    mistake. A field that fails to parse keeps its default, so the remaining rules still run."""
     hints = get_type_hints(cls)
-    values: dict[str, Any] = {}
-    problems = []
     known = {f.name for f in fields(cls)}
-    problems += [problem(k, f"unknown parameter; known: {', '.join(sorted(known))}") for k in raw if k not in known]
-    unparsable = set()
+    parse_problems = {k: problem(k, f"unknown parameter; known: {', '.join(sorted(known))}")
+                      for k in raw if k not in known}
+    values: dict[str, Any] = {}
     for f in fields(cls):
         if raw.get(f.name) is None:
             continue
         value, error = _coerce(f.name, hints[f.name], raw[f.name])
         if error:
-            problems.append(error)
-            unparsable.add(f.name)
+            parse_problems[f.name] = error
         else:
             values[f.name] = value
     config = cls(**values)
-    problems += [p for p in config.validate() if p.split(":", 1)[0] not in unparsable]
-    return config, problems
+    config._parse_problems = parse_problems
+    return config
 
 
-def as_dict(config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def as_params(config) -> dict[str, Any]:
+    """Every field as MLflow logs it: lists of integers as the `4,8,16` text they were given as."""
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -7,18 +7,17 @@ All problems are returned as lines (see `config.problem`), never raised one at a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import warnings
 
 import datasets
 import mlflow.data
 import pandas as pd
 from mlflow.data.dataset import Dataset as MlflowDataset
 
-from finetune_lab.config import problem
+from finetune_lab.errors import problem
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLES = {"sample": SAMPLE_DIR / "sentiment.csv", "sample_chat": SAMPLE_DIR / "chat.jsonl"}
@@ -29,18 +28,46 @@ TRAIN, TEST = "train", "test"
 TEST_SPLIT_NAMES = ("test", "validation", "eval")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedData:
-    """Train/test splits plus what MLflow needs to record where they came from."""
+    """Train/test splits plus what MLflow records about them. The digests are computed from `splits` when the
+    object is made (`describe`), so they always describe the data a run uses: whoever changes the splits
+    (`limit`, `with_train_rows`) gets a new object with new digests."""
 
     splits: datasets.DatasetDict
     name: str
     source: str
+    from_hub: bool
+    targets: str | None
     tracked: dict[str, MlflowDataset]
 
     @property
     def digest(self) -> str:
+        """Digest of the training split."""
         return self.tracked[TRAIN].digest
+
+    @property
+    def eval_digest(self) -> str:
+        """Digest of the held-out split: losses are comparable only between runs that share it."""
+        return self.tracked[TEST].digest
+
+
+def describe(splits: datasets.DatasetDict, name: str, source: str, from_hub: bool,
+             targets: str | None = None) -> LoadedData:
+    """`splits` with an MLflow dataset (name, source, digest, schema) per split, computed from these very rows."""
+    tracked = {}
+    with warnings.catch_warnings():
+        # MLflow registers two equivalent local-file sources and warns that it picked one of them.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        for key, split in splits.items():
+            split_targets = targets if targets in split.column_names else None
+            if from_hub:
+                tracked[key] = mlflow.data.from_huggingface(split, path=source, name=f"{name}:{key}",
+                                                            targets=split_targets)
+            else:
+                tracked[key] = mlflow.data.from_pandas(split.to_pandas(), source=source, name=f"{name}:{key}",
+                                                       targets=split_targets)
+    return LoadedData(splits, name, source, from_hub, targets, tracked)
 
 
 def _read_local(path: Path) -> pd.DataFrame:
@@ -79,15 +106,7 @@ def _load_local(spec: str, path: Path, seed: int, test_fraction: float, targets:
     if empty:
         return None, empty
     splits = datasets.DatasetDict({k: datasets.Dataset.from_pandas(v, preserve_index=False) for k, v in frames.items()})
-    name = spec if spec in SAMPLES else path.name
-    with warnings.catch_warnings():
-        # MLflow registers two equivalent local-file sources and warns that it picked one of them.
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        tracked = {
-            k: mlflow.data.from_pandas(v, source=str(path), name=f"{name}:{k}", targets=targets if targets in v else None)
-            for k, v in frames.items()
-        }
-    return LoadedData(splits, name, str(path), tracked), []
+    return describe(splits, spec if spec in SAMPLES else path.name, str(path), from_hub=False, targets=targets), []
 
 
 def _load_hub(spec: str, seed: int, test_fraction: float, targets: str | None):
@@ -113,11 +132,7 @@ def _load_hub(spec: str, seed: int, test_fraction: float, targets: str | None):
     empty = _empty_splits(splits)
     if empty:
         return None, empty
-    tracked = {
-        k: mlflow.data.from_huggingface(v, path=spec, name=f"{spec}:{k}", targets=targets)
-        for k, v in splits.items()
-    }
-    return LoadedData(splits, spec, spec, tracked), []
+    return describe(splits, spec, spec, from_hub=True, targets=targets), []
 
 
 def load(spec: str, seed: int, test_fraction: float, targets: str | None = None) -> tuple[LoadedData | None, list[str]]:
@@ -184,11 +199,30 @@ def _is_integer(value: Any) -> bool:
         return False
 
 
-def limit(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
+def _first(split: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
     """The first `n` examples after a seeded shuffle (0 = all, unshuffled)."""
     if n <= 0 or n >= len(split):
         return split
     return split.shuffle(seed=seed).select(range(n))
+
+
+def limit(data: LoadedData, sizes: dict[str, int], seed: int) -> LoadedData:
+    """The data with each split of `sizes` cut to its first N examples after a seeded shuffle (0 = all), and
+    digests of what is left."""
+    splits = datasets.DatasetDict({k: _first(v, sizes.get(k, 0), seed) for k, v in data.splits.items()})
+    if all(len(splits[k]) == len(data.splits[k]) for k in splits):
+        return data
+    return describe(splits, data.name, data.source, data.from_hub, data.targets)
+
+
+def with_train_rows(data: LoadedData, rows: dict[str, list]) -> LoadedData:
+    """The data with `rows` (column → values) appended to the training split, and digests of the result; only
+    the columns of `rows` are kept."""
+    columns = list(rows)
+    train = data.splits[TRAIN].select_columns(columns)
+    extra = datasets.Dataset.from_dict(rows, features=train.features)
+    splits = datasets.DatasetDict({**data.splits, TRAIN: datasets.concatenate_datasets([train, extra])})
+    return describe(splits, data.name, data.source, data.from_hub, data.targets)
 
 
 def log_inputs(data: LoadedData) -> None:

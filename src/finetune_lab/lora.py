@@ -1,26 +1,22 @@
-"""LoRA adapters on a frozen causal LM: checks against the architecture, attach / detach on one base
-model, one training pass through the shared Trainer setup, and the adapter folder as an artifact."""
+"""The LoRA adapter lifecycle on a frozen causal LM: checks against the architecture, attach / detach on one base
+model, a copy of its state and its restoration, its params, and the adapter folder as an artifact."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import mlflow
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, set_seed
+from transformers import set_seed
 
-from finetune_lab import data as data_lib
-from finetune_lab import metrics as metrics_lib
-from finetune_lab import models, prompts, tracking, training
-from finetune_lab.config import InputError, LoraTrainingConfig, problem
-from finetune_lab.data import TRAIN
-from finetune_lab.prompts import IGNORE_INDEX
+from finetune_lab import tracking, training
+from finetune_lab.config import LoraTrainingConfig
+from finetune_lab.contract import ADAPTER_ARTIFACT
+from finetune_lab.errors import problem
 
-ADAPTER_ARTIFACT = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -99,48 +95,15 @@ def lora_params(model: PeftModel, config: LoraTrainingConfig, rank: int, seed: i
     }
 
 
-@dataclass
-class FitResult:
-    metrics: dict[str, float]
-    curve: list[tuple[int, float]] = field(default_factory=list)
-
-
-def collator(tokenizer) -> DataCollatorForSeq2Seq:
-    """Pads input_ids with the pad token and labels with the ignored index, per batch (dynamic padding)."""
-    return DataCollatorForSeq2Seq(
-        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8 if training.on_cuda() else None
-    )
-
-
-def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, collate=None) -> FitResult:
-    """Train the adapter on `train_split`, evaluate on `eval_split`; log and return the metrics.
-    `collate` replaces the default collator (e.g. one that also records what each batch held)."""
-    with tracking.scratch_dir("lora") as scratch:
-        trainer = training.make_trainer(
-            model, tokenizer, scratch, train_split, collate or collator(tokenizer),
-            learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size, seed=seed,
-            max_steps=config.max_steps, eval_dataset=eval_split,
-        )
-        result = training.train(trainer)
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-    curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-    result.update(
-        {"train_loss": curve[-1][1], "eval_loss": eval_loss, "eval_perplexity": metrics_lib.perplexity(eval_loss)}
-    )
-    mlflow.log_metrics({k: result[k] for k in ("eval_loss", "eval_perplexity")})
-    return FitResult(result, curve)
-
-
 def log_adapter(model: PeftModel, tokenizer, artifact_path: str = ADAPTER_ARTIFACT) -> int:
-    """Log the adapter folder (config + weights, no base weights) and the tokenizer; return the weights' size."""
+    """Log the adapter folder (config + weights, no base weights) and the tokenizer into the active run; return
+    the weights' size in bytes."""
     with tracking.scratch_dir("adapter") as scratch:
         folder = Path(scratch) / artifact_path
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        size = (folder / ADAPTER_WEIGHTS).stat().st_size
         mlflow.log_artifacts(str(folder), artifact_path)
-    mlflow.log_metric("adapter_size_bytes", size)
-    return size
+        return (folder / ADAPTER_WEIGHTS).stat().st_size
 
 
 @contextlib.contextmanager
@@ -153,65 +116,3 @@ def adapter(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: 
         detach(model)
         if training.on_cuda():
             torch.cuda.empty_cache()
-
-
-@dataclass
-class Prepared:
-    """Checked data and model source of a LoRA experiment."""
-
-    data: data_lib.LoadedData
-    source: models.ModelSource
-
-
-def prepare(config: LoraTrainingConfig, config_problems: list[str], ranks: list[int], seed: int,
-            rank_param: str = "ranks") -> Prepared:
-    """Load and check data, model spec and architecture; raise InputError with every problem, config's included."""
-    problems = list(config_problems)
-    data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction)
-    problems += data_problems
-    if data is not None and not data_problems:
-        columns = {"input_column": config.input_column, "output_column": config.output_column}
-        column_problems = data_lib.check_columns(data, columns)
-        problems += column_problems
-        if not column_problems:
-            for param, column in columns.items():
-                problems += data_lib.check_text(data, param, column)
-        if len(data.splits[TRAIN]) < config.batch_size:
-            problems.append(
-                problem("batch_size", f"the train split has {len(data.splits[TRAIN])} examples, fewer than one batch "
-                                      f"of {config.batch_size}")
-            )
-    source = None
-    if config.model == models.TINY:
-        if data is not None and not problems:
-            train = data.splits[TRAIN]
-            source = models.tiny("causal_lm", list(train[config.input_column]) + list(train[config.output_column]), seed)
-    else:
-        source, model_problems = models.resolve(config.model)
-        problems += model_problems
-    if source is not None:
-        problems += check_architecture(models.skeleton(source, AutoModelForCausalLM), config, ranks, rank_param)
-    if problems:
-        raise InputError(problems)
-    return Prepared(data, source)
-
-
-def load_base(source: models.ModelSource):
-    """The frozen base model and its tokenizer (with a pad token), loaded once per experiment."""
-    model, tokenizer = models.load(source, AutoModelForCausalLM, **models.model_kwargs(frozen_base=True))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def tokenize(prepared: Prepared, tokenizer, config: LoraTrainingConfig):
-    return tokenize_splits(prepared.data.splits, tokenizer, config)
-
-
-def tokenize_splits(splits, tokenizer, config: LoraTrainingConfig):
-    """Input/output pairs → training tokens with the config's format, loss mask and truncation."""
-    return prompts.tokenize_pairs(
-        splits, tokenizer, input_column=config.input_column, output_column=config.output_column,
-        prompt_format=config.prompt_format, loss_on=config.loss_on, max_length=config.max_length,
-    )

@@ -1,18 +1,14 @@
-"""Metrics and figures, computed with scikit-learn and drawn with matplotlib."""
+"""Metrics, computed with scikit-learn (classification), torch (language-model likelihoods) and rouge-score."""
 
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: figures go to files, never to a screen
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    ConfusionMatrixDisplay,
+import numpy as np
+from scipy.special import log_softmax
+from scipy.special import softmax as _softmax
+from sklearn.metrics import (
     accuracy_score,
     classification_report,
     confusion_matrix,
@@ -22,9 +18,14 @@ from sklearn.metrics import (  # noqa: E402
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    """Class probabilities from logits (last axis)."""
+    return _softmax(logits, axis=-1)
+
+
+def cross_entropy(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """Mean negative log-likelihood of the true labels (the classifier's held-out loss)."""
+    log_probabilities = log_softmax(logits, axis=-1)
+    return float(-log_probabilities[np.arange(len(labels)), np.asarray(labels)].mean())
 
 
 def classification_metrics(labels: Sequence[int], probabilities: np.ndarray) -> dict[str, float]:
@@ -45,18 +46,6 @@ def confusion(labels: Sequence[int], predictions: Sequence[int], label_names: li
     return {"labels": label_names, "rows": "true label", "columns": "predicted label", "matrix": matrix.tolist()}
 
 
-def confusion_figure(matrix: dict) -> plt.Figure:
-    figure, axes = plt.subplots(figsize=(4.5, 4))
-    ConfusionMatrixDisplay(np.array(matrix["matrix"]), display_labels=matrix["labels"]).plot(
-        ax=axes, cmap="Blues", colorbar=False, values_format="d"
-    )
-    axes.set_xlabel("predicted label")
-    axes.set_ylabel("true label")
-    axes.set_title("Confusion matrix (evaluation split)")
-    figure.tight_layout()
-    return figure
-
-
 def report(labels: Sequence[int], predictions: Sequence[int], label_names: list[str]) -> dict:
     return classification_report(
         labels, predictions, labels=list(range(len(label_names))), target_names=label_names,
@@ -74,13 +63,12 @@ def mean_token_nll(model, input_ids: Sequence[int], labels: Sequence[int]) -> fl
     the tokens before it; in eval mode (no dropout) and without gradients, so the same model gives the same value."""
     import torch
 
-    was_training = model.training
-    model.eval()
+    from finetune_lab.models import eval_mode
+
     ids = torch.tensor([list(input_ids)], device=model.device)
     targets = torch.tensor([list(labels)[1:]], device=model.device)
-    with torch.no_grad():
+    with eval_mode(model):
         logits = model(input_ids=ids).logits[:, :-1].float()
-    model.train(was_training)
     return float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100))
 
 

@@ -9,6 +9,7 @@ A spec is a Hub id, a local folder, or an alias:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -18,14 +19,16 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import click
 import torch
 
-from finetune_lab.config import problem
+from finetune_lab.errors import problem
 
 TINY = "tiny"
+# What a model is for: it decides the tiny architecture and the Auto class that loads it.
+CLASSIFIER, CAUSAL_LM = "classifier", "causal_lm"
 COMPLETE_MARKER = ".complete"
 
 
@@ -117,8 +120,14 @@ class ModelSource:
     """Hub revision, wheel requirement, or content hash (tiny)."""
 
 
-def resolve(spec: str) -> tuple[ModelSource | None, list[str]]:
-    """Resolve a non-tiny spec to something from_pretrained can load offline (fetching offline aliases)."""
+def resolve(spec: str, kind: str, texts: list[str] | None = None, seed: int = 0,
+            num_labels: int = 2) -> tuple[ModelSource | None, list[str]]:
+    """Resolve `spec` to something from_pretrained can load (fetching offline aliases), or the problems with it.
+
+    `tiny` is built for `kind` (CLASSIFIER or CAUSAL_LM) from `texts`, the run's own training texts; with no texts
+    (the data could not be read, which is reported already) there is nothing to build and nothing to report."""
+    if spec == TINY:
+        return (None if texts is None else tiny(kind, texts, seed, num_labels)), []
     if spec in OFFLINE_MODELS:
         try:
             path = fetch(spec)
@@ -160,7 +169,7 @@ def _train_tokenizer(texts: list[str], kind: str):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if kind == "classifier":
+    if kind == CLASSIFIER:
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -202,7 +211,7 @@ def _build_tiny(kind: str, texts: list[str], seed: int, num_labels: int, target:
 
     tokenizer = _train_tokenizer(texts, kind)
     torch.manual_seed(seed)
-    if kind == "classifier":
+    if kind == CLASSIFIER:
         config = DistilBertConfig(
             vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=num_labels,
             pad_token_id=tokenizer.pad_token_id,
@@ -233,6 +242,18 @@ def tiny(kind: str, texts: list[str], seed: int, num_labels: int = 2) -> ModelSo
             shutil.rmtree(target, ignore_errors=True)
             staged.rename(target)
     return ModelSource(TINY, str(target), key)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode (no dropout) and no gradients for the block; the model's training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def model_kwargs(frozen_base: bool) -> dict:

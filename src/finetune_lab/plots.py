@@ -8,7 +8,9 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay  # noqa: E402
 
 
 def log_figure(figure: plt.Figure, artifact_file: str) -> None:
@@ -54,5 +56,18 @@ def loss_curves(curves: dict[str, list[tuple[int, float]]]) -> plt.Figure:
     axes.set_title("Training loss per child run")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small", ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_figure(matrix: dict) -> plt.Figure:
+    """A confusion matrix as `metrics.confusion` returns it: rows are true labels, columns predictions."""
+    figure, axes = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(np.array(matrix["matrix"]), display_labels=matrix["labels"]).plot(
+        ax=axes, cmap="Blues", colorbar=False, values_format="d"
+    )
+    axes.set_xlabel("predicted label")
+    axes.set_ylabel("true label")
+    axes.set_title("Confusion matrix (evaluation split)")
     figure.tight_layout()
     return figure

@@ -24,16 +24,12 @@ import datasets
 import mlflow
 import pandas as pd
 
+from finetune_lab import causal_lm, contract, lora, models, plots, prompts, tracking
 from finetune_lab import data as data_lib
-from finetune_lab import lora, models, plots, prompts, tracking
 from finetune_lab import metrics as metrics_lib
-from finetune_lab.config import ProbeConfig, as_dict
+from finetune_lab.config import ProbeConfig, as_params
+from finetune_lab.contract import BEFORE, PROBE_MEASURED
 from finetune_lab.data import TEST, TRAIN
-
-BEFORE = "before"
-# Measured by every child; the parent pairs each as `<name>_before` / `<name>_after`.
-MEASURED = ("target_nll", "target_nll_new_input", "rouge_l", "eval_loss")
-COMPARISON_TABLE = "probe_comparison.json"
 
 
 @dataclass
@@ -52,8 +48,7 @@ class BatchRecorder:
 
     The counts come from the batches the Trainer actually trained on, whatever its sampler did. Only the first
     `steps` batches are training steps: the dataloader builds one batch ahead (so one more when max_steps stops
-    it mid-epoch) and the evaluation batches come afterwards. One batch is one optimizer step here (no gradient
-    accumulation)."""
+    it mid-epoch). One batch is one optimizer step here (no gradient accumulation)."""
 
     def __init__(self, collate, marker_ids):
         self.collate = collate
@@ -77,7 +72,7 @@ def new_example_row(tokenizer, config: ProbeConfig) -> datasets.Dataset:
     raw = datasets.Dataset.from_dict(
         {config.input_column: [config.new_input], config.output_column: [config.new_output]}
     )
-    return lora.tokenize_splits(datasets.DatasetDict({TRAIN: raw}), tokenizer, config)[TRAIN]
+    return causal_lm.tokenize(datasets.DatasetDict({TRAIN: raw}), tokenizer, config)[TRAIN]
 
 
 def target_nlls(model, tokenizer, config: ProbeConfig) -> dict[str, float]:
@@ -100,7 +95,7 @@ def measure(model, tokenizer, config: ProbeConfig) -> tuple[str, dict[str, float
 def compare(before: Stage, after: Stage) -> dict[str, float]:
     """The change from `before` to `after`; drops are positive when the target became more likely."""
     change = {}
-    for name in MEASURED:
+    for name in PROBE_MEASURED:
         change[f"{name}_before"], change[f"{name}_after"] = before.metrics[name], after.metrics[name]
     for name in ("target_nll", "target_nll_new_input"):
         change[f"{name}_drop"] = before.metrics[name] - after.metrics[name]
@@ -111,30 +106,41 @@ def compare(before: Stage, after: Stage) -> dict[str, float]:
     return change
 
 
-def run_stage(model, tokenizer, tokenized, new_row, config: ProbeConfig, name: str, repeats: int, start: dict,
-              before: Stage | None = None) -> Stage:
+def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared, config: ProbeConfig, name: str,
+              repeats: int, start: dict, before: Stage | None = None) -> Stage:
     """In child run `name`: reset the adapter to `start`, train on the train split + `repeats` copies of the new
-    example, answer the probe and measure; log the adapter, and the change from `before` when given."""
+    example, answer the probe and measure; log the training data it used, the adapter, and the change from
+    `before` when given."""
     with tracking.child_run(name) as child:
         lora.restore_adapter(model, start)
         train = datasets.concatenate_datasets([tokenized[TRAIN], new_row.select([0] * repeats)])
         params = lora.lora_params(model, config, config.rank, config.seed)
         # First: this stage's repeats and the effective lora_alpha win over the config's values.
         tracking.log_params({**params, "new_example_repeats": repeats, "train_examples": len(train)})
-        tracking.log_config(as_dict(config))
-        mlflow.log_metric("trainable_params", params["trainable_params"])
-        recorder = BatchRecorder(lora.collator(tokenizer), new_row[0]["input_ids"])
-        fitted = lora.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, collate=recorder)
+        tracking.log_config(as_params(config))
+        data_lib.log_inputs(training_data(prepared.data, config, repeats))
+        recorder = BatchRecorder(causal_lm.collator(tokenizer), new_row[0]["input_ids"])
+        fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, child.info.run_id,
+                               collate=recorder)
         reply, measured = measure(model, tokenizer, config)
         measured.update(recorder.exposure(int(fitted.metrics["train_steps"])))
         tracking.log_params({"reply": reply})
-        mlflow.log_metrics(measured)
-        size = lora.log_adapter(model, tokenizer)
-        measured["adapter_size_bytes"] = size
-        stage = Stage(name, repeats, child.info.run_id, reply, {**fitted.metrics, **measured})
+        measured.update({"trainable_params": params["trainable_params"],  # also a metric, for charts
+                         "adapter_size_bytes": lora.log_adapter(model, tokenizer)})
+        mlflow.log_metrics({**fitted.metrics, **measured})
+        stage = Stage(name, repeats, child.info.run_id, reply,
+                      {**fitted.metrics, "train_loss": fitted.train_loss, **measured})
         if before is not None:
             mlflow.log_metrics(compare(before, stage))
         return stage
+
+
+def training_data(data: data_lib.LoadedData, config: ProbeConfig, repeats: int) -> data_lib.LoadedData:
+    """The pairs a stage trains on: the train split plus `repeats` copies of the new example (for the record)."""
+    if not repeats:
+        return data
+    return data_lib.with_train_rows(data, {config.input_column: [config.new_input] * repeats,
+                                           config.output_column: [config.new_output] * repeats})
 
 
 def comparison_table(before: Stage, afters: list[Stage], config: ProbeConfig) -> pd.DataFrame:
@@ -164,26 +170,25 @@ def dose_response_figure(table: pd.DataFrame, series: dict[str, str], ylabel: st
 def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> pd.DataFrame:
     """Table, replies, the change per repeats value (metrics at step = repeats) and, for a sweep, the plots."""
     table = comparison_table(before, afters, config)
-    mlflow.log_table(table, COMPARISON_TABLE)
+    mlflow.log_table(table, contract.PROBE_COMPARISON_TABLE)
     mlflow.set_tags({f"reply_{stage.name}": stage.reply for stage in [before, *afters]})
     for after in afters:
         mlflow.log_metrics(compare(before, after), step=after.repeats)
     if len(afters) > 1:
         nll = {"target_nll": "NLL | probe_input", "target_nll_new_input": "NLL | new_input"}
         plots.log_figure(dose_response_figure(table, nll, "mean NLL per token of new_output",
-                                               "Target NLL vs copies of the new example"), "target_nll_vs_repeats.png")
+                                               "Target NLL vs copies of the new example"), contract.TARGET_NLL_FIGURE)
         plots.log_figure(dose_response_figure(table, {"rouge_l": "ROUGE-L of the reply"}, "ROUGE-L F1 vs new_output",
                                                "Reply similarity vs copies of the new example"),
-                          "similarity_vs_repeats.png")
+                          contract.SIMILARITY_FIGURE)
     return table
 
 
-def run(config: ProbeConfig, config_problems: list[str] | None = None) -> dict:
+def run(config: ProbeConfig) -> dict:
     """The whole probe inside one parent run; return the parent's id, the headline numbers and both replies."""
-    problems = config.validate() if config_problems is None else config_problems
-    with tracking.experiment_run(config.experiment, config.run_name) as parent:
-        tracking.log_config(as_dict(config))
-        prepared = lora.prepare(config, problems, [config.rank], config.seed, rank_param="rank")
+    with tracking.experiment_run(contract.PROBE, config.experiment, config.run_name) as parent:
+        tracking.log_config(as_params(config))
+        prepared = causal_lm.prepare(config, (config.rank,), config.seed, rank_param="rank")
         tracking.log_params(
             {**models.source_params(prepared.source), **tracking.environment_params(),
              "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
@@ -191,16 +196,16 @@ def run(config: ProbeConfig, config_problems: list[str] | None = None) -> dict:
              "repeats": ",".join(map(str, config.repeats_list))}
         )
         data_lib.log_inputs(prepared.data)
-        base, tokenizer = lora.load_base(prepared.source)
-        tokenized = lora.tokenize(prepared, tokenizer, config)
+        base, tokenizer = causal_lm.load_base(prepared.source)
+        tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
         new_row = new_example_row(tokenizer, config)
         sweep = len(config.repeats_list) > 1
         with lora.adapter(base, config, config.rank, config.seed) as model:
             fresh = lora.adapter_state(model)
-            before = run_stage(model, tokenizer, tokenized, new_row, config, BEFORE, 0, fresh)
+            before = run_stage(model, tokenizer, tokenized, new_row, prepared, config, BEFORE, 0, fresh)
             start = lora.adapter_state(model) if config.mode == "continue" else fresh
-            afters = [run_stage(model, tokenizer, tokenized, new_row, config, f"after-r{n}" if sweep else "after", n,
-                                start, before)
+            afters = [run_stage(model, tokenizer, tokenized, new_row, prepared, config,
+                                contract.after_name(n, sweep), n, start, before)
                       for n in config.repeats_list]
         table = log_comparison(before, afters, config)
         last = table.iloc[-1]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datasets
 
-PROMPT_FORMATS = ("plain", "chat")
-LOSS_ON = ("output", "all")
+from finetune_lab.models import eval_mode
+
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
 
 
@@ -54,14 +54,9 @@ def tokenize_pairs(
 
 def generate_reply(model, tokenizer, user_input: str, prompt_format: str, max_new_tokens: int) -> str:
     """Greedy reply to `user_input`, prompted exactly as in training; deterministic for a given model."""
-    import torch
-
     encoded = tokenizer(prompt_text(tokenizer, user_input, prompt_format), add_special_tokens=False,
                         return_tensors="pt").to(model.device)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model):
         output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
     return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()

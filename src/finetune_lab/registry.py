@@ -24,10 +24,10 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import models, prompts, tracking, training
+from finetune_lab.contract import MODEL_ARTIFACT
 
 CHAMPION = "champion"
 DEFAULT_MAX_NEW_TOKENS = 30
-MODEL_ARTIFACT = "model"
 # The project itself brings every dependency of the pyfunc models.
 PIP_REQUIREMENTS = ["finetune-lab"]
 
@@ -48,7 +48,7 @@ def _load_base(config: dict):
     """The base model named in `config`: offline alias (fetched if needed), tiny/local path, or Hub id + revision."""
     spec = config["base_spec"]
     if spec in models.OFFLINE_MODELS:
-        source, problems = models.resolve(spec)
+        source, problems = models.resolve(spec, models.CAUSAL_LM)
         if problems:
             raise RegistrationError(problems[0])
     elif spec == models.TINY:
@@ -119,13 +119,9 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
 
 def reference_logits(model, tokenizer, texts: list[str], **tokenizer_kwargs) -> list[torch.Tensor]:
     """Logits of the in-memory model, to check a reload against (eval mode: no dropout)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        result = [model(**tokenizer(t, return_tensors="pt", **tokenizer_kwargs).to(model.device)).logits.float().cpu()
-                  for t in texts]
-    model.train(was_training)
-    return result
+    with models.eval_mode(model):
+        return [model(**tokenizer(t, return_tensors="pt", **tokenizer_kwargs).to(model.device)).logits.float().cpu()
+                for t in texts]
 
 
 @dataclass
@@ -163,8 +159,9 @@ def _champion_decision(client: MlflowClient, name: str, version: str, candidate:
     return False, f"kept on v{current.version}: eval_loss {candidate.eval_loss:.4f} >= {old_loss:.4f}"
 
 
-def register_verified(name: str, candidate: Candidate) -> dict[str, str]:
-    """Log, verify the reload, register as a new version of `name`, tag it, maybe move `champion`.
+def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str, str]:
+    """Log into run `run_id` (the active run), verify the reload, register as a new version of `name`, tag it,
+    maybe move `champion`; the outcome is also tagged on the run.
 
     Nothing is registered when the reload differs from the in-memory model (RegistrationError).
     """
@@ -172,13 +169,13 @@ def register_verified(name: str, candidate: Candidate) -> dict[str, str]:
     # bf16 matmuls on CUDA may differ in the last bits between two loads; on CPU the reload must be exact.
     tolerance = 1e-2 if training.on_cuda() else 0.0
     difference = _verify(info.model_uri, candidate)
-    mlflow.log_metric("registry_reload_max_logit_diff", difference)
+    client = MlflowClient()
+    client.log_metric(run_id, "registry_reload_max_logit_diff", difference)
     if difference > tolerance:
         raise RegistrationError(
             f"reloaded model differs from the in-memory one (max |logit diff| {difference:.3g}); not registered"
         )
     version = mlflow.register_model(info.model_uri, name).version
-    client = MlflowClient()
     tags = {**candidate.tags, "eval_loss": repr(candidate.eval_loss), "eval_set_digest": candidate.eval_set_digest,
             "reload_max_logit_diff": repr(difference)}
     move, decision = _champion_decision(client, name, version, candidate)
@@ -187,7 +184,8 @@ def register_verified(name: str, candidate: Candidate) -> dict[str, str]:
         client.set_model_version_tag(name, version, key, value)
     if move:
         client.set_registered_model_alias(name, CHAMPION, version)
-    mlflow.set_tags({"registered_model": f"{name}/{version}", "champion_decision": decision})
+    for key, value in {"registered_model": f"{name}/{version}", "champion_decision": decision}.items():
+        client.set_tag(run_id, key, value)
     return {"name": name, "version": str(version), "champion": str(move), "decision": decision,
             "model_uri": f"models:/{name}/{version}"}
 
@@ -216,24 +214,3 @@ def log_classifier_model(model, tokenizer, max_length: int, example_text: str):
             name=MODEL_ARTIFACT, python_model=ClassifierModel(), artifacts={"model": str(scratch / "model")},
             model_config={"max_length": max_length}, signature=signature, pip_requirements=PIP_REQUIREMENTS,
         )
-
-
-def generate(config, config_problems: list[str] | None = None) -> dict:
-    """Load a pyfunc model (e.g. `models:/NAME@champion`) and answer `config.prompt`; logged as a run."""
-    from finetune_lab.config import InputError, as_dict, problem
-
-    with tracking.experiment_run("generate") as active:
-        tracking.log_config(as_dict(config))
-        problems = config.validate() if config_problems is None else config_problems
-        if problems:
-            raise InputError(problems)
-        try:
-            loaded = mlflow.pyfunc.load_model(config.model_uri)
-        except mlflow.exceptions.MlflowException as error:
-            raise InputError([problem("model_uri", f"cannot load {config.model_uri!r}: {tracking.one_line(error)}")])
-        params = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else None
-        reply = loaded.predict([config.prompt], params=params)[0]
-        mlflow.set_tag("reply", reply[:5000])
-        mlflow.log_text(f"prompt: {config.prompt}\nreply: {reply}\n", "reply.txt")
-        return {"run_id": active.info.run_id, "metrics": {}, "notes": [f"prompt: {config.prompt}", f"reply:  {reply}"],
-                "ui": tracking.ui_hint()}

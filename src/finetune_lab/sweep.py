@@ -14,19 +14,14 @@ import mlflow
 import pandas as pd
 import torch
 
+from finetune_lab import causal_lm, contract, lora, models, plots, prompts, registry, tracking
 from finetune_lab import data as data_lib
-from finetune_lab import lora, models, plots, prompts, registry, tracking
-from finetune_lab.config import SweepConfig, as_dict
+from finetune_lab.config import SweepConfig, as_params
+from finetune_lab.contract import child_name
 from finetune_lab.data import TEST, TRAIN
 
-# Columns of the comparison table, in order; memory columns absent on CPU stay empty.
-TABLE_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb",
-                 "peak_cuda_mem_reserved_mb", "peak_rss_mb", "train_tokens_per_s", "train_runtime_s",
-                 "trainable_params", "adapter_size_bytes"]
 # A prompt every registered adapter is checked and exemplified on.
 PROBE_PROMPT = "Hello, how are you?"
-SUMMARY_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb", "peak_rss_mb",
-                   "train_tokens_per_s"]
 
 
 @dataclass
@@ -46,10 +41,6 @@ class ChildOutcome:
         return child_name(self.rank, self.seed)
 
 
-def child_name(rank: int, seed: int) -> str:
-    return f"r{rank}-seed{seed}"
-
-
 def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: int,
               check_texts: list[str]) -> ChildOutcome:
     """Train one adapter in its own child run; a failure ends that run FAILED and is returned, not raised.
@@ -60,33 +51,27 @@ def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: 
             run_id = child.info.run_id
             params = lora.lora_params(model, config, rank, seed)
             tracking.log_params(params)  # first: the effective lora_alpha wins over the config's 0 = "per rank"
-            tracking.log_config(as_dict(config))
-            mlflow.log_metric("trainable_params", params["trainable_params"])  # also a metric, for charts
-            fitted = lora.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed)
-            size = lora.log_adapter(model, tokenizer)
-            metrics = {**fitted.metrics, "trainable_params": params["trainable_params"], "adapter_size_bytes": size}
+            tracking.log_config(as_params(config))
+            fitted = causal_lm.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed, run_id)
+            # trainable_params is also a metric, for charts
+            logged = {**fitted.metrics, "trainable_params": params["trainable_params"],
+                      "adapter_size_bytes": lora.log_adapter(model, tokenizer)}
+            mlflow.log_metrics(logged)
             reference = registry.reference_logits(model, tokenizer, check_texts)
-            return ChildOutcome(rank, seed, run_id, "FINISHED", metrics, fitted.curve, reference_logits=reference)
+            return ChildOutcome(rank, seed, run_id, "FINISHED", {**logged, "train_loss": fitted.train_loss},
+                                fitted.curve, reference_logits=reference)
     except Exception as error:  # noqa: BLE001 - OOM, NaN loss, anything: record it and go on with the sweep
         return ChildOutcome(rank, seed, run_id, "FAILED", error=tracking.one_line(error))
 
 
 def comparison_table(children: list[ChildOutcome]) -> pd.DataFrame:
     rows = [
-        {"rank": c.rank, "seed": c.seed, **{m: c.metrics.get(m) for m in TABLE_METRICS}, "status": c.status,
+        {"rank": c.rank, "seed": c.seed, **{m: c.metrics.get(m) for m in contract.SWEEP_TABLE_METRICS},
+         "status": c.status,
          "run_id": c.run_id, "error": c.error}
         for c in children
     ]
     return pd.DataFrame(rows)
-
-
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per rank: mean and std over the seeds that finished (std is empty for a single seed)."""
-    finished = table[table["status"] == "FINISHED"]
-    grouped = finished.groupby("rank")[SUMMARY_METRICS]
-    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_std"))
-    summary.insert(0, "seeds", finished.groupby("rank").size())
-    return summary.reset_index()
 
 
 def best_child(table: pd.DataFrame, summary: pd.DataFrame) -> pd.Series:
@@ -99,7 +84,7 @@ def best_child(table: pd.DataFrame, summary: pd.DataFrame) -> pd.Series:
 def log_summary(children: list[ChildOutcome]) -> dict:
     """Comparison table, per-rank summary, plots, best rank and failures on the parent run."""
     table = comparison_table(children)
-    mlflow.log_table(table, "comparison_table.json")
+    mlflow.log_table(table, contract.COMPARISON_TABLE)
     failed = table[table["status"] != "FINISHED"]
     mlflow.log_metric("failed_children", len(failed))
     if len(failed):
@@ -107,8 +92,8 @@ def log_summary(children: list[ChildOutcome]) -> dict:
                                                      for r in failed.itertuples()))
     if len(failed) == len(table):
         raise RuntimeError(f"all {len(table)} child runs failed; first error: {failed.iloc[0]['error']}")
-    summary = summarise(table)
-    mlflow.log_table(summary, "rank_summary.json")
+    summary = contract.summarise(table)
+    mlflow.log_table(summary, contract.RANK_SUMMARY)
     for row in summary.itertuples():
         mlflow.log_metrics({"eval_loss_by_rank": row.eval_loss_mean, "train_loss_by_rank": row.train_loss_mean},
                            step=int(row.rank))
@@ -116,29 +101,30 @@ def log_summary(children: list[ChildOutcome]) -> dict:
     plots.log_figure(
         plots.metric_vs_x(summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss (last steps)"},
                           "loss", "Loss vs LoRA rank (mean ± std over seeds)"),
-        "loss_vs_rank.png",
+        contract.LOSS_VS_RANK_FIGURE,
     )
-    plots.log_figure(
-        plots.metric_vs_x(summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank"), "memory_vs_rank.png"
-    )
-    plots.log_figure(plots.loss_curves({c.name: c.curve for c in children}), "loss_curves.png")
+    plots.log_figure(plots.metric_vs_x(summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank"),
+                     contract.MEMORY_VS_RANK_FIGURE)
+    plots.log_figure(plots.loss_curves({c.name: c.curve for c in children}), contract.LOSS_CURVES_FIGURE)
     best = best_child(table, summary)
     mlflow.log_metrics({"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])})
     mlflow.set_tags({"best_rank": str(int(best["rank"])), "best_run_id": best["run_id"]})
     return {"table": table, "summary": summary, "best": best}
 
 
-def registry_check_texts(prepared: lora.Prepared, tokenizer, config: SweepConfig) -> list[str]:
+def registry_check_texts(prepared: causal_lm.Prepared, tokenizer, config: SweepConfig) -> list[str]:
     """Prompts on which a registered adapter must reproduce the trained model's logits exactly."""
     held_out = prepared.data.splits[TEST][0][config.input_column]
     return [prompts.prompt_text(tokenizer, text, config.prompt_format) for text in (held_out, PROBE_PROMPT)]
 
 
-def register_best(config: SweepConfig, prepared: lora.Prepared, best: ChildOutcome, check_texts: list[str]) -> dict:
+def register_best(config: SweepConfig, prepared: causal_lm.Prepared, best: ChildOutcome,
+                  check_texts: list[str]) -> dict:
     """Register the best child's adapter (adapter files + base reference) after a verified reload."""
+    parent_run_id = mlflow.active_run().info.run_id
     with tracking.scratch_dir("register") as scratch:
         adapter_dir = mlflow.artifacts.download_artifacts(
-            run_id=best.run_id, artifact_path=lora.ADAPTER_ARTIFACT, dst_path=str(scratch)
+            run_id=best.run_id, artifact_path=contract.ADAPTER_ARTIFACT, dst_path=str(scratch)
         )
         candidate = registry.Candidate(
             log=lambda: registry.log_adapter_model(adapter_dir, prepared.source, config.prompt_format,
@@ -146,33 +132,32 @@ def register_best(config: SweepConfig, prepared: lora.Prepared, best: ChildOutco
             check_texts=check_texts,
             expected_logits=best.reference_logits,
             eval_loss=best.metrics["eval_loss"],
-            eval_set_digest=prepared.data.tracked[TEST].digest,
+            eval_set_digest=prepared.data.eval_digest,
             tags={"rank": str(best.rank), "seed": str(best.seed), "run_id": best.run_id,
-                  "parent_run_id": mlflow.active_run().info.run_id, "dataset_digest": prepared.data.digest,
+                  "parent_run_id": parent_run_id, "dataset_digest": prepared.data.digest,
                   "base_model": prepared.source.spec, "base_revision": prepared.source.revision},
         )
-        return registry.register_verified(config.register_as, candidate)
+        return registry.register_verified(config.register_as, candidate, parent_run_id)
 
 
-def run(config: SweepConfig, config_problems: list[str] | None = None) -> dict:
+def run(config: SweepConfig) -> dict:
     """The whole sweep inside one parent run; return the parent's id, the best child and the tables."""
-    with tracking.experiment_run(config.experiment, config.run_name) as parent:
-        tracking.log_config(as_dict(config))
-        seeds = config.seed_list or [0]
+    with tracking.experiment_run(contract.SWEEP, config.experiment, config.run_name) as parent:
+        tracking.log_config(as_params(config))
         # The held-out split (and the tiny model) come from the first seed: identical for every child.
-        prepared = lora.prepare(config, config.validate() if config_problems is None else config_problems,
-                                config.rank_list, seeds[0])
+        split_seed = config.seeds[0] if config.seeds else 0
+        prepared = causal_lm.prepare(config, config.ranks, split_seed)
         tracking.log_params(
             {**models.source_params(prepared.source), **tracking.environment_params(),
              "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
-             "eval_examples": len(prepared.data.splits[TEST]), "split_seed": seeds[0]}
+             "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed}
         )
         data_lib.log_inputs(prepared.data)
-        base, tokenizer = lora.load_base(prepared.source)
-        tokenized = lora.tokenize(prepared, tokenizer, config)
+        base, tokenizer = causal_lm.load_base(prepared.source)
+        tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
         check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
         children = [run_child(base, tokenizer, tokenized, config, rank, seed, check_texts)
-                    for seed in config.seed_list for rank in config.rank_list]
+                    for seed in config.seeds for rank in config.ranks]
         outcome = log_summary(children)
         best = outcome["best"]
         registered = []

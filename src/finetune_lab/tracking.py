@@ -1,8 +1,9 @@
 """One owner for the MLflow run of an invocation.
 
-`experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one, turns on system
-metrics, and on any exception tags the run with a one-line `error` and ends it FAILED. `child_run` does
-the same for nested runs (sweep children). Nothing else in the package starts or ends runs.
+`experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one, tags it with the kind
+of experiment that made it, turns on system metrics, and on any exception tags the run with a one-line `error`
+and ends it FAILED. `child_run` does the same for nested runs (sweep children). Nothing else in the package
+starts or ends runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Iterator
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+
+from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, KIND_TAG
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 MAX_TAG_CHARS = 5000
@@ -40,11 +43,11 @@ def _failing_on_error(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.set_tag("error", "interrupted by the user")
+        mlflow.set_tag(ERROR_TAG, "interrupted by the user")
         mlflow.end_run("KILLED")
         raise
     except BaseException as error:  # noqa: BLE001 - record every failure on the run, then re-raise
-        mlflow.set_tag("error", one_line(error))
+        mlflow.set_tag(ERROR_TAG, one_line(error))
         mlflow.end_run("FAILED")
         raise
     else:
@@ -52,8 +55,9 @@ def _failing_on_error(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
 
 
 @contextlib.contextmanager
-def experiment_run(experiment: str, run_name: str = "") -> Iterator[mlflow.ActiveRun]:
-    """The invocation's run: the one `mlflow run` created, or a new one in `experiment`."""
+def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[mlflow.ActiveRun]:
+    """The invocation's run, tagged with its `kind` (see `contract`): the one `mlflow run` created, or a new one
+    in `experiment`."""
     configure()
     mlflow.enable_system_metrics_logging()
     # `mlflow run` created the run (and chose its experiment) before our process started. Take the id out of
@@ -68,6 +72,7 @@ def experiment_run(experiment: str, run_name: str = "") -> Iterator[mlflow.Activ
             mlflow.set_experiment(experiment)
             run = mlflow.start_run(run_name=run_name or None)
         with _failing_on_error(run) as active:
+            mlflow.set_tag(KIND_TAG, kind)
             yield active
     finally:
         if launched_run_id:
@@ -91,7 +96,7 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params(fresh)
 
 
-def log_config(config_dict: dict[str, Any], artifact_name: str = "config.yaml") -> None:
+def log_config(config_dict: dict[str, Any], artifact_name: str = CONFIG_ARTIFACT) -> None:
     """Every effective config value as params, and the whole config as a YAML artifact."""
     log_params(config_dict)
     mlflow.log_text(yaml.safe_dump(config_dict, sort_keys=False), artifact_name)

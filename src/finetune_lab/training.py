@@ -1,17 +1,30 @@
-"""The HF Trainer setup shared by every experiment: arguments, per-step MLflow logging, NaN guard,
-peak memory and throughput. The Trainer's own integrations stay off (`report_to="none"`): HF's
-MLflowCallback would end the run at train end, and every metric belongs in the run we own."""
+"""The HF Trainer setup shared by every experiment: arguments, per-step MLflow logging, NaN guard, peak memory and
+throughput, and evaluation in dataset order. The Trainer's own integrations stay off (`report_to="none"`): HF's
+MLflowCallback would end the run at train end, and every metric belongs in the run we own.
+
+Helpers here return their metrics; the experiment logs them into its run. The one exception is the per-step
+logger, a Trainer callback, which is told the run it logs into."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+import time
 from pathlib import Path
+from typing import Iterator
 
-import mlflow
+import numpy as np
 import psutil
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from finetune_lab.config import TrainingConfig
+from finetune_lab.models import eval_mode
+from finetune_lab.prompts import IGNORE_INDEX
 
 # Aim for about this many points on each loss curve, whatever the run length.
 LOSS_CURVE_POINTS = 100
@@ -25,26 +38,27 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def training_arguments(
-    output_dir: Path,
-    *,
-    learning_rate: float,
-    epochs: float,
-    batch_size: int,
-    seed: int,
-    max_steps: int = 0,
-) -> TrainingArguments:
+def bf16() -> bool:
+    return on_cuda() and torch.cuda.is_bf16_supported()
+
+
+def eval_batch_size(config: TrainingConfig) -> int:
+    """Evaluation needs no gradients or optimizer state: twice the training batch fits."""
+    return config.batch_size * 2
+
+
+def training_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> TrainingArguments:
     cuda = on_cuda()
     return TrainingArguments(
         output_dir=str(output_dir),
-        learning_rate=learning_rate,
-        num_train_epochs=epochs,
-        max_steps=max_steps if max_steps > 0 else -1,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size * 2,
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=eval_batch_size(config),
         seed=seed,
         data_seed=seed,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=bf16(),
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
@@ -59,23 +73,26 @@ def training_arguments(
     )
 
 
-def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, *, learning_rate: float, epochs: float,
-                 batch_size: int, seed: int, max_steps: int = 0, eval_dataset=None) -> Trainer:
-    """The HF Trainer every experiment uses: the shared arguments and our per-step MLflow logger."""
+def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, config: TrainingConfig, seed: int,
+                 run_id: str) -> Trainer:
+    """The HF Trainer every experiment uses: the config's optimisation settings, and per-step metrics logged
+    into run `run_id`."""
     return Trainer(
         model=model,
-        args=training_arguments(output_dir, learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
-                                seed=seed, max_steps=max_steps),
+        args=training_arguments(output_dir, config, seed),
         train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[MlflowStepLogger()],
+        callbacks=[MlflowStepLogger(run_id)],
     )
 
 
 class MlflowStepLogger(TrainerCallback):
-    """Per-step `train_loss`, `learning_rate` and `grad_norm` into the active run; stops on a non-finite loss."""
+    """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`; stops on a non-finite loss."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = MlflowClient()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -83,11 +100,12 @@ class MlflowStepLogger(TrainerCallback):
         loss = float(logs["loss"])
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"training loss became {loss} at step {state.global_step}")
-        metrics = {"train_loss": loss}
-        for key in ("learning_rate", "grad_norm"):
-            if key in logs and math.isfinite(float(logs[key])):
-                metrics[key] = float(logs[key])
-        mlflow.log_metrics(metrics, step=state.global_step)
+        values = {"train_loss": loss}
+        for logged, name in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
+            if logged in logs and math.isfinite(float(logs[logged])):
+                values[name] = float(logs[logged])
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, state.global_step) for k, v in values.items()])
 
 
 class PeakMemory:
@@ -125,16 +143,55 @@ class PeakMemory:
 
 
 def train(trainer: Trainer) -> dict[str, float]:
-    """Train; return throughput and peak-memory metrics (also logged to the active run)."""
+    """Train; return throughput and peak-memory metrics."""
     with PeakMemory() as memory:
         output = trainer.train()
     runtime = output.metrics["train_runtime"]
-    metrics = {
+    return {
         "train_runtime_s": runtime,
         "train_samples_per_s": output.metrics["train_samples_per_second"],
         "train_tokens_per_s": trainer.state.num_input_tokens_seen / runtime if runtime > 0 else 0.0,
         "train_steps": float(trainer.state.global_step),
         **memory.metrics,
     }
-    mlflow.log_metrics(metrics)
-    return metrics
+
+
+def loss_curve(trainer: Trainer) -> list[tuple[int, float]]:
+    """(step, training loss) as the Trainer logged it."""
+    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+@contextlib.contextmanager
+def _autocast() -> Iterator[None]:
+    """bf16 autocast on CUDA, as the Trainer trains; nothing on CPU."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16()) if on_cuda() else contextlib.nullcontext():
+        yield
+
+
+def in_order(model, dataset, collator, batch_size: int, columns: list[str]) -> Iterator[dict]:
+    """Batches of `dataset` in its own order (never length-grouped), on the model's device, for evaluation."""
+    loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, shuffle=False, collate_fn=collator)
+    for batch in loader:
+        yield {key: value.to(model.device) for key, value in batch.items()}
+
+
+def predict_logits(model, dataset, collator, batch_size: int) -> np.ndarray:
+    """Classifier logits for every row of `dataset`, row i for example i, in eval mode."""
+    inputs = [c for c in dataset.column_names if c not in ("labels", "length")]
+    with eval_mode(model), _autocast():
+        chunks = [model(**batch).logits.float().cpu().numpy() for batch in in_order(model, dataset, collator,
+                                                                                     batch_size, inputs)]
+    return np.concatenate(chunks).astype(np.float64)
+
+
+def mean_token_loss(model, dataset, collator, batch_size: int) -> float:
+    """A causal LM's mean loss per target token over the whole of `dataset` (every labelled token weighs the
+    same, however the examples are batched), in eval mode."""
+    columns = [c for c in dataset.column_names if c != "length"]
+    total, count = 0.0, 0
+    with eval_mode(model), _autocast():
+        for batch in in_order(model, dataset, collator, batch_size, columns):
+            targets = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+            total += float(model(**batch).loss) * targets  # the model's loss is the mean over these targets
+            count += targets
+    return total / count if count else math.nan

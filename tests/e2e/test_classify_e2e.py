@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from conftest import download_json, entrypoint, load_table, runs_of
+from finetune_lab.data import SAMPLES
 
 TINY_SAMPLE = {"model": "tiny", "dataset": "sample", "max_length": 64, "learning_rate": 1e-3, "batch_size": 32}
 
@@ -35,7 +37,8 @@ def test_classify_logs_everything_and_metrics_match_predictions(mlflow_run, clie
     assert metrics["train_tokens_per_s"] > 0 and metrics["peak_rss_mb"] > 100
     loss_history = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(loss_history) > 1 and len({m.step for m in loss_history}) == len(loss_history)
-    assert client.get_metric_history(run.info.run_id, "learning_rate")
+    assert client.get_metric_history(run.info.run_id, "lr"), "the per-step learning rate"
+    assert "learning_rate" not in metrics, "`learning_rate` is the param (the configured peak), not a metric"
 
     for key in ["model", "dataset", "learning_rate", "epochs", "batch_size", "max_length", "seed", "model_path",
                 "model_revision", "device", "torch_version", "transformers_version", "peft_version", "git_commit",
@@ -51,6 +54,13 @@ def test_classify_logs_everything_and_metrics_match_predictions(mlflow_run, clie
     # Recompute every headline metric independently from the logged predictions table.
     table = load_table(client, run.info.run_id, "predictions.json", tmp_path)
     assert len(table) == 160 and list(table.columns[:4]) == ["text", "label", "prediction", "score"]
+    # Every row is one held-out example: its text carries its own label in the source file (lengths vary from
+    # 5 to 40 words, so a length-grouped evaluation order would pair texts with other rows' labels).
+    source = pd.read_csv(SAMPLES["sample"])
+    held_out = source[source["split"] == "test"]
+    assert held_out["text"].str.split().str.len().nunique() > 10
+    assert sorted(table["text"]) == sorted(held_out["text"])
+    assert table["label"].tolist() == [dict(zip(held_out["text"], held_out["label"]))[t] for t in table["text"]]
     labels, predictions = table["label"].to_numpy(), table["prediction"].to_numpy()
     probabilities = table[["prob_0", "prob_1"]].to_numpy()
     assert np.array_equal(predictions, probabilities.argmax(axis=1))
@@ -61,6 +71,8 @@ def test_classify_logs_everything_and_metrics_match_predictions(mlflow_run, clie
     assert metrics["recall"] == pytest.approx(recall, abs=1e-9)
     assert metrics["f1"] == pytest.approx(f1, abs=1e-9)
     assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]), abs=1e-6)
+    own_label = probabilities[np.arange(len(labels)), labels]
+    assert metrics["eval_loss"] == pytest.approx(-np.log(own_label).mean(), rel=1e-6)
 
     matrix = download_json(client, run.info.run_id, "confusion_matrix.json", tmp_path)
     assert matrix["matrix"] == confusion_matrix(labels, predictions, labels=[0, 1]).tolist()

@@ -1,0 +1,108 @@
+"""Preparing and training a causal-LM experiment (the sweep and the probe): data and model checked together before
+anything is loaded, the frozen base loaded once, the pairs tokenized once, and one training pass with its
+held-out loss. The counterpart of `classify.prepare` for language models; the adapter itself is `lora`'s."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+from finetune_lab import data as data_lib
+from finetune_lab import lora, models, prompts, tracking, training
+from finetune_lab.config import LoraTrainingConfig
+from finetune_lab.data import TRAIN
+from finetune_lab.errors import problem, raise_if_any
+from finetune_lab.metrics import perplexity
+from finetune_lab.prompts import IGNORE_INDEX
+
+
+@dataclass
+class Prepared:
+    """Checked data and model source of a causal-LM experiment."""
+
+    data: data_lib.LoadedData
+    source: models.ModelSource
+
+
+def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_param: str = "ranks") -> Prepared:
+    """Load and check data, model spec and architecture; raise InputError with every problem, config's included.
+    Rank problems are reported under `rank_param`, the parameter that set them."""
+    problems = config.problems()
+    data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction)
+    problems += data_problems
+    texts = None
+    if data is not None and not data_problems:
+        columns = {"input_column": config.input_column, "output_column": config.output_column}
+        column_problems = data_lib.check_columns(data, columns)
+        problems += column_problems
+        if not column_problems:
+            for param, column in columns.items():
+                problems += data_lib.check_text(data, param, column)
+        if len(data.splits[TRAIN]) < config.batch_size:
+            problems.append(
+                problem("batch_size", f"the train split has {len(data.splits[TRAIN])} examples, fewer than one batch "
+                                      f"of {config.batch_size}")
+            )
+        if not problems:
+            train = data.splits[TRAIN]
+            texts = list(train[config.input_column]) + list(train[config.output_column])
+    source, model_problems = models.resolve(config.model, models.CAUSAL_LM, texts, seed)
+    problems += model_problems
+    if source is not None:
+        skeleton = models.skeleton(source, AutoModelForCausalLM)
+        problems += lora.check_architecture(skeleton, config, ranks, rank_param)
+    raise_if_any(problems)
+    return Prepared(data, source)
+
+
+def load_base(source: models.ModelSource):
+    """The frozen base model and its tokenizer (with a pad token), loaded once per experiment."""
+    model, tokenizer = models.load(source, AutoModelForCausalLM, **models.model_kwargs(frozen_base=True))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def tokenize(splits: datasets.DatasetDict, tokenizer, config: LoraTrainingConfig) -> datasets.DatasetDict:
+    """Input/output pairs → training tokens with the config's format, loss mask and truncation."""
+    return prompts.tokenize_pairs(
+        splits, tokenizer, input_column=config.input_column, output_column=config.output_column,
+        prompt_format=config.prompt_format, loss_on=config.loss_on, max_length=config.max_length,
+    )
+
+
+def collator(tokenizer) -> DataCollatorForSeq2Seq:
+    """Pads input_ids with the pad token and labels with the ignored index, per batch (dynamic padding)."""
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8 if training.on_cuda() else None
+    )
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    """Throughput, peak memory, held-out loss and perplexity: one value each, for the run to log."""
+    curve: list[tuple[int, float]]
+    """(step, training loss) as logged per step."""
+
+    @property
+    def train_loss(self) -> float:
+        """The last logged training loss."""
+        return self.curve[-1][1] if self.curve else float("nan")
+
+
+def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str,
+        collate=None) -> FitResult:
+    """Train the adapter on `train_split` (per-step metrics into run `run_id`), then measure the mean loss per
+    target token on `eval_split`. `collate` replaces the training collator (e.g. one that also records what each
+    batch held)."""
+    with tracking.scratch_dir("lora") as scratch:
+        trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer),
+                                        config, seed, run_id)
+        metrics = training.train(trainer)
+    eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer), training.eval_batch_size(config))
+    metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+    return FitResult(metrics, training.loss_curve(trainer))

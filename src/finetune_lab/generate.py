@@ -1,0 +1,29 @@
+"""Experiment: answer a prompt with a registered model (`models:/NAME@champion`) or any pyfunc model URI, in a run
+of its own that records the prompt and the reply."""
+
+from __future__ import annotations
+
+import mlflow
+
+from finetune_lab import contract, tracking
+from finetune_lab.config import GenerateConfig, as_params
+from finetune_lab.errors import InputError, problem, raise_if_any
+
+MAX_REPLY_TAG_CHARS = 5000
+
+
+def run(config: GenerateConfig) -> dict:
+    """Load the model, answer `config.prompt`; return the run id and the reply."""
+    with tracking.experiment_run(contract.GENERATE, config.experiment, config.run_name) as active:
+        tracking.log_config(as_params(config))
+        raise_if_any(config.problems())
+        try:
+            loaded = mlflow.pyfunc.load_model(config.model_uri)
+        except mlflow.exceptions.MlflowException as error:
+            raise InputError([problem("model_uri", f"cannot load {config.model_uri!r}: {tracking.one_line(error)}")])
+        params = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else None
+        reply = loaded.predict([config.prompt], params=params)[0]
+        mlflow.set_tag("reply", reply[:MAX_REPLY_TAG_CHARS])
+        mlflow.log_text(f"prompt: {config.prompt}\nreply: {reply}\n", "reply.txt")
+        return {"run_id": active.info.run_id, "metrics": {}, "notes": [f"prompt: {config.prompt}", f"reply:  {reply}"],
+                "ui": tracking.ui_hint()}

@@ -1,0 +1,223 @@
+"""The report's sections, one per kind of run: classification runs, sweeps, probes, anything else. Each section
+is a list of blocks: tables of the logged values, figures, and the verdicts."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from finetune_lab import contract, plots
+from finetune_lab.report.render import Block, Bullets, Figures, Heading, Table, Text, cell, number, png, short
+from finetune_lab.report.store import Artifacts, ExperimentRuns, kind_of, label, read_experiment
+from finetune_lab.report.verdicts import (PROVENANCE_PARAMS, config_label, differing_params, seed_groups,
+                                          verdicts)
+
+
+def run_table(runs: list[Run], metrics: list[str], first_params: tuple[str, ...] = (),
+              hidden: tuple[str, ...] = ()) -> list[Block]:
+    """Runs side by side: the params that differ between them (`hidden` ones left out), the metrics any of them
+    logged, errors."""
+    differing = differing_params(runs)
+    params = [p for p in first_params if p in differing]
+    params += [p for p in differing if p not in PROVENANCE_PARAMS and p not in params and p not in hidden]
+    shown = [m for m in metrics if any(m in r.data.metrics for r in runs)]
+    with_error = any(contract.ERROR_TAG in r.data.tags for r in runs)
+    columns = ["run", "run id", "status", *params, *shown, *(["error"] if with_error else [])]
+    rows = []
+    for logged in runs:
+        row = [label(logged), logged.info.run_id[:8], logged.info.status,
+               *(logged.data.params.get(p, "") for p in params), *(number(logged.data.metrics.get(m)) for m in shown)]
+        rows.append(row + ([short(logged.data.tags.get(contract.ERROR_TAG, ""))] if with_error else []))
+    blocks: list[Block] = [Table(columns, rows)]
+    provenance = [p for p in differing if p in PROVENANCE_PARAMS - {"run_name", "experiment"}]
+    if provenance:
+        blocks.append(Text(f"Also differing between these runs: {', '.join(provenance)}."))
+    return blocks
+
+
+def summary_table(summary: pd.DataFrame, x: str) -> Table:
+    """`x`, seeds, then `mean ± std` per metric of a sweep summary (metrics without values left out)."""
+    metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean") and summary[c].notna().any()]
+    rows = [[number(row[x]), number(row.get("seeds")),
+             *(" ± ".join(filter(None, (number(row[f"{m}_mean"]), number(row.get(f"{m}_std"))))) for m in metrics)]
+            for _, row in summary.iterrows()]
+    return Table([x, "seeds", *metrics], rows)
+
+
+def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]:
+    blocks: list[Block] = [Heading(3, f"Classification runs ({len(runs)})"),
+                           *run_table(runs, contract.CLASSIFY_METRICS)]
+    matrices = []
+    for logged in runs:
+        matrix = artifacts.json(logged, contract.CONFUSION_MATRIX)
+        if matrix:
+            figure = plots.confusion_figure(matrix)
+            figure.axes[0].set_title(label(logged))
+            matrices.append((f"{label(logged)} ({logged.info.run_id[:8]})", png(figure)))
+    if matrices:
+        blocks += [Text("Confusion matrices on each run's evaluation split:"), Figures(matrices)]
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    blocks.append(Bullets(verdicts(seed_groups(finished, config_label(finished), "accuracy"), "accuracy", False)))
+    return blocks
+
+
+def rank_summary(parent: Run, children: list[Run], artifacts: Artifacts) -> pd.DataFrame:
+    """The sweep's logged per-rank summary, or the same summary computed from its children if it lacks one."""
+    logged = artifacts.table(parent, contract.RANK_SUMMARY)
+    if logged is not None:
+        return logged
+    rows = [{"rank": int(c.data.params["lora_r"]), "seed": c.data.params.get("seed"), "status": c.info.status,
+             **{m: c.data.metrics.get(m, math.nan) for m in contract.SUMMARY_METRICS}}
+            for c in children if "lora_r" in c.data.params]
+    return contract.summarise(pd.DataFrame(rows))
+
+
+def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
+    tags = parent.data.tags
+    blocks: list[Block] = [
+        Heading(3, f"LoRA rank sweep {label(parent)} ({parent.info.run_id[:8]})"),
+        Text(f"{len(children)} child runs, status {parent.info.status}; best rank (lowest mean held-out loss): "
+             f"{tags.get('best_rank', 'n/a')}, best child run {tags.get('best_run_id', 'n/a')[:8]}."),
+    ]
+    if not children:
+        return blocks
+    blocks += run_table(children, contract.SWEEP_CHILD_METRICS, first_params=("lora_r", "seed"))
+    summary = rank_summary(parent, children, artifacts)
+    if len(summary):
+        memory = next((m for m in contract.MEMORY_METRICS if summary.get(f"{m}_mean", pd.Series()).notna().any()),
+                      None)
+        figures = [("loss vs rank", png(plots.metric_vs_x(
+            summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss"}, "loss",
+            "Loss vs LoRA rank (mean ± std over seeds)")))]
+        if memory:
+            figures.append(("memory vs rank", png(plots.metric_vs_x(
+                summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank (mean ± std over seeds)"))))
+        blocks += [Text(f"Per rank, mean ± std over seeds (`{contract.RANK_SUMMARY}`):"),
+                   summary_table(summary, "rank"), Figures(figures)]
+    groups = seed_groups(children, lambda r: f"r{r.data.params.get('lora_r')}", "eval_loss")
+    blocks.append(Bullets(verdicts(groups, "eval_loss", True)))
+    return blocks
+
+
+def probe_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
+    """The probe's child runs (`before`, `after` or `after-r<N>`), the before/after comparison and its figures."""
+    params = parent.data.params
+    # `mlflow run` logs the parent's -P values shell-quoted; the children hold the value as the code used it.
+    probe_input = next((c.data.params["probe_input"] for c in children if "probe_input" in c.data.params),
+                       params.get("probe_input", "n/a"))
+    blocks: list[Block] = [
+        Heading(3, f"Retraining probe {label(parent)} ({parent.info.run_id[:8]})"),
+        Text(f"status {parent.info.status}; probe_input {probe_input!r}, mode "
+             f"{params.get('mode', 'n/a')}, rank {params.get('rank', 'n/a')}, copies of the new example "
+             f"{params.get('repeats', params.get('new_example_repeats', 'n/a'))}."),
+    ]
+    if children:
+        blocks += run_table(children, contract.PROBE_CHILD_METRICS, first_params=("new_example_repeats",),
+                            hidden=("reply",))
+    comparison = artifacts.table(parent, contract.PROBE_COMPARISON_TABLE)
+    if comparison is not None and "repeats" in comparison:
+        blocks += [Text(f"Before / after retraining (`{contract.PROBE_COMPARISON_TABLE}`):"),
+                   before_after_table(comparison)]
+    else:
+        compared = [r for r in [parent, *children] if any(m in r.data.metrics for m in contract.PROBE_METRICS)]
+        if compared:
+            blocks += [Text("Before / after retraining (metrics of the runs):"),
+                       *run_table(compared, contract.PROBE_METRICS)]
+    figures = [(name, data) for name in contract.PROBE_FIGURES if (data := artifacts.raw(parent, name)) is not None]
+    if figures:
+        blocks.append(Figures(figures))
+    return blocks
+
+
+def before_after_table(comparison: pd.DataFrame) -> Table:
+    """The probe's comparison turned around: one row per measure; `before`, then one column per repeats value.
+    `<measure>_before` / `<measure>_after` pairs share a row; a change (drop, forgetting, ...) has no `before`."""
+    columns = ["measure", "before", *(f"after (repeats={n})" for n in comparison["repeats"])]
+    rows, seen = [], set()
+    for column in comparison.columns:
+        if column in ("repeats", "probe_input", "mode", "before_run_id", "after_run_id"):
+            continue
+        measure = re.sub(r"_(before|after)$", "", column)
+        if measure in seen:
+            continue
+        seen.add(measure)
+        before, after = comparison.get(f"{measure}_before"), comparison.get(f"{measure}_after", comparison[column])
+        if measure == column:
+            before = None
+        rows.append([measure, "" if before is None else cell(before.iloc[0]), *(cell(v) for v in after)])
+    return Table(columns, rows)
+
+
+def probe_verdicts(parents: list[Run], found: ExperimentRuns) -> list[Block]:
+    """Each `after` child against `before` on the target's NLL, over probe runs that differ only in their seed."""
+    name = config_label(parents)
+    by_config: dict[str, list[Run]] = {}
+    for parent in parents:
+        by_config.setdefault(name(parent), []).extend(found.children_of(parent))
+    lines = []
+    for config, stages in by_config.items():
+        prefix = "" if len(by_config) == 1 else f"[{config}] "
+        groups = seed_groups(stages, label, "target_nll")
+        lines += [prefix + line for line in verdicts(groups, "target_nll", True, reference=contract.BEFORE)]
+    return [Bullets(lines)]
+
+
+def other_section(runs: list[Run]) -> list[Block]:
+    return [Heading(3, f"Other runs ({len(runs)})"),
+            *run_table(runs, ["eval_loss", "train_loss", *contract.MEMORY_METRICS, "train_runtime_s"])]
+
+
+def parents_overview(kind: str, parents: list[Run], metrics: list[str]) -> list[Block]:
+    """With several sweeps or probes in one experiment, their parent runs side by side first."""
+    if len(parents) < 2:
+        return []
+    return [Heading(3, f"{kind} ({len(parents)} parent runs)"), *run_table(parents, metrics)]
+
+
+def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Block]:
+    blocks: list[Block] = [Heading(2, f"Experiment `{found.name}`")]
+    if not found.top:
+        return blocks + [Text("No runs.")]
+    by_kind: dict[str, list[Run]] = {}
+    for logged in found.top:
+        by_kind.setdefault(kind_of(logged), []).append(logged)
+    if contract.CLASSIFICATION in by_kind:
+        blocks += classification_section(by_kind[contract.CLASSIFICATION], artifacts)
+    sweeps, probes = by_kind.get(contract.SWEEP, []), by_kind.get(contract.PROBE, [])
+    blocks += parents_overview("LoRA rank sweeps", sweeps, contract.SWEEP_PARENT_METRICS)
+    for parent in sweeps:
+        blocks += sweep_section(parent, found.children_of(parent), artifacts)
+    blocks += parents_overview("Retraining probes", probes, contract.PROBE_METRICS)
+    for parent in probes:
+        blocks += probe_section(parent, found.children_of(parent), artifacts)
+    if probes:
+        blocks += probe_verdicts(probes, found)
+    others = [r for kind, runs in by_kind.items() if kind not in (contract.CLASSIFICATION, contract.SWEEP,
+                                                                 contract.PROBE) for r in runs]
+    if others:
+        blocks += other_section(others)
+    return blocks
+
+
+def build(client: MlflowClient, experiments: list[str], artifacts: Artifacts, skip_run_id: str = "") -> list[Block]:
+    """The report's blocks for `experiments`, in the order given."""
+    blocks: list[Block] = [
+        Heading(1, "finetune-lab report"),
+        Text(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{mlflow.get_tracking_uri()}`. A verdict "
+             "compares means over seeds: a difference counts when it is larger than the seed-to-seed spread "
+             "(the larger standard deviation over seeds); with a single seed it is not conclusive."),
+    ]
+    for name in experiments:
+        found = read_experiment(client, name, skip_run_id)
+        if found is None:
+            blocks += [Heading(2, f"Experiment `{name}`"), Text("Not found in the tracking store.")]
+        else:
+            blocks += experiment_section(found, artifacts)
+    return blocks
+
