@@ -146,8 +146,8 @@ def test_a_worker_that_dies_fails_only_its_child(client, local_ray, tmp_path):
 
 
 def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypatch):
-    """The base is gone when the workers load it: each child is handed back, no worker is left, every child
-    ends FAILED with the reason, and so does the parent."""
+    """The base is gone when the workers load it: no worker ever takes a child, and every child ends FAILED with
+    the reason, and so does the parent."""
     tokenize = causal_lm.tokenize
 
     def then_remove_the_base(splits, tokenizer, config):
@@ -165,4 +165,30 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
     for child in children:
         assert child.data.tags["error"].startswith("no Ray worker left to train it (the last one could not start: "
                                                    "OSError")
+    assert ray_left_behind(local_ray) == []
+
+
+def test_children_still_training_when_the_sweep_stops_end_killed(client, local_ray):
+    """The caller stops after the first outcome (an interrupt, an error): the child the other worker was
+    training ends KILLED with its `error` tag, the children not handed out get no run, and Ray is shut down."""
+    import functools
+
+    import mlflow
+
+    config = tiny_sweep(seeds=(1, 2), executor="ray", workers=2)
+    planned = [sweep.Child(rank, seed) for seed in config.seeds for rank in config.ranks]
+    mlflow.set_experiment("stopped")
+    with mlflow.start_run() as parent:
+        prepared = causal_lm.prepare(config, config.ranks, config.seeds[0])
+        tokenizer = causal_lm.load_tokenizer(prepared.source)
+        workload = sweep.Workload(config, prepared.source, causal_lm.tokenize(prepared.data.splits, tokenizer, config),
+                                  [])
+        outcomes = executors.run_children(config, functools.partial(sweep.ChildTrainer, workload), planned)
+        first = next(outcomes)
+        outcomes.close()
+    children = {r.info.run_name: r for r in runs_of(client, "stopped") if r.info.run_id != parent.info.run_id}
+    assert first.status == "FINISHED" and children[first.name].info.status == "FINISHED"
+    [stopped] = [r for name, r in children.items() if name != first.name]
+    assert stopped.info.status == "KILLED" and stopped.data.tags["error"] == "interrupted before it ended"
+    assert stopped.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert ray_left_behind(local_ray) == []

@@ -6,9 +6,10 @@ that loads what the children share (the frozen base) once per process. Outcomes 
 
 - `local`: one trainer in this process, the children one after another.
 - `ray`: one Ray actor per worker (one GPU each when the cluster has GPUs, else `cpus_per_worker` CPUs), each
-  with its own trainer; a worker that is free takes the next child. Each child logs into the driver's tracking
-  store, in a child run the driver made when it handed the child out, so the record is the same as `local`'s.
-  A child whose worker dies ends FAILED with its `error` tag and the others go on. Without RAY_ADDRESS a local
+  with its own trainer; a worker that has loaded it and is free takes the next child. Each child logs into the
+  driver's tracking store, in a child run the driver made when it handed the child out, so the record is the
+  same as `local`'s. A child whose worker dies ends FAILED with its `error` tag and the others go on; a worker
+  that cannot start takes no child, and children left with no worker end FAILED. Without RAY_ADDRESS a local
   Ray instance is started for the sweep; with it the cluster is joined, and its workers must reach the
   tracking server (`problems` says so before any model is loaded). Ray is shut down (or left) at the end.
 """
@@ -82,6 +83,10 @@ class ChildWorker:
         tracking.configure_worker(tracking_uri)
         self.trainer = make_trainer()
 
+    def ready(self) -> bool:
+        """Answers once the base is loaded (or fails as the worker could not start)."""
+        return True
+
     def train(self, child, run_id: str):
         return self.trainer(child, run_id)
 
@@ -132,47 +137,45 @@ def _start_workers(ray, config: SweepConfig, make_trainer, children: int) -> lis
 
 
 def _hand_out(ray, workers: list, children: list) -> Iterator:
-    """Children to free workers until none is left; outcomes as they end. A worker that could not start gives its
-    child back to the queue; a worker that dies fails its child and takes no more."""
-    from ray.exceptions import RayActorError, RayError, RayTaskError
+    """Children to ready workers until none is left; outcomes as they end. A child's run is made when a worker
+    that has loaded the base takes it (so it starts when its training does); a worker that dies fails its child
+    and takes no more; children left when no worker is, fail."""
+    from ray.exceptions import RayError, RayTaskError
 
-    queue, idle, running, run_ids = list(children), list(workers), {}, {}
+    queue, idle, running, run_ids = list(children), [], {}, {}
+    starting = {worker.ready.remote(): worker for worker in workers}
     lost, ended = "", 0
     try:
-        while queue or running:
+        while running or (queue and (idle or starting)):
             while queue and idle:
                 child, worker = queue.pop(0), idle.pop(0)
-                if child.name not in run_ids:
-                    run_ids[child.name] = tracking.create_child_run(child.name)
+                run_ids[child.name] = tracking.create_child_run(child.name)
                 running[worker.train.remote(child, run_ids[child.name])] = (worker, child)
-            if not running:
-                break
-            [done], _ = ray.wait(list(running), num_returns=1)
+            [done], _ = ray.wait([*starting, *running], num_returns=1)
+            if done in starting:
+                worker = starting.pop(done)
+                try:
+                    ray.get(done)
+                    idle.append(worker)
+                except RayError as error:  # its base did not load (the error comes last in the message)
+                    lost = f"could not start: {str(error).strip().splitlines()[-1]}"
+                continue
             worker, child = running.pop(done)
-            run_id = run_ids[child.name]
             try:
                 outcome = ray.get(done)
-            except RayActorError as error:
-                if error.actor_init_failed:  # the child never started: another worker takes it
-                    lost = f"could not start: {str(error).strip().splitlines()[-1]}"
-                    queue.insert(0, child)
-                    continue
-                lost = f"died: {tracking.one_line(error)}"
-                outcome = _failed(child, run_id, f"its Ray worker {lost}")
+                idle.append(worker)
             except RayTaskError as error:  # raised past the trainer (not an Exception); the worker lives on
                 idle.append(worker)
-                outcome = _failed(child, run_id, tracking.one_line(error.cause or error))
-            except RayError as error:  # the worker was killed (out of memory, node lost)
-                lost = f"was lost: {tracking.one_line(error)}"
-                outcome = _failed(child, run_id, f"its Ray worker {lost}")
-            else:
-                idle.append(worker)
+                outcome = _failed(child, run_ids[child.name], tracking.one_line(error.cause or error))
+            except RayError as error:  # the worker died (killed, out of memory, node lost)
+                lost = f"died: {tracking.one_line(error)}"
+                outcome = _failed(child, run_ids[child.name], f"its Ray worker {lost}")
             ended += 1
             print(f"[ray] {outcome.name} {outcome.status} ({ended}/{len(children)})", file=sys.stderr, flush=True)
             yield outcome
         for child in queue:  # every worker is gone
-            run_id = run_ids.get(child.name) or tracking.create_child_run(child.name)
-            yield _failed(child, run_id, f"no Ray worker left to train it (the last one {lost})")
+            yield _failed(child, tracking.create_child_run(child.name),
+                          f"no Ray worker left to train it (the last one {lost})")
     except BaseException:  # interrupted (or the caller stopped early): the children still training end KILLED
         for _, child in running.values():
             tracking.end_run_by_id(run_ids[child.name], "KILLED", "interrupted before it ended")
