@@ -1,5 +1,6 @@
 """Executors: the up-front checks, worker sizing, what travels to workers, and a Ray sweep whose worker dies or
-cannot start (a local Ray instance, 2 CPUs). The Ray record equals the local one: tests/e2e/test_lora_sweep_ray_e2e.py."""
+cannot start, or that stops early (a local Ray instance, 2 CPUs). That the Ray record equals the local one:
+tests/e2e/test_lora_sweep_ray_e2e.py."""
 
 from __future__ import annotations
 
@@ -42,6 +43,30 @@ def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
 )
 def test_worker_capacity(nodes, cpus_per_worker, expected):
     assert executors.worker_capacity(nodes, cpus_per_worker) == expected
+
+
+@pytest.mark.parametrize(
+    "nodes, settings, expected",
+    [
+        ([node(2)], dict(workers=3), "workers: 3 workers of 1 CPU asked for, the Ray cluster holds 2"),
+        ([node(8, gpus=2)], dict(workers=4, cpus_per_worker=2),
+         "workers: 4 workers of 2 CPUs and 1 GPU asked for, the Ray cluster holds 2"),
+        ([node(2), node(2)], dict(cpus_per_worker=4), "cpus_per_worker: no node of the Ray cluster has 4 CPUs for one "
+                                                      "worker"),
+    ],
+)
+def test_more_workers_than_the_cluster_holds_is_an_input_error(nodes, settings, expected):
+    """Checked before any worker starts: an actor whose resources no node has would wait for ever."""
+    from finetune_lab.errors import InputError
+
+    class Cluster:  # the part of the `ray` module that sizing reads
+        @staticmethod
+        def nodes():
+            return nodes
+
+    with pytest.raises(InputError) as raised:
+        executors._start_workers(Cluster, tiny_sweep(executor="ray", **settings), make_trainer=None, children=8)
+    assert raised.value.problems == [expected]
 
 
 @pytest.mark.parametrize("address", ["ray://head:10001", "10.0.0.5:6379"])

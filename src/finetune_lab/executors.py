@@ -29,7 +29,7 @@ from finetune_lab import tracking
 from finetune_lab.config import SweepConfig
 from finetune_lab.errors import InputError, problem
 
-LOCAL, RAY = "local", "ray"
+RAY = "ray"
 # Tracking URIs that a worker on another machine can reach; an `mlflow server` also proxies the artifacts.
 SERVER_SCHEMES = ("http", "https", "databricks")
 INSTALL_RAY = 'pip install -e ".[ray]" (or make install)'
@@ -123,7 +123,7 @@ def _ray_children(config: SweepConfig, make_trainer, children: list) -> Iterator
 
 def _start_workers(ray, config: SweepConfig, make_trainer, children: int) -> list:
     capacity, gpus = worker_capacity(ray.nodes(), config.cpus_per_worker)
-    need = f"{config.cpus_per_worker} CPUs" + (" and 1 GPU" if gpus else "")
+    need = f"{config.cpus_per_worker} CPU{'s' if config.cpus_per_worker > 1 else ''}" + (" and 1 GPU" if gpus else "")
     if capacity == 0:
         raise InputError([problem("cpus_per_worker", f"no node of the Ray cluster has {need} for one worker")])
     if config.workers > capacity:
