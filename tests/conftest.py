@@ -138,22 +138,34 @@ def local_ray(monkeypatch):
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     yield folder
-    for process in ray_processes(folder):
+    import psutil
+
+    left = ray_processes(folder)
+    for process in left:
         process.kill()
+    psutil.wait_procs(left, timeout=10)
     shutil.rmtree(folder, ignore_errors=True)
 
 
 def ray_processes(folder: Path) -> list:
-    """Live processes of the Ray instance whose temp folder is `folder` (they inherit RAY_TMPDIR from the driver
-    that started it; nobody else's Ray processes have it)."""
+    """Live processes of the Ray instance whose temp folder is `folder`: they inherit RAY_TMPDIR from the driver
+    that started it, or (Ray's agents, started with an environment of their own) hold its log files open. Nobody
+    else's Ray processes do either; the driver itself (this process) is not counted."""
     import psutil
+
+    def of_this_instance(process) -> bool:
+        if process.environ().get("RAY_TMPDIR") == str(folder):
+            return True
+        fds = Path(f"/proc/{process.pid}/fd")
+        return any(os.readlink(fd).startswith(f"{folder}/") for fd in fds.iterdir())
 
     found = []
     for process in psutil.process_iter():
         try:
-            if process.status() != psutil.STATUS_ZOMBIE and process.environ().get("RAY_TMPDIR") == str(folder):
+            if (process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE
+                    and of_this_instance(process)):
                 found.append(process)
-        except psutil.Error:
+        except (psutil.Error, OSError):
             continue
     return found
 
