@@ -30,7 +30,8 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
     """Load and check data, model spec and architecture; raise InputError with every problem, config's included.
     Rank problems are reported under `rank_param`, the parameter that set them."""
     problems = config.problems()
-    data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction)
+    data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction,
+                                         max_text_chars=data_lib.text_limit(config.max_length))
     problems += data_problems
     texts = None
     if data is not None and not data_problems:
@@ -51,6 +52,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
     source, model_problems = models.resolve(config.model, models.CAUSAL_LM, texts, seed)
     problems += model_problems
     if source is not None:
+        problems += models.check_max_length(source, config.max_length)
         skeleton = models.skeleton(source, AutoModelForCausalLM)
         problems += lora.check_architecture(skeleton, config, ranks, rank_param)
     raise_if_any(problems)

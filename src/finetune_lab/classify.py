@@ -35,7 +35,8 @@ class Prepared:
 def prepare(config: ClassifyConfig) -> Prepared:
     """Load and check data and model spec; raise InputError with every problem found, config's included."""
     problems = config.problems()
-    data, data_problems = data_lib.load(config.dataset, config.seed, TEST_FRACTION, targets=config.label_column)
+    data, data_problems = data_lib.load(config.dataset, config.seed, TEST_FRACTION, targets=config.label_column,
+                                         max_text_chars=data_lib.text_limit(config.max_length))
     problems += data_problems
     classes: list[int] = []
     texts = None
@@ -53,6 +54,8 @@ def prepare(config: ClassifyConfig) -> Prepared:
             texts = list(data.splits[TRAIN][config.text_column])
     source, model_problems = models.resolve(config.model, models.CLASSIFIER, texts, config.seed, len(classes))
     problems += model_problems
+    if source is not None:
+        problems += models.check_max_length(source, config.max_length)
     raise_if_any(problems)
     feature = data.splits[TRAIN].features.get(config.label_column)
     names = list(getattr(feature, "names", None) or [str(c) for c in classes])
