@@ -1,28 +1,45 @@
-"""One owner for the MLflow run of an invocation.
+"""One owner for the MLflow runs of an invocation.
 
-`experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one, tags it with the kind
-of experiment that made it, turns on system metrics, and on any exception tags the run with a one-line `error`
-and ends it FAILED. `child_run` does the same for nested runs (sweep children). Nothing else in the package
-starts or ends runs.
+`experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one in the experiment (created
+if missing, also when parallel launches race to create it), tags it with the kind of experiment that made it, turns
+on system metrics, and ends it: FINISHED; FAILED with a one-line `error` tag and the traceback as an artifact; or
+KILLED when SIGTERM / Ctrl-C stops the process (`signals`). `child_run` does the same for nested runs (sweep
+children), `reopened_run` for a finished or interrupted run that is resumed. Nothing else in the package starts or
+ends runs.
+
+When the tracking server stays unreachable longer than MLflow's own retries, `go_offline` makes every later call
+of this process fail at once instead of retrying for minutes each: the experiment keeps its results locally
+(`spool`) and tells the user how to resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
 import subprocess
 import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, KIND_TAG
+from finetune_lab import signals
+from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, ERROR_TRACEBACK, KIND_TAG
+from finetune_lab.errors import InputError, one_line, problem
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-MAX_TAG_CHARS = 5000
+# Attempts at getting-or-creating an experiment that parallel launches may be creating at the same moment.
+EXPERIMENT_ATTEMPTS = 5
+
+logger = logging.getLogger(__name__)
 
 
 def configure() -> str:
@@ -32,48 +49,134 @@ def configure() -> str:
     return uri
 
 
-def one_line(error: BaseException) -> str:
-    """The error as a single line for the run's `error` tag."""
-    text = " ".join(str(error).split())
-    return (f"{type(error).__name__}: {text}" if text else type(error).__name__)[:MAX_TAG_CHARS]
+# ---------------------------------------------------------------------------------------------- outages
+class TrackingUnreachable(RuntimeError):
+    """The tracking server stayed unreachable past MLflow's retries; the message says what was kept and how to
+    resume."""
+
+
+class _Offline:
+    error: str = ""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` says the tracking server could not be reached (after MLflow's own retries): refused or
+    timed-out connections, or 5xx answers from a proxy in front of it."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    text = str(error)
+    return isinstance(error, MlflowException) and text.startswith("API request to") and bool(
+        re.search(r"failed with (timeout )?exception|failed with error code 5\d\d", text))
+
+
+def go_offline(error: BaseException) -> None:
+    """The server is gone for longer than the retries: from now on every request of this process fails at once
+    (MLflow reads these settings on every call) rather than retrying for minutes."""
+    if not _Offline.error:
+        _Offline.error = one_line(error)
+        logger.warning("tracking server unreachable, going offline: %s", _Offline.error)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+
+
+def offline() -> str:
+    """Why the tracking server is considered gone ("" while it answers)."""
+    return _Offline.error
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created if missing. Parallel launches race to create a new experiment; the
+    loser's create fails with RESOURCE_ALREADY_EXISTS (and mlflow.set_experiment then quietly leaves the run in
+    `Default`), so look again instead."""
+    client = MlflowClient()
+    for attempt in range(EXPERIMENT_ATTEMPTS):
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage != "active":
+                raise InputError([problem("experiment", f"{name!r} is deleted; restore it (`mlflow experiments "
+                                                        f"restore --experiment-id {found.experiment_id}`) or choose "
+                                                        "another name")])
+            return found.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        time.sleep(0.05 * (attempt + 1))
+    raise RuntimeError(f"experiment {name!r} could be neither found nor created in {EXPERIMENT_ATTEMPTS} attempts")
+
+
+def _record_failure(error_text: str, trace: str) -> None:
+    """The `error` tag and the traceback artifact on the active run; the store itself may be what failed."""
+    try:
+        mlflow.set_tag(ERROR_TAG, error_text)
+        if trace:
+            mlflow.log_text(trace, ERROR_TRACEBACK)
+    except Exception as failure:  # noqa: BLE001 - an unreachable or read-only store must not hide the error
+        if unreachable(failure):
+            go_offline(failure)
+        logger.warning("could not record the error on run %s: %s", mlflow.active_run().info.run_id,
+                       one_line(failure))
+
+
+def _end(status: str, error_text: str = "", trace: str = "") -> None:
+    """End the active run with `status`; a signal arriving meanwhile waits until the run is ended. With the
+    tracking server gone (`offline`) the run only leaves the stack: it stays RUNNING in the store until `resume`
+    closes it."""
+    with signals.deferred():
+        if status == "FINISHED":
+            mlflow.end_run(status)
+            return
+        if not offline():
+            _record_failure(error_text, trace)
+        run_id = mlflow.active_run().info.run_id
+        try:
+            mlflow.end_run(status)  # takes the run off the stack first, then tells the store
+        except Exception as failure:  # noqa: BLE001 - the error that ended the run matters more
+            if not offline():
+                logger.warning("run %s could not be marked %s (it stays RUNNING in the store until `resume` closes "
+                               "it): %s", run_id, status, one_line(failure))
 
 
 @contextlib.contextmanager
 def _failing_on_error(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag(ERROR_TAG, "interrupted by the user")
-        mlflow.end_run("KILLED")
+    except KeyboardInterrupt as stop:
+        _end("KILLED", str(stop) if isinstance(stop, signals.Terminated) else "interrupted by the user")
         raise
     except BaseException as error:  # noqa: BLE001 - record every failure on the run, then re-raise
-        mlflow.set_tag(ERROR_TAG, one_line(error))
-        mlflow.end_run("FAILED")
+        user_mistake = isinstance(error, InputError)  # its lines say it all: no traceback
+        _end("FAILED", one_line(error), "" if user_mistake else traceback.format_exc())
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end("FINISHED")
 
 
 @contextlib.contextmanager
 def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[mlflow.ActiveRun]:
     """The invocation's run, tagged with its `kind` (see `contract`): the one `mlflow run` created, or a new one
-    in `experiment`."""
+    in `experiment`. Within it SIGTERM and SIGINT end the open runs KILLED (`signals`)."""
     configure()
     mlflow.enable_system_metrics_logging()
     # `mlflow run` created the run (and chose its experiment) before our process started. Take the id out of
     # the environment while we hold the run: start_run() would otherwise resume it for every nested child too.
     launched_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        if launched_run_id:
-            run = mlflow.start_run(run_id=launched_run_id)
-            if run_name:
-                mlflow.set_tag("mlflow.runName", run_name)
-        else:
-            mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=run_name or None)
-        with _failing_on_error(run) as active:
-            mlflow.set_tag(KIND_TAG, kind)
-            yield active
+        with signals.terminating():
+            if launched_run_id:
+                run = mlflow.start_run(run_id=launched_run_id)
+                if run_name:
+                    mlflow.set_tag("mlflow.runName", run_name)
+            else:
+                mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
+                run = mlflow.start_run(run_name=run_name or None)
+            with _failing_on_error(run) as active:
+                mlflow.set_tag(KIND_TAG, kind)
+                yield active
     finally:
         if launched_run_id:
             os.environ["MLFLOW_RUN_ID"] = launched_run_id
@@ -85,6 +188,36 @@ def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
     run = mlflow.start_run(run_name=run_name, nested=True)
     with _failing_on_error(run) as active:
         yield active
+
+
+@contextlib.contextmanager
+def reopened_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Run `run_id` made active again (RUNNING, its earlier `error` tag removed) on top of the invocation's own run,
+    so that new children nest under it; ended like any other run."""
+    run = mlflow.start_run(run_id=run_id, nested=True)
+    if ERROR_TAG in run.data.tags:
+        mlflow.delete_tag(ERROR_TAG)
+    with _failing_on_error(run) as active:
+        yield active
+
+
+def set_or_clear_tag(key: str, value: str) -> None:
+    """Tag the active run with `value`, or remove the tag (left by an earlier attempt of a resumed run) if empty."""
+    if value:
+        mlflow.set_tag(key, value)
+    elif key in MlflowClient().get_run(mlflow.active_run().info.run_id).data.tags:
+        mlflow.delete_tag(key)
+
+
+def log_table(frame, artifact_file: str) -> None:
+    """A table in `mlflow.log_table`'s format (and UI tag), replacing any earlier one of that name: log_table
+    appends to an existing table, which would double the rows of a resumed parent's summary."""
+    mlflow.log_text(frame.to_json(orient="split", index=False, date_format="iso"), artifact_file)
+    tags = MlflowClient().get_run(mlflow.active_run().info.run_id).data.tags
+    logged = json.loads(tags.get("mlflow.loggedArtifacts", "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:
+        mlflow.set_tag("mlflow.loggedArtifacts", json.dumps([*logged, entry]))
 
 
 def log_params(params: dict[str, Any]) -> None:
