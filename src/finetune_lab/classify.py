@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
-from finetune_lab import contract, models, plots, registry, tracking, training
+from finetune_lab import contract, health, models, plots, registry, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ClassifyConfig, as_params
@@ -134,6 +134,8 @@ def run(config: ClassifyConfig) -> dict:
         mlflow.log_metrics(headline)
         texts = prepared.data.splits[TEST][config.text_column]
         _log_predictions(texts, labels, probabilities, prepared.label_names)
+        # A collapsed classifier (a uniform guess after broken training) ends FAILED and is never registered.
+        health.check(training.step_log(trainer), headline["eval_loss"], len(prepared.classes), headline)
         notes = []
         if config.register_as:
             result = register(config, prepared, model, tokenizer, texts[:3], headline["eval_loss"])
