@@ -297,9 +297,9 @@ def register_best(setup: Setup, prepared: causal_lm.Prepared, best: ChildOutcome
 
 
 def _outage_message(stop: BaseException, parent_run_id: str) -> str:
-    return (f"the tracking server {mlflow.get_tracking_uri()} is unreachable ({tracking.offline()}); {stop}. When it "
-            f"is back, resume with `-P resume={parent_run_id}` (`--resume {parent_run_id}` when called directly): "
-            "it records what was kept and trains only what is missing")
+    return (f"the tracking server {mlflow.get_tracking_uri()} is unreachable; {stop}. When it is back, resume with "
+            f"`-P resume={parent_run_id}` (`--resume {parent_run_id}` when called directly): it records what was "
+            f"kept and trains only what is missing. The last error: {tracking.offline()[:200]}")
 
 
 def sweep_children(parent: mlflow.ActiveRun, config: SweepConfig, prepared: causal_lm.Prepared,

@@ -57,6 +57,11 @@ class TrackingUnreachable(RuntimeError):
 
 class _Offline:
     error: str = ""
+    saved: dict[str, str | None] = {}
+
+
+# Once the server is known to be gone, every request fails at once (MLflow reads these on every call).
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
 
 def unreachable(error: BaseException) -> bool:
@@ -72,18 +77,35 @@ def unreachable(error: BaseException) -> bool:
 
 
 def go_offline(error: BaseException) -> None:
-    """The server is gone for longer than the retries: from now on every request of this process fails at once
-    (MLflow reads these settings on every call) rather than retrying for minutes."""
-    if not _Offline.error:
-        _Offline.error = one_line(error)
-        logger.warning("tracking server unreachable, going offline: %s", _Offline.error)
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    """The server is gone for longer than the retries: from now on, until the invocation's run is over, every
+    request fails at once rather than retrying for minutes."""
+    if _Offline.error:
+        return
+    _Offline.error = one_line(error)
+    _Offline.saved = {name: os.environ.get(name) for name in FAIL_FAST}
+    os.environ.update(FAIL_FAST)
+    logger.warning("tracking server unreachable; training goes on unlogged: %s", _Offline.error)
 
 
 def offline() -> str:
     """Why the tracking server is considered gone ("" while it answers)."""
     return _Offline.error
+
+
+@contextlib.contextmanager
+def _online_at_first() -> Iterator[None]:
+    """Each invocation starts with the server considered reachable and leaves MLflow's retry settings as it found
+    them."""
+    _Offline.error, _Offline.saved = "", {}
+    try:
+        yield
+    finally:
+        for name, value in _Offline.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _Offline.error, _Offline.saved = "", {}
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -166,7 +188,7 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
     # the environment while we hold the run: start_run() would otherwise resume it for every nested child too.
     launched_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        with signals.terminating():
+        with signals.terminating(), _online_at_first():
             if launched_run_id:
                 run = mlflow.start_run(run_id=launched_run_id)
                 if run_name:
