@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 from conftest import entrypoint, load_table, runs_of
-from finetune_lab import lora, prompts, sweep
-from finetune_lab.config import SweepConfig
+from finetune_lab import lora, probe, prompts, sweep
+from finetune_lab.config import ProbeConfig, SweepConfig
 from finetune_lab.contract import KIND_TAG, RESUMED_TAG
 from finetune_lab.data import SAMPLES
 
@@ -36,7 +36,7 @@ def test_resume_reruns_only_the_children_that_did_not_finish(client, tmp_path, s
     sigterm_at_second_child.disarm()
     resumed = sweep_cli("--dataset", str(chat), "--resume", "latest")
     assert resumed.exit_code == 0, resumed.output
-    assert f"resumed sweep {parent.info.run_id}" in resumed.output
+    assert f"resumed {parent.info.run_id}" in resumed.output
 
     runs = runs_of(client, "resume")
     assert not [r for r in runs if r.info.status == "RUNNING"]
@@ -104,3 +104,32 @@ def test_a_reused_child_registers_after_its_logged_adapter_is_checked(client, mo
     registered = mlflow.pyfunc.load_model("models:/resumed@champion").unwrap_python_model()
     text = prompts.prompt_text(registered.tokenizer, prompt, "plain")
     assert torch.equal(registered.logits(text), in_memory[child_id])
+
+
+def test_a_resumed_probe_continues_from_the_logged_before_adapter(client, monkeypatch):
+    """`after` failed; resume reads `before` back (its reply, measures and trained adapter) and trains only `after`,
+    which then measures exactly what an uninterrupted probe's `after` measures."""
+    settings = dict(model="tiny", dataset="sample_chat", max_steps=3, batch_size=8, max_length=48,
+                    learning_rate=1e-2, max_new_tokens=4)
+    reference = probe.run(ProbeConfig(**settings, experiment="probe-reference"))
+    original, measured = probe.measure, []
+
+    def fail_after_measuring_before(*args, **kwargs):
+        measured.append(1)
+        if len(measured) == 2:
+            raise RuntimeError("injected failure in the after stage")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "measure", fail_after_measuring_before)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        probe.run(ProbeConfig(**settings, experiment="probe-resume"))
+    monkeypatch.setattr(probe, "measure", original)
+    resumed = probe.run(ProbeConfig(**settings, experiment="probe-resume", resume="latest"))
+
+    runs = runs_of(client, "probe-resume")
+    stages = sorted((r.data.tags["mlflow.runName"], r.info.status) for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == resumed["run_id"])
+    assert stages == [("after", "FAILED"), ("after", "FINISHED"), ("before", "FINISHED")]
+    assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
+    for name in ("target_nll_before", "target_nll_after", "rouge_l_after", "replies_differ"):
+        assert resumed["metrics"][name] == pytest.approx(reference["metrics"][name], rel=1e-6), name

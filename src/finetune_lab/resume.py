@@ -10,9 +10,12 @@ digests of the train and held-out splits as used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from typing import Iterator
 
+import mlflow
 import yaml
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -21,7 +24,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from finetune_lab import tracking
 from finetune_lab.config import as_params
-from finetune_lab.contract import CONFIG_ARTIFACT, CONFIG_DIGEST_TAG, DATA_DIGEST_TAG, ERROR_TAG, KIND_TAG
+from finetune_lab.contract import (CONFIG_ARTIFACT, CONFIG_DIGEST_TAG, DATA_DIGEST_TAG, ERROR_TAG, KIND_TAG,
+                                   RESUMED_TAG)
 from finetune_lab.data import LoadedData
 from finetune_lab.errors import InputError, problem
 
@@ -137,3 +141,26 @@ def close_stranded(parent_run_id: str, by_run_id: str) -> list[str]:
             client.set_terminated(child.info.run_id, "KILLED")
             closed.append(child.info.run_name)
     return closed
+
+
+@contextlib.contextmanager
+def parent_run(config, kind: str, invocation: mlflow.ActiveRun, data: LoadedData) -> Iterator[mlflow.ActiveRun]:
+    """The run that holds the experiment's children, tagged with what they are made with: the invocation's own run,
+    or with `config.resume` the earlier parent (checked by `find_parent`), reopened on top of it, its children left
+    RUNNING closed first. The invocation's run then records which parent it resumed."""
+    mlflow.set_tags(marks(config, data))
+    if not config.resume:
+        yield invocation
+        return
+    earlier = find_parent(config, kind, MlflowClient().get_run(invocation.info.run_id), data)
+    mlflow.set_tag(RESUMED_TAG, earlier.info.run_id)
+    with tracking.reopened_run(earlier.info.run_id) as parent:
+        close_stranded(parent.info.run_id, invocation.info.run_id)
+        yield parent
+
+
+def note(parent: mlflow.ActiveRun, invocation: mlflow.ActiveRun) -> list[str]:
+    """A line for the user when `parent` was resumed, none otherwise."""
+    if parent.info.run_id == invocation.info.run_id:
+        return []
+    return [f"resumed {parent.info.run_id} (the run of this attempt: {invocation.info.run_id})"]

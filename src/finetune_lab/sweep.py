@@ -358,17 +358,7 @@ def run(config: SweepConfig) -> dict:
              "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed}
         )
         data_lib.log_inputs(prepared.data)
-        marks = resume.marks(config, prepared.data)
-        mlflow.set_tags(marks)
-        if not config.resume:
-            return sweep_children(invocation, config, prepared, marks)
-        invocation_run = MlflowClient().get_run(invocation.info.run_id)
-        earlier = resume.find_parent(config, contract.SWEEP, invocation_run, prepared.data)
-        mlflow.set_tag(contract.RESUMED_TAG, earlier.info.run_id)
-        with tracking.reopened_run(earlier.info.run_id) as parent:
-            closed = resume.close_stranded(parent.info.run_id, invocation.info.run_id)
-            result = sweep_children(parent, config, prepared, marks)
-        result["notes"].insert(0, f"resumed sweep {earlier.info.run_id} (run of this attempt: "
-                                  f"{invocation.info.run_id})" + (f"; closed as KILLED, left RUNNING: "
-                                                                  f"{', '.join(closed)}" if closed else ""))
+        with resume.parent_run(config, contract.SWEEP, invocation, prepared.data) as parent:
+            result = sweep_children(parent, config, prepared, resume.marks(config, prepared.data))
+        result["notes"][:0] = resume.note(parent, invocation)
         return result
