@@ -127,8 +127,8 @@ def test_an_outage_keeps_the_trained_adapter_and_resume_records_it(server, monke
     # The recorded child holds what training measured: every logged step, the metrics, the adapter.
     assert [m.step for m in client.get_metric_history(recorded.info.run_id, "train_loss")] == list(range(1, 7))
     assert "eval_loss" in recorded.data.metrics and "grad_norm" in recorded.data.metrics
-    assert "adapter_model.safetensors" in {Path(a.path).name
-                                           for a in client.list_artifacts(recorded.info.run_id, "adapter")}
+    weights = {Path(a.path).name: a.file_size for a in client.list_artifacts(recorded.info.run_id, "adapter")}
+    assert weights["adapter_model.safetensors"] == recorded.data.metrics["adapter_size_bytes"]
     mlflow.set_tracking_uri(server.uri)
     table = load_table(client, parent_id, "comparison_table.json", Path(server.root))
     assert list(zip(table["rank"], table["status"], table["run_id"])) == [

@@ -201,17 +201,19 @@ def record_kept_children(setup: Setup, specs: list[ChildSpec]) -> dict[str, Chil
         record = spool.load(folder)
         if record["tags"] != setup.marks:  # kept from another config or data: train it again
             continue
+        adapter = folder / ADAPTER_ARTIFACT
+        metrics = {**record["metrics"], "adapter_size_bytes": (adapter / lora.ADAPTER_WEIGHTS).stat().st_size}
         with tracking.child_run(spec.name) as child:
             tracking.log_params(record["params"])
             tracking.log_config(as_params(setup.config))
             mlflow.set_tags({**record["tags"], contract.RECOVERED_TAG: str(folder)})
             training.log_steps(MlflowClient(), child.info.run_id, record["steps"])
-            mlflow.log_metrics(record["metrics"])
-            mlflow.log_artifacts(str(folder / ADAPTER_ARTIFACT), ADAPTER_ARTIFACT)
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifacts(str(adapter), ADAPTER_ARTIFACT)
         spool.discard(folder)
         curve = [(entry["step"], entry["loss"]) for entry in record["steps"]]
-        recorded[spec.name] = ChildOutcome(spec, child.info.run_id, FINISHED,
-                                           {**record["metrics"], "train_loss": curve[-1][1]}, curve, reused=True)
+        recorded[spec.name] = ChildOutcome(spec, child.info.run_id, FINISHED, {**metrics, "train_loss": curve[-1][1]},
+                                           curve, reused=True)
     return recorded
 
 
