@@ -47,6 +47,8 @@ def tracking_uri(tmp_path, monkeypatch, empty_store) -> str:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     # mlflow.set_experiment() in an in-process run exports this; a later `mlflow run --experiment-name` refuses it.
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # ... and remembers it in-process: an experiment id of the previous test's store means nothing in this one.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
     return uri
 

@@ -118,7 +118,8 @@ def run_child(setup: Setup, spec: ChildSpec) -> ChildOutcome:
     FAILED and is returned, not raised; a signal or a tracking outage raises Stopped."""
     config, outcome = setup.config, ChildOutcome(spec, "", "FAILED")
     try:
-        with tracking.child_run(spec.name) as child, lora.adapter(setup.base, config, spec.rank, spec.seed) as model:
+        with tracking.child_run(spec.name, setup.parent_run_id) as child, \
+                lora.adapter(setup.base, config, spec.rank, spec.seed) as model:
             outcome.run_id = child.info.run_id
             params = lora.lora_params(model, config, spec.rank, spec.seed)
             tracking.log_params(params)  # first: the effective lora_alpha wins over the config's 0 = "per rank"
@@ -203,7 +204,7 @@ def record_kept_children(setup: Setup, specs: list[ChildSpec]) -> dict[str, Chil
             continue
         adapter = folder / ADAPTER_ARTIFACT
         metrics = {**record["metrics"], "adapter_size_bytes": (adapter / lora.ADAPTER_WEIGHTS).stat().st_size}
-        with tracking.child_run(spec.name) as child:
+        with tracking.child_run(spec.name, setup.parent_run_id) as child:
             tracking.log_params(record["params"])
             tracking.log_config(as_params(setup.config))
             mlflow.set_tags({**record["tags"], contract.RECOVERED_TAG: str(folder)})

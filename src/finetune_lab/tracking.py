@@ -205,9 +205,10 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
 
 
 @contextlib.contextmanager
-def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
-    """A nested run under the active one; FAILED with an `error` tag if its body raises."""
-    run = mlflow.start_run(run_name=run_name, nested=True)
+def child_run(run_name: str, parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A nested run under the active one (or, in a process that holds no run, e.g. a remote worker, under
+    `parent_run_id`); FAILED with an `error` tag if its body raises."""
+    run = mlflow.start_run(run_name=run_name, nested=True, parent_run_id=parent_run_id)
     with _failing_on_error(run) as active:
         yield active
 

@@ -127,7 +127,7 @@ def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(
 
         training_child = wait_for(second_child_training, 600, "the second child to train")
         (entry_point,) = [p for p in psutil.Process(launched.pid).children(recursive=True)
-                          if any("lora_sweep.py" in part for part in p.cmdline())]
+                          if any(part.endswith("lora_sweep.py") for part in p.cmdline())]
         entry_point.send_signal(signal.SIGTERM)
         output, _ = launched.communicate(timeout=300)
     finally:
