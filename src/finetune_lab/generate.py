@@ -7,7 +7,7 @@ import mlflow
 
 from finetune_lab import contract, tracking
 from finetune_lab.config import GenerateConfig, as_params
-from finetune_lab.errors import InputError, problem, raise_if_any
+from finetune_lab.errors import InputError, one_line, problem, raise_if_any
 
 MAX_REPLY_TAG_CHARS = 5000
 
@@ -20,7 +20,7 @@ def run(config: GenerateConfig) -> dict:
         try:
             loaded = mlflow.pyfunc.load_model(config.model_uri)
         except mlflow.exceptions.MlflowException as error:
-            raise InputError([problem("model_uri", f"cannot load {config.model_uri!r}: {tracking.one_line(error)}")])
+            raise InputError([problem("model_uri", f"cannot load {config.model_uri!r}: {one_line(error)}")])
         params = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else None
         reply = loaded.predict([config.prompt], params=params)[0]
         mlflow.set_tag("reply", reply[:MAX_REPLY_TAG_CHARS])

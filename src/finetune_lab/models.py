@@ -283,6 +283,20 @@ def skeleton(source: ModelSource, loader: Callable):
         return loader.from_config(config)
 
 
+def check_max_length(source: ModelSource, max_length: int) -> list[str]:
+    """`max_length` against the number of positions the model has, read from its config alone (no weights): above
+    it, evaluation would crash only after all the training."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path).get_text_config()
+    limit = next((value for name in ("max_position_embeddings", "n_positions")
+                  if isinstance(value := getattr(config, name, None), int)), None)
+    if limit is not None and max_length > limit:
+        return [problem("max_length", f"{max_length} exceeds the {limit} positions of the model "
+                                      f"(max_position_embeddings); use at most {limit}")]
+    return []
+
+
 def source_params(source: ModelSource) -> dict[str, str]:
     return {"model_path": source.path, "model_revision": source.revision}
 

@@ -85,8 +85,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "figure"
 
 
+def _md_escape(text: str) -> str:
+    """Run names, replies and errors as text, never as HTML: markdown renderers pass raw HTML (a `<script>` in a run
+    name) straight through."""
+    return html.escape(text, quote=False)
+
+
+def _md_inline(text: str) -> str:
+    """Escape everything outside `code` spans (the only markdown the blocks' text uses; a span shows its content
+    literally)."""
+    parts = re.split(r"(`[^`]+`)", text)
+    return "".join(part if part.startswith("`") and part.endswith("`") and len(part) > 1 else _md_escape(part)
+                   for part in parts)
+
+
 def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _md_escape(str(text)).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(columns: list[str], rows: list[list[str]]) -> str:
@@ -100,11 +114,11 @@ def to_markdown(blocks: list[Block], images: Path) -> str:
     parts, figure_number = [], 0
     for block in blocks:
         if isinstance(block, Heading):
-            parts.append("#" * block.level + " " + block.text)
+            parts.append("#" * block.level + " " + _md_inline(block.text))
         elif isinstance(block, Text):
-            parts.append(block.text)
+            parts.append(_md_inline(block.text))
         elif isinstance(block, Bullets):
-            parts.append("\n".join(f"- **verdict** {item}" for item in block.items))
+            parts.append("\n".join(f"- **verdict** {_md_escape(item)}" for item in block.items))
         elif isinstance(block, Table):
             parts.append(_md_table(block.columns, block.rows))
         elif isinstance(block, Figures):
@@ -113,7 +127,8 @@ def to_markdown(blocks: list[Block], images: Path) -> str:
                 figure_number += 1
                 path = images / f"{figure_number:03d}-{_slug(caption)}.png"
                 path.write_bytes(data)
-                links.append(f"![{caption}]({images.name}/{path.name})")
+                alt = caption.replace("[", "\\[").replace("]", "\\]")  # the cell escapes the rest
+                links.append(f"![{alt}]({images.name}/{path.name})")
             parts.append(_md_table([c for c, _ in block.items], [links]))  # a row of images: side by side
     return "\n\n".join(parts) + "\n"
 
