@@ -8,6 +8,7 @@ children (fresh adapter each; a failing child is recorded and the sweep goes on)
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import mlflow
@@ -140,36 +141,47 @@ def register_best(config: SweepConfig, prepared: causal_lm.Prepared, best: Child
         return registry.register_verified(config.register_as, candidate, parent_run_id)
 
 
+def execute(config: SweepConfig) -> dict:
+    """The whole sweep inside the active run (the parent of its children): validate, train every child, summarise,
+    register; log `sweep_wall_s` (all of it) and `child_train_s_sum`. Return the best child, the children and
+    notes."""
+    started = time.perf_counter()
+    tracking.log_config(as_params(config))
+    # The held-out split (and the tiny model) come from the first seed: identical for every child.
+    split_seed = config.seeds[0] if config.seeds else 0
+    prepared = causal_lm.prepare(config, config.ranks, split_seed)
+    tracking.log_params(
+        {**models.source_params(prepared.source), **tracking.environment_params(),
+         "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
+         "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed}
+    )
+    data_lib.log_inputs(prepared.data)
+    base, tokenizer = causal_lm.load_base(prepared.source)
+    tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
+    check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
+    children = [run_child(base, tokenizer, tokenized, config, rank, seed, check_texts)
+                for seed in config.seeds for rank in config.ranks]
+    outcome = log_summary(children)
+    best = outcome["best"]
+    registered = []
+    if config.register_as:
+        chosen = next(c for c in children if c.run_id == best["run_id"])
+        result = register_best(config, prepared, chosen, check_texts)
+        registered = [f"registered {result['model_uri']} (champion {result['decision']})"]
+    mlflow.log_metrics({"sweep_wall_s": time.perf_counter() - started,
+                        "child_train_s_sum": sum(c.metrics.get("train_runtime_s", 0.0) for c in children)})
+    notes = [f"  {c.name:<14} {c.status:<9} " + (f"eval_loss {c.metrics['eval_loss']:.4f}" if c.metrics else c.error)
+             for c in children]
+    return {
+        "metrics": {"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])},
+        "children": children,
+        "notes": ["children:", *notes, f"best child run: {best['run_id']}", *registered],
+    }
+
+
 def run(config: SweepConfig) -> dict:
     """The whole sweep inside one parent run; return the parent's id, the best child and the tables."""
     with tracking.experiment_run(contract.SWEEP, config.experiment, config.run_name) as parent:
-        tracking.log_config(as_params(config))
-        # The held-out split (and the tiny model) come from the first seed: identical for every child.
-        split_seed = config.seeds[0] if config.seeds else 0
-        prepared = causal_lm.prepare(config, config.ranks, split_seed)
-        tracking.log_params(
-            {**models.source_params(prepared.source), **tracking.environment_params(),
-             "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
-             "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed}
-        )
-        data_lib.log_inputs(prepared.data)
-        base, tokenizer = causal_lm.load_base(prepared.source)
-        tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
-        check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
-        children = [run_child(base, tokenizer, tokenized, config, rank, seed, check_texts)
-                    for seed in config.seeds for rank in config.ranks]
-        outcome = log_summary(children)
-        best = outcome["best"]
-        registered = []
-        if config.register_as:
-            chosen = next(c for c in children if c.run_id == best["run_id"])
-            result = register_best(config, prepared, chosen, check_texts)
-            registered = [f"registered {result['model_uri']} (champion {result['decision']})"]
-        notes = [f"  {c.name:<14} {c.status:<9} " + (f"eval_loss {c.metrics['eval_loss']:.4f}" if c.metrics else c.error)
-                 for c in children]
-        return {
-            "run_id": parent.info.run_id,
-            "metrics": {"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])},
-            "notes": ["children:", *notes, f"best child run: {best['run_id']}", *registered],
-            "ui": tracking.ui_hint(),
-        }
+        result = execute(config)
+        return {"run_id": parent.info.run_id, "metrics": result["metrics"], "notes": result["notes"],
+                "ui": tracking.ui_hint()}
