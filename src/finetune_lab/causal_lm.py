@@ -5,6 +5,7 @@ held-out loss. The counterpart of `classify.prepare` for language models; the ad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import datasets
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
@@ -27,10 +28,12 @@ class Prepared:
     source: models.ModelSource
 
 
-def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_param: str = "ranks") -> Prepared:
+def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_param: str = "ranks",
+            found: Sequence[str] = ()) -> Prepared:
     """Load and check data, model spec and architecture; raise InputError with every problem, config's included.
-    Rank problems are reported under `rank_param`, the parameter that set them."""
-    problems = config.problems()
+    Rank problems are reported under `rank_param`, the parameter that set them; `found` are problems the caller
+    found already (e.g. with the environment), reported together with these."""
+    problems = [*config.problems(), *found]
     data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction)
     problems += data_problems
     texts = None
@@ -59,7 +62,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
 
 
 def load_tokenizer(source: models.ModelSource):
-    """The tokenizer, with a pad token (its EOS token when it has none)."""
+    """The model's tokenizer, with a pad token (the EOS token when it has none)."""
     tokenizer = models.load_tokenizer(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
