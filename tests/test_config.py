@@ -66,3 +66,13 @@ def test_alpha_modes():
                                         "prompt_format": "xml", "target_modules": "q_proj,,v_proj"})
     assert sorted(p.split(":")[0] for p in config.problems()) == ["alpha_per_rank", "eval_fraction",
                                                                   "prompt_format", "target_modules"]
+
+
+def test_speed_switches_and_token_budget():
+    config = from_strings(SweepConfig, {"packing": "yes", "batch_tokens": "100", "max_length": "256"})
+    assert config.problems() == ["packing: must be one of auto, on, off, got 'yes'",
+                                 "batch_tokens: must be 0 (= batch_size examples) or at least max_length (256) so "
+                                 "every example fits, got 100"]
+    assert from_strings(ProbeConfig, {"batch_tokens": "-1"}).problems()[0].startswith("batch_tokens: must be 0")
+    assert from_strings(SweepConfig, {"packing": "on", "batch_tokens": "16384"}).problems() == []
+    assert from_strings(ClassifyConfig, {"compile": "off"}).problems() == []

@@ -84,3 +84,44 @@ def test_a_pretrained_encoder_with_a_new_head_trains_reproducibly(client):
                             max_length=32, batch_size=8, learning_rate=5e-5, experiment="repro")
     first, second = classify.run(config)["metrics"], classify.run(config)["metrics"]
     assert first == second
+
+
+def test_random_aliases_have_the_size_of_the_models_they_stand_for():
+    """distilbert-base-uncased has 66,362,880 parameters (DistilBertModel); SmolLM2-135M 134,515,008 (its
+    embeddings are tied to the output head)."""
+    from transformers import AutoModel
+
+    tokenizer = models.load(models.tiny(models.CAUSAL_LM, ["some text"] * 5, seed=0), AutoModelForCausalLM)[1]
+    expected = {"random:distilbert-base": (AutoModel, 66_362_880), "random:smollm2-135m": (AutoModelForCausalLM,
+                                                                                           134_515_008)}
+    for spec, (loader, parameters) in expected.items():
+        with torch.device("meta"):
+            model = loader.from_config(models.random_config(spec, tokenizer))
+        assert sum(p.numel() for p in model.parameters()) == parameters, spec
+
+
+def test_random_aliases_are_built_once_with_the_offline_tokenizer(monkeypatch):
+    """Built from the architecture with random weights and the named offline model's tokenizer, cached per seed;
+    a random causal LM is refused where a classifier is needed."""
+    texts = ["a great film", "a dull film"] * 5
+    offline_tokenizer = models.tiny(models.CLASSIFIER, texts, seed=0).path
+    fetched = []
+    monkeypatch.setattr(models, "fetch", lambda alias: fetched.append(alias) or offline_tokenizer)
+    small = models.RandomModel(models.CLASSIFIER, "minilm-l6", {"model_type": "distilbert", "dim": 32,
+                                                                 "n_layers": 1, "n_heads": 2, "hidden_dim": 64})
+    monkeypatch.setitem(models.RANDOM_MODELS, "random:distilbert-base", small)
+    source, problems = models.resolve("random:distilbert-base", models.CLASSIFIER, None, seed=5, num_labels=3)
+    assert problems == [] and fetched == ["minilm-l6"]
+    model, tokenizer = models.load(source, AutoModelForSequenceClassification)
+    assert model.config.num_labels == 3 and model.config.dim == 32
+    assert tokenizer("a great film")["input_ids"] == models.load(
+        models.ModelSource("tiny", offline_tokenizer, ""), AutoModelForSequenceClassification)[1](
+        "a great film")["input_ids"]
+    assert models.resolve("random:distilbert-base", models.CLASSIFIER, None, seed=5, num_labels=3)[0] == source
+    assert fetched == ["minilm-l6"], "built once, then loaded from the cache"
+    other_seed = models.resolve("random:distilbert-base", models.CLASSIFIER, None, seed=6, num_labels=3)[0]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(other_seed.path)
+    assert not torch.equal(reloaded.distilbert.embeddings.word_embeddings.weight,
+                           model.distilbert.embeddings.word_embeddings.weight), "the seed decides the weights"
+    assert models.resolve("random:smollm2-135m", models.CLASSIFIER)[1] == [
+        "model: 'random:smollm2-135m' is a causal_lm, not a classifier; use random:distilbert-base"]

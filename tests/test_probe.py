@@ -15,6 +15,7 @@ from finetune_lab import causal_lm, lora, metrics, probe, prompts
 from finetune_lab.config import ProbeConfig
 from finetune_lab.contract import PROBE_COMPARISON_TABLE
 from finetune_lab.data import TEST, TRAIN
+from finetune_lab.packing import TokenBudgetBatchSampler
 
 
 def tiny_probe(**overrides) -> ProbeConfig:
@@ -54,34 +55,54 @@ def test_rouge_l_is_the_longest_common_subsequence_f1():
     assert metrics.rouge_l("I am well", reference) == pytest.approx(2 * 3 / 8 / (1 + 3 / 8))
 
 
-def test_steps_that_saw_the_new_example_are_counted_from_the_batches_trained_on(tiny_setup, tracking_uri):
-    """The collator's count against an independent one: the training-mode forwards the model actually ran."""
+def trained_rows(kwargs) -> list[list[int]]:
+    """The examples in a training forward's batch: the unpadded rows, or the blocks of packed rows (a block
+    starts where position_ids restart at 0)."""
+    if "attention_mask" in kwargs:
+        return [ids[mask.bool()].tolist() for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"])]
+    rows = []
+    for ids, positions in zip(kwargs["input_ids"].tolist(), kwargs["position_ids"].tolist()):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        rows += [ids[s:e] for s, e in zip(starts, starts[1:])]
+    return rows
+
+
+@pytest.mark.parametrize("batching", [{}, {"packing": "on"}, {"packing": "on", "batch_tokens": 1024}])
+def test_steps_that_saw_the_new_example_are_counted_from_the_batches_trained_on(tiny_setup, tracking_uri, batching):
+    """The collator's count against an independent one: the training-mode forwards the model actually ran,
+    padded or packed, by example count or by token budget."""
     import mlflow
 
     config, base, tokenizer, tokenized = tiny_setup
-    config = tiny_probe(max_steps=7)  # 7 batches of 8 from 343 + 40 rows: stops mid-epoch, one batch built ahead
     new_row = probe.new_example_row(tokenizer, config)
     marker = new_row[0]["input_ids"]
     train = datasets.concatenate_datasets([tokenized[TRAIN], new_row.select([0] * 40)])
+    # Stop mid-epoch (one batch is built ahead): 7 batches of 8 from 343 + 40 rows. A token budget groups
+    # examples by length, so the 40 copies share a few batches: stop right after the first of them.
+    steps = 7
+    if "batch_tokens" in batching:
+        order = list(TokenBudgetBatchSampler(train["length"], batching["batch_tokens"], True, config.seed))
+        steps = next(i for i, batch in enumerate(order) if max(batch) >= len(tokenized[TRAIN])) + 1
+        assert steps < len(order)
+    config = tiny_probe(max_steps=steps, **batching)
     forwards = []
 
     def count_rows(module, args, kwargs):
         if module.training:
-            rows = [ids[mask.bool()].tolist() for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"])]
-            forwards.append(sum(row == marker for row in rows))
+            forwards.append(sum(row == marker for row in trained_rows(kwargs)))
 
     mlflow.set_experiment("probe-unit")
     with mlflow.start_run() as run, lora.adapter(base, config, config.rank, config.seed) as model:
         hook = model.register_forward_pre_hook(count_rows, with_kwargs=True)
-        recorder = probe.BatchRecorder(causal_lm.collator(tokenizer), marker)
+        recorder = probe.BatchRecorder(causal_lm.collator(tokenizer, config), marker)
         try:
             fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, run.info.run_id,
                                    collate=recorder)
         finally:
             hook.remove()
-    steps = int(fitted.metrics["train_steps"])
-    assert steps == len(forwards) == 7 and len(recorder.counts) > steps  # the dataloader built one batch ahead
-    assert sum(forwards) > 0, "40 copies in 383 rows: 56 sampled rows should include some"
+    assert int(fitted.metrics["train_steps"]) == len(forwards) == steps
+    assert len(recorder.counts) > steps, "the dataloader built one batch ahead"
+    assert sum(forwards) > 0, "40 copies in 383 rows: these batches should include some"
     assert recorder.exposure(steps) == {"new_example_step_fraction": sum(1 for n in forwards if n) / steps,
                                         "new_example_copies_seen": float(sum(forwards))}
 

@@ -7,10 +7,11 @@ import pytest
 import yaml
 
 from conftest import REPO
-from finetune_lab.config import ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig, as_params
+from finetune_lab.config import (BenchConfig, ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig,
+                                 from_strings)
 
 ENTRY_POINTS = {"classify": ClassifyConfig, "lora_sweep": SweepConfig, "retrain_probe": ProbeConfig,
-                "generate": GenerateConfig, "report": ReportConfig}
+                "generate": GenerateConfig, "report": ReportConfig, "bench": BenchConfig}
 
 
 def dependencies():
@@ -30,11 +31,11 @@ def test_the_three_environment_files_list_the_same_dependencies():
 def test_mlproject_parameters_match_the_config(entry):
     spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
     config_cls = ENTRY_POINTS[entry]
-    defaults = as_params(config_cls())
     assert set(spec["parameters"]) == {f.name for f in fields(config_cls)}
-    for name, default in defaults.items():
-        declared = spec["parameters"][name]["default"]
-        assert type(default)(declared) == default, name
+    declared = from_strings(config_cls, {name: p["default"] for name, p in spec["parameters"].items()})
+    # parsed as the CLI parses them: no problem the dataclass defaults do not have (generate needs a model_uri)
+    assert declared.problems() == config_cls().problems() and declared == config_cls()
+    for name in spec["parameters"]:
         assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name
 
 

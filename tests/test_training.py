@@ -52,3 +52,47 @@ def test_predictions_come_back_in_dataset_order_whatever_the_lengths():
     assert logits.shape == (len(texts), 2)
     assert np.allclose(logits, alone, atol=1e-4)
     assert len({round(float(x), 3) for x in alone[:, 0]}) == len(texts), "distinct rows, so an order swap shows"
+
+
+def test_throughput_comes_from_the_batches_trained_on_and_the_step_times():
+    steps = [training.StepTime(5.0, True), training.StepTime(1.0, False), training.StepTime(3.0, True),
+             training.StepTime(1.2, False), training.StepTime(0.8, False)]
+    batches = [(8, 100), (8, 120), (8, 90), (4, 70), (8, 60), (8, 999)]  # the last one was built ahead, unused
+    metrics = training.throughput(12.0, steps, batches)
+    assert metrics["train_steps"] == 5 and metrics["train_examples"] == 36 and metrics["train_tokens"] == 440
+    assert metrics["train_tokens_per_s"] == pytest.approx(440 / 12) and metrics["train_samples_per_s"] == 3.0
+    assert metrics["train_step_ms_median"] == pytest.approx(1200)
+    # warm-up: the first step and the one that compiled, beyond the median step; steady: the other three
+    assert metrics["warmup_s"] == pytest.approx((5.0 - 1.2) + (3.0 - 1.2))
+    assert metrics["compile_s"] == pytest.approx(metrics["warmup_s"])
+    assert metrics["steady_tokens_per_s"] == pytest.approx((120 + 70 + 60) / (1.0 + 1.2 + 0.8))
+    eager = training.throughput(3.0, [training.StepTime(2.0, False), training.StepTime(0.5, False)], batches)
+    assert "compile_s" not in eager and eager["warmup_s"] == pytest.approx(2.0 - 1.25)
+
+
+def test_train_counts_the_examples_and_real_tokens_the_model_saw(client, tmp_path):
+    """Stopped mid-epoch, the dataloader has built a batch more than was trained on; the counts must be those
+    of the forwards the model ran, padding excluded."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+    from finetune_lab import models
+    from finetune_lab.config import ClassifyConfig
+
+    texts = [" ".join(["word"] * (n % 23 + 1)) for n in range(40)]
+    model, tokenizer = models.load(models.tiny(models.CLASSIFIER, texts, seed=0), AutoModelForSequenceClassification)
+    encoded = datasets.Dataset.from_dict(dict(tokenizer(texts), labels=[n % 2 for n in range(40)]))
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["attention_mask"]) if module.training else None,
+        with_kwargs=True)
+    config = ClassifyConfig(max_steps=3, batch_size=4)
+    run_id = client.create_run(client.create_experiment("counts")).info.run_id
+    trainer = training.make_trainer(model, tokenizer, tmp_path, encoded, DataCollatorWithPadding(tokenizer), config,
+                                    0, run_id)
+    metrics = training.train(trainer)
+    assert len(seen) == 3 == metrics["train_steps"]
+    assert metrics["train_examples"] == sum(mask.shape[0] for mask in seen) == 12
+    assert metrics["train_tokens"] == sum(int(mask.sum()) for mask in seen)
+    assert metrics["train_tokens"] < sum(mask.numel() for mask in seen), "the batches were padded"
+    assert metrics["train_tokens_per_s"] == pytest.approx(metrics["train_tokens"] / metrics["train_runtime_s"])

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from finetune_lab import data as data_lib
 from finetune_lab import health, lora, models, prompts, tracking, training
 from finetune_lab.config import LoraTrainingConfig
+from finetune_lab.packing import PackedRows
 from finetune_lab.data import TRAIN
 from finetune_lab.errors import problem, raise_if_any
 from finetune_lab.metrics import perplexity
@@ -64,7 +65,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
 
 def load_tokenizer(source: models.ModelSource):
     """The model's tokenizer, with a pad token (the EOS token when it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    tokenizer = models.load_tokenizer(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -86,8 +87,16 @@ def tokenize(splits: datasets.DatasetDict, tokenizer, config: LoraTrainingConfig
     )
 
 
-def collator(tokenizer) -> DataCollatorForSeq2Seq:
-    """Pads input_ids with the pad token and labels with the ignored index, per batch (dynamic padding)."""
+def packed(config: LoraTrainingConfig) -> bool:
+    """Whether batches are packed (padding-free) rather than padded."""
+    return training.switch(config.packing)
+
+
+def collator(tokenizer, config: LoraTrainingConfig):
+    """Packed rows of up to max_length tokens (see `packing`), or padding per batch: input_ids with the pad token,
+    labels with the ignored index."""
+    if packed(config):
+        return PackedRows(tokenizer.pad_token_id, config.max_length)
     return DataCollatorForSeq2Seq(
         tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8 if training.on_cuda() else None
     )
@@ -115,12 +124,14 @@ def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, s
         collate=None) -> FitResult:
     """Train the adapter on `train_split` (per-step metrics into run `run_id`), then measure the mean loss per
     target token on `eval_split`. `collate` replaces the training collator (e.g. one that also records what each
-    batch held). Raises health.TrainingCollapsed if training diverged or left a dead model."""
+    batch held); batches are packed and sized by the config either way. Raises health.TrainingCollapsed if
+    training diverged or left a dead model."""
     with tracking.scratch_dir("lora") as scratch:
-        trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer),
-                                        config, seed, run_id)
+        trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer, config),
+                                        config, seed, run_id, batch_tokens=config.batch_tokens, packed=packed(config))
         metrics = training.train(trainer)
-    eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer), training.eval_batch_size(config))
+    eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer, config),
+                                         training.eval_batch_size(config))
     metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
     steps = training.step_log(trainer)
     health.check(steps, eval_loss, model.config.vocab_size, metrics)

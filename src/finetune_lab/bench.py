@@ -1,0 +1,443 @@
+"""`bench`: how fast the project trains, as a ratio against the homework it replaces, measured in one process on
+one device on the same data.
+
+Workloads: `classify` (sequence classification; default a full-size DistilBERT-base with random weights on texts
+of IMDB-like token lengths) and `lora_sweep` (a 4-rank LoRA sweep; default a full-size SmolLM2-135M with random
+weights on chat pairs of chat-like lengths). Variants, run one after another:
+- `baseline`: the homework. fp32 weights, eager attention, every batch padded to max_length, adamw_torch, fixed
+  batches (16 / 8) in random order, held-out evaluation with `Trainer.evaluate`; LoRA on one base loaded once.
+- `project`: the entry point's own code path (`classify.execute`, `sweep.execute`) with its defaults.
+- `project_large`: the same with larger batches (`large_batch` examples; `large_batch_tokens` per LoRA batch).
+- `dynamic_padding`: the project without compilation or packing (what it was before them).
+Every training reports the same measurements (`training.train`): real tokens (padding excluded), examples, step
+times, warm-up and compile time, peak memory. A variant sums them over its trainings (the sweep's ranks) and
+adds its wall time (loading, tokenization, evaluation, logging: everything), then MFU and ratios to `baseline`.
+
+MFU = model FLOPs per real token x steady real tokens per second / the device's peak dense bf16 FLOP/s. FLOPs per
+token follow PaLM (Chowdhery et al. 2022, app. B), as torchtitan does: each weight of a matrix multiply costs 2
+FLOPs forward, 2 for the input gradient and 2 for its own gradient, so 6 for a trained weight and 4 for a frozen
+one (the LoRA base); attention scores and their weighted sum cost 12 x layers x hidden size x T per token, with T
+the tokens the token's example holds (token-weighted over the data: sum T^2 / sum T, whatever the padding or
+packing; causal masking not discounted). Embedding lookups are not multiplies; a tied output head is. The same
+useful work is credited to every variant, so the fp32 baseline's MFU is also measured against the bf16 peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForSeq2Seq,
+                          DataCollatorWithPadding, Trainer, TrainingArguments)
+
+from finetune_lab import causal_lm, classify, contract, lora, models, sweep, tracking, training
+from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig, as_params
+from finetune_lab.contract import BASELINE, variant_name
+from finetune_lab.data import TEST, TRAIN
+from finetune_lab.errors import InputError, field_of, raise_if_any
+from finetune_lab.prompts import IGNORE_INDEX
+
+CLASSIFY, LORA_SWEEP = "classify", "lora_sweep"
+# Common English words that are one token each for the BERT-uncased and SmolLM2 tokenizers (after a space), so a
+# synthetic text of n words has about n tokens.
+WORDS = tuple("""the a of and to in is was it for on with as his at by he film movie story time good bad great best
+people very just like well one all would there their what so out about more up when who she them then than only
+some could make even after first also made new way any years most life love young old man world work back over
+think see still real right never show plot scene music actor""".split())
+# Dense bf16 peak FLOP/s by device name, first match wins (torchtitan's `get_peak_flops`).
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token lengths drawn from a lognormal distribution, rounded and clipped."""
+
+    median: float
+    sigma: float
+    low: int
+    high: int
+
+    def sample(self, rng: np.random.Generator, count: int, max_length: int) -> list[int]:
+        drawn = np.round(rng.lognormal(math.log(self.median), self.sigma, count))
+        return [int(n) for n in np.clip(drawn, self.low, min(self.high, max_length))]
+
+
+IMDB_LIKE = Lengths(median=230, sigma=0.7, low=32, high=512)
+CHAT_LIKE = Lengths(median=40, sigma=0.6, low=8, high=256)
+
+
+def _words(rng: np.random.Generator, count: int) -> str:
+    return " ".join(rng.choice(WORDS, size=max(count, 1)))
+
+
+def synthetic_frame(workload: str, config: BenchConfig) -> pd.DataFrame:
+    """`train_examples` + `eval_examples` rows with a `split` column. `classify`: texts of IMDB-like token lengths
+    ([CLS] and [SEP] included) with random labels; `lora_sweep`: input/output pairs of chat-like total lengths
+    (a third input; newline and EOS included)."""
+    rng = np.random.default_rng(config.seed)
+    count = config.train_examples + config.eval_examples
+    split = [TRAIN] * config.train_examples + [TEST] * config.eval_examples
+    if workload == CLASSIFY:
+        lengths = IMDB_LIKE.sample(rng, count, config.classify_max_length)
+        return pd.DataFrame({"text": [_words(rng, n - 2) for n in lengths],
+                             "label": rng.integers(0, 2, count).tolist(), "split": split})
+    lengths = CHAT_LIKE.sample(rng, count, config.lora_max_length)
+    inputs = [max(1, round(n / 3)) for n in lengths]
+    return pd.DataFrame({"input": [_words(rng, n) for n in inputs],
+                         "output": [_words(rng, n - i - 2) for n, i in zip(lengths, inputs)], "split": split})
+
+
+# ------------------------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Workload:
+    """One workload: the entry point's config (the `project` variant's), its checked data and model, the data
+    tokenized once (for the baseline and the FLOP count), and the model's FLOPs per token."""
+
+    name: str
+    config: ClassifyConfig | SweepConfig
+    prepared: classify.Prepared | causal_lm.Prepared
+    tokenizer: object
+    tokenized: object
+    linear_params: int
+    """Weights of the model's matrix multiplies (nn.Linear), output head included."""
+    layers: int
+    hidden: int
+    attended: float
+    """Token-weighted mean tokens per example of the training split: sum T^2 / sum T."""
+
+    def flops_per_token(self, adapter_params: int = 0) -> float:
+        """Training FLOPs per real token (see the module doc): full fine-tuning, or a frozen base with
+        `adapter_params` trained LoRA weights."""
+        if self.name == CLASSIFY:
+            return 6 * self.linear_params + 12 * self.layers * self.hidden * self.attended
+        return 4 * self.linear_params + 6 * adapter_params + 12 * self.layers * self.hidden * self.attended
+
+
+# Where a problem with a workload's config comes from in the bench's config.
+FIELDS = {
+    CLASSIFY: {"model": "classify_model", "dataset": "classify_dataset", "text_column": "classify_dataset",
+               "label_column": "classify_dataset", "max_length": "classify_max_length", "max_steps": "classify_steps",
+               "batch_size": "large_batch", "max_train_samples": "train_examples", "max_eval_samples": "eval_examples"},
+    LORA_SWEEP: {"model": "lora_model", "dataset": "lora_dataset", "input_column": "lora_dataset",
+                 "output_column": "lora_dataset", "max_length": "lora_max_length", "max_steps": "lora_steps",
+                 "batch_tokens": "large_batch_tokens", "batch_size": "train_examples"},
+}
+
+
+def renamed(problems: list[str], workload: str) -> list[str]:
+    """Problems of a workload's config, under the names of the bench's fields that set them."""
+    names = FIELDS[workload]
+    return [names.get(field_of(line), field_of(line)) + line[len(field_of(line)):] for line in problems]
+
+
+def workload_config(workload: str, config: BenchConfig, dataset: str) -> ClassifyConfig | SweepConfig:
+    """The entry point's config for the workload: its defaults, the bench's model, data, steps and lengths."""
+    if workload == CLASSIFY:
+        return ClassifyConfig(model=config.classify_model, dataset=dataset, max_steps=config.classify_steps,
+                              max_length=config.classify_max_length, max_train_samples=config.train_examples,
+                              max_eval_samples=config.eval_examples, seed=config.seed)
+    return SweepConfig(model=config.lora_model, dataset=dataset, max_steps=config.lora_steps,
+                       max_length=config.lora_max_length, ranks=config.ranks, seeds=(config.seed,),
+                       target_modules=config.target_modules)
+
+
+def variant_config(workload: str, project_config: ClassifyConfig | SweepConfig, variant: str,
+                   config: BenchConfig) -> ClassifyConfig | SweepConfig:
+    """The workload's config as a variant runs it (`project_config`: the `project` variant's)."""
+    changes = {
+        "project_large": {CLASSIFY: {"batch_size": config.large_batch},
+                          LORA_SWEEP: {"batch_tokens": config.large_batch_tokens}},
+        "dynamic_padding": {CLASSIFY: {"compile": "off"}, LORA_SWEEP: {"packing": "off"}},
+    }.get(variant, {}).get(workload, {})
+    return dataclasses.replace(project_config, **changes)
+
+
+def check(config: BenchConfig) -> list[str]:
+    """Every problem of the bench's config and of the configs it derives for each workload and variant (those
+    named after the bench's fields), before any data or model is read."""
+    problems = config.problems()
+    if any(field_of(p) in ("workloads", "variants") for p in problems):
+        return problems
+    for name in config.workload_list:
+        project = workload_config(name, config, "data")  # a placeholder: the data is checked by `prepare`
+        for variant in config.variant_list:
+            problems += [p for p in renamed(variant_config(name, project, variant, config).problems(), name)
+                         if p not in problems]
+    return problems
+
+
+def prepare(config: BenchConfig, scratch: Path) -> list[Workload]:
+    """Every workload's data and model checked (the synthetic data made first) before any weights are loaded;
+    raise InputError with every problem of every workload, under the bench's field names."""
+    problems, checked = [], []
+    for name in config.workload_list:
+        dataset = config.classify_dataset if name == CLASSIFY else config.lora_dataset
+        if dataset == SYNTHETIC:
+            dataset = str(scratch / f"{name}.jsonl")
+            synthetic_frame(name, config).to_json(dataset, orient="records", lines=True)
+        project = workload_config(name, config, dataset)
+        try:
+            if name == CLASSIFY:
+                prepared = classify.prepare(project)
+            else:
+                prepared = causal_lm.prepare(project, project.ranks, config.seed)
+        except InputError as error:
+            problems += renamed(error.problems, name)
+            continue
+        checked.append((name, project, prepared))
+    raise_if_any(problems)
+    return [_tokenized(name, project, prepared) for name, project, prepared in checked]
+
+
+def _tokenized(name: str, project, prepared) -> Workload:
+    if name == CLASSIFY:
+        tokenizer = models.load_tokenizer(prepared.source)
+        tokenized = classify.tokenize(prepared, tokenizer, project)
+        skeleton = models.skeleton(prepared.source, AutoModelForSequenceClassification)
+    else:
+        tokenizer = causal_lm.load_tokenizer(prepared.source)
+        tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, project)
+        skeleton = models.skeleton(prepared.source, AutoModelForCausalLM)
+    lengths = np.asarray(tokenized[TRAIN]["length"], dtype=np.float64)
+    linear = sum(m.in_features * m.out_features for m in skeleton.modules() if isinstance(m, torch.nn.Linear))
+    return Workload(name, project, prepared, tokenizer, tokenized, linear, skeleton.config.num_hidden_layers,
+                    skeleton.config.hidden_size, float((lengths ** 2).sum() / lengths.sum()))
+
+
+# ------------------------------------------------------------------------------------------- variants
+
+
+def homework_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> TrainingArguments:
+    """The homework's Trainer settings: fp32, adamw_torch, fixed batches in random order."""
+    return TrainingArguments(output_dir=str(output_dir), learning_rate=config.learning_rate,
+                             max_steps=config.max_steps or -1, num_train_epochs=config.epochs,
+                             per_device_train_batch_size=config.batch_size,
+                             per_device_eval_batch_size=config.batch_size, optim="adamw_torch", seed=seed,
+                             report_to="none", save_strategy="no", eval_strategy="no")
+
+
+def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, float]]:
+    """The homework on the workload: (training metrics, FLOPs per token) per training (per rank for LoRA)."""
+    config, source = workload.config, workload.prepared.source
+    homework = {"dtype": torch.float32, "attn_implementation": "eager"}
+    tracking.log_params({"precision": "fp32", "attention": "eager", "padding": "max_length",
+                         "optimizer": "adamw_torch", "batch_size": config.batch_size, "max_length": config.max_length,
+                         "max_steps": config.max_steps, **models.source_params(source)})
+    arguments = homework_arguments(scratch, config, seed)
+    if workload.name == CLASSIFY:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.path, num_labels=len(workload.prepared.classes), **homework)
+        model.config.pad_token_id = workload.tokenizer.pad_token_id
+        collator = DataCollatorWithPadding(workload.tokenizer, padding="max_length", max_length=config.max_length)
+        trainer = Trainer(model=model, args=arguments, train_dataset=workload.tokenized[TRAIN],
+                          eval_dataset=workload.tokenized[TEST], data_collator=collator,
+                          processing_class=workload.tokenizer)
+        metrics = training.train(trainer)
+        trainer.evaluate()
+        return [(metrics, workload.flops_per_token())]
+    base = AutoModelForCausalLM.from_pretrained(source.path, **homework)
+    base.config.pad_token_id = workload.tokenizer.pad_token_id
+    collator = DataCollatorForSeq2Seq(workload.tokenizer, padding="max_length", max_length=config.max_length,
+                                      label_pad_token_id=IGNORE_INDEX)
+    trained = []
+    for rank in config.ranks:
+        with lora.adapter(base, config, rank, seed) as model:
+            trainer = Trainer(model=model, args=arguments, train_dataset=workload.tokenized[TRAIN],
+                              eval_dataset=workload.tokenized[TEST], data_collator=collator,
+                              processing_class=workload.tokenizer)
+            metrics = training.train(trainer)
+            trainer.evaluate()
+            trained.append((metrics, workload.flops_per_token(model.get_nb_trainable_parameters()[0])))
+    return trained
+
+
+def project(workload: Workload, config: ClassifyConfig | SweepConfig) -> list[tuple[dict, float]]:
+    """The entry point's own path, run inside the variant's run (a sweep's children nest under it)."""
+    if workload.name == CLASSIFY:
+        return [(classify.execute(config)["training"], workload.flops_per_token())]
+    children = sweep.execute(config)["children"]
+    failed = [c for c in children if c.status != "FINISHED"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of the sweep's {len(children)} children failed; first: "
+                           f"{failed[0].name}: {failed[0].error}")
+    return [(c.metrics, workload.flops_per_token(int(c.metrics["trainable_params"]))) for c in children]
+
+
+def summarise(trainings: list[tuple[dict, float]], wall_s: float, peak_flops: float | None) -> dict[str, float]:
+    """A variant's metrics from its trainings' (metrics, FLOPs per token): sums, the median of the median step
+    times, steady throughput over all of them (each training's tokens at its own steady rate), peaks, and MFU."""
+    metrics = [m for m, _ in trainings]
+    tokens = [m["train_tokens"] for m in metrics]
+    train_s = sum(m["train_runtime_s"] for m in metrics)
+    summary = {
+        "bench_tokens": sum(tokens),
+        "bench_examples": sum(m["train_examples"] for m in metrics),
+        "bench_steps": sum(m["train_steps"] for m in metrics),
+        "bench_train_s": train_s,
+        "bench_wall_s": wall_s,
+        "bench_tokens_per_s": sum(tokens) / train_s,
+        "bench_wall_tokens_per_s": sum(tokens) / wall_s,
+        "bench_examples_per_s": sum(m["train_examples"] for m in metrics) / train_s,
+        "bench_step_ms_median": statistics.median(m["train_step_ms_median"] for m in metrics),
+        "bench_warmup_s": sum(m["warmup_s"] for m in metrics),
+        "bench_flops_per_token": sum(f * n for (_, f), n in zip(trainings, tokens)) / sum(tokens),
+    }
+    if any("compile_s" in m for m in metrics):
+        summary["bench_compile_s"] = sum(m.get("compile_s", 0.0) for m in metrics)
+    for name in ("peak_rss_mb", "peak_cuda_mem_allocated_mb", "peak_cuda_mem_reserved_mb"):
+        if any(name in m for m in metrics):
+            summary[f"bench_{name}"] = max(m[name] for m in metrics if name in m)
+    if all("steady_tokens_per_s" in m for m in metrics):
+        summary["bench_steady_tokens_per_s"] = sum(tokens) / sum(
+            n / m["steady_tokens_per_s"] for m, n in zip(metrics, tokens))
+        if peak_flops:
+            summary["bench_mfu"] = summary["bench_flops_per_token"] * summary["bench_steady_tokens_per_s"] / peak_flops
+    return summary
+
+
+@dataclass
+class Outcome:
+    workload: str
+    variant: str
+    batch: str
+    """The batch as the variant sets it, for the table."""
+    run_id: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+def batch_of(config: ClassifyConfig | SweepConfig, variant: str) -> str:
+    if variant == BASELINE:
+        return f"{config.batch_size} padded to {config.max_length}"
+    if getattr(config, "batch_tokens", 0):
+        return f"{config.batch_tokens} tokens" + (" packed" if causal_lm.packed(config) else "")
+    if isinstance(config, SweepConfig):
+        return f"{config.batch_size}" + (" packed" if causal_lm.packed(config) else "")
+    return f"{config.batch_size}" + (" compiled" if training.switch(config.compile) else "")
+
+
+def run_variant(workload: Workload, variant: str, config: BenchConfig, peak_flops: float | None) -> Outcome:
+    """One variant in its own child run; a failure ends that run FAILED and is returned, not raised."""
+    variant_cfg = variant_config(workload.name, workload.config, variant, config)
+    outcome = Outcome(workload.name, variant, batch_of(variant_cfg, variant))
+    gc.collect()  # the previous variant's model and optimizer state must not count in this one's memory
+    if training.on_cuda():
+        torch.cuda.empty_cache()
+    try:
+        with tracking.child_run(variant_name(workload.name, variant)) as child:
+            outcome.run_id = child.info.run_id
+            tracking.log_params({"workload": workload.name, "variant": variant, "batch": outcome.batch})
+            started = time.perf_counter()
+            with tracking.scratch_dir("bench") as scratch:
+                trainings = (baseline(workload, config.seed, scratch) if variant == BASELINE
+                             else project(workload, variant_cfg))
+            outcome.metrics = summarise(trainings, time.perf_counter() - started, peak_flops)
+            outcome.metrics["bench_attended_tokens"] = workload.attended
+            mlflow.log_metrics(outcome.metrics)
+    except Exception as error:  # noqa: BLE001 - OOM or anything: record it, bench the other variants
+        outcome.error = tracking.one_line(error)
+    return outcome
+
+
+def log_ratios(outcome: Outcome, reference: dict[str, float]) -> None:
+    """The variant's throughputs over its workload's baseline's (`reference`), into its run and the outcome."""
+    ratios = {ratio: outcome.metrics[name] / reference[name] for name, ratio in contract.BENCH_RATIOS.items()
+              if name in outcome.metrics and name in reference}
+    outcome.metrics.update(ratios)
+    client = MlflowClient()
+    for name, value in ratios.items():
+        client.log_metric(outcome.run_id, name, value)
+
+
+def peak_flops(config: BenchConfig) -> float | None:
+    """Peak dense bf16 FLOP/s: the config's, or the device's when its name is known."""
+    if config.peak_tflops:
+        return config.peak_tflops * 1e12
+    if not training.on_cuda():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+# ------------------------------------------------------------------------------------------- the table
+
+COLUMNS = [("real tok/s", "bench_tokens_per_s"), ("×", "bench_tokens_per_s_ratio"),
+           ("steady tok/s", "bench_steady_tokens_per_s"), ("×", "bench_steady_tokens_per_s_ratio"),
+           ("tok/s over wall", "bench_wall_tokens_per_s"), ("×", "bench_wall_tokens_per_s_ratio"),
+           ("ex/s", "bench_examples_per_s"), ("step ms", "bench_step_ms_median"), ("warm-up s", "bench_warmup_s"),
+           ("compile s", "bench_compile_s"), ("train s", "bench_train_s"), ("wall s", "bench_wall_s"),
+           ("peak alloc MB", "bench_peak_cuda_mem_allocated_mb"),
+           ("peak reserved MB", "bench_peak_cuda_mem_reserved_mb"), ("peak RSS MB", "bench_peak_rss_mb"),
+           ("MFU", "bench_mfu")]
+
+
+def shown(metric: str, value: float | None) -> str:
+    if value is None:
+        return "–"
+    if metric.endswith("_ratio"):
+        return f"{value:.2f}×"
+    if metric == "bench_mfu":
+        return f"{100 * value:.1f} %"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def table(outcomes: list[Outcome]) -> str:
+    """The markdown table: one row per variant, every number a logged metric."""
+    lines = ["| workload | variant | batch | " + " | ".join(title for title, _ in COLUMNS) + " |",
+             "|---" * (3 + len(COLUMNS)) + "|"]
+    for o in outcomes:
+        cells = ([f"failed: {o.error}"] + [""] * (len(COLUMNS) - 1) if o.error else
+                 [shown(metric, o.metrics.get(metric)) for _, metric in COLUMNS])
+        lines.append(f"| {o.workload} | {o.variant} | {o.batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(config: BenchConfig) -> dict:
+    """Every workload x variant in one parent run (a child run each); return the parent's id, the ratios and
+    the table."""
+    with tracking.experiment_run(contract.BENCH, config.experiment, config.run_name) as parent:
+        tracking.log_config(as_params(config))
+        effective = config.effective()
+        raise_if_any(check(effective))
+        peak = peak_flops(effective)
+        tracking.log_params({**tracking.environment_params(), "peak_tflops_used": peak / 1e12 if peak else "",
+                             **({"tiny_preset": "on"} if config.tiny else {})})
+        outcomes: list[Outcome] = []
+        with tracking.scratch_dir("bench-data") as scratch:
+            for workload in prepare(effective, scratch):
+                reference: dict[str, float] = {}
+                for variant in effective.variant_list:  # the baseline first
+                    outcome = run_variant(workload, variant, effective, peak)
+                    if variant == BASELINE:
+                        reference = outcome.metrics
+                    if outcome.metrics and reference:
+                        log_ratios(outcome, reference)
+                    outcomes.append(outcome)
+                    if config.output:  # so far: a run cut short by a time limit still leaves its rows
+                        Path(config.output).expanduser().write_text(table(outcomes))
+        markdown = table(outcomes)
+        mlflow.log_text(markdown, contract.BENCH_TABLE)
+        mlflow.log_table(pd.DataFrame([{"workload": o.workload, "variant": o.variant, "batch": o.batch,
+                                        "run_id": o.run_id, "error": o.error, **o.metrics} for o in outcomes]),
+                         contract.BENCH_RESULTS)
+        headline = {f"{o.workload}/{o.variant}/{ratio}": o.metrics[ratio] for o in outcomes
+                    for ratio in contract.BENCH_RATIOS.values() if ratio in o.metrics}
+        mlflow.log_metrics(headline)
+        failed = [o for o in outcomes if o.error]
+        mlflow.log_metric("failed_variants", len(failed))
+        return {"run_id": parent.info.run_id, "metrics": headline,
+                "notes": ["", markdown, *(f"failed: {variant_name(o.workload, o.variant)}: {o.error}"
+                                          for o in failed)],
+                "ui": tracking.ui_hint()}

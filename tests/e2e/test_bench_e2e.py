@@ -1,0 +1,116 @@
+"""`mlflow run . -e bench -P tiny=true` end to end: one parent, a child per workload x variant, the sweep's own
+children under the project variants, and every number of the table consistent with what the runs logged.
+Never a timing: the figures are checked against each other and against the runs they summarise."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from conftest import load_table, runs_of
+from finetune_lab import bench, contract
+
+VARIANTS = ["baseline", "project", "project_large"]
+PEAK_TFLOPS = 2.0
+
+
+def linear_params(model_path: str, loader) -> int:
+    model = loader.from_pretrained(model_path)
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def table_rows(markdown: str) -> dict[tuple[str, str], list[str]]:
+    """(workload, variant) → the row's cells, header and separator skipped."""
+    lines = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in markdown.strip().splitlines()]
+    assert len(lines[0]) == 3 + len(bench.COLUMNS)
+    return {(cells[0], cells[1]): cells for cells in lines[2:]}
+
+
+def number(cell: str) -> float:
+    return float(re.sub(r"[×%\s]", "", cell))
+
+
+def test_bench_logs_consistent_variants_and_prints_their_table(mlflow_run, client, tmp_path):
+    output = tmp_path / "bench.md"
+    result = mlflow_run("bench", {"tiny": "true", "peak_tflops": PEAK_TFLOPS, "output": output}, experiment="bench")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of(client, "bench")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.tags[contract.KIND_TAG] == contract.BENCH and parent.info.status == "FINISHED"
+    variants = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(variants) == {f"{w}:{v}" for w in ("classify", "lora_sweep") for v in VARIANTS}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    metrics = {name: r.data.metrics for name, r in variants.items()}
+
+    for name, logged in metrics.items():
+        for metric in contract.BENCH_METRICS + list(contract.BENCH_RATIOS.values()) + ["bench_mfu"]:
+            assert metric in logged and math.isfinite(logged[metric]), (name, metric)
+        assert logged["bench_tokens_per_s"] == pytest.approx(logged["bench_tokens"] / logged["bench_train_s"])
+        assert logged["bench_wall_tokens_per_s"] == pytest.approx(logged["bench_tokens"] / logged["bench_wall_s"])
+        assert logged["bench_examples_per_s"] == pytest.approx(logged["bench_examples"] / logged["bench_train_s"])
+        assert logged["bench_wall_s"] > logged["bench_train_s"]
+        assert logged["bench_mfu"] == pytest.approx(
+            logged["bench_flops_per_token"] * logged["bench_steady_tokens_per_s"] / (PEAK_TFLOPS * 1e12))
+        workload = name.split(":")[0]
+        for speed, ratio in contract.BENCH_RATIOS.items():
+            assert logged[ratio] == pytest.approx(logged[speed] / metrics[f"{workload}:baseline"][speed])
+            assert parent.data.metrics[f"{name.replace(':', '/')}/{ratio}"] == logged[ratio]
+
+    # classify: 3 steps of 16 examples (32 in project_large); the synthetic texts are 32 to 64 tokens long.
+    for variant, batch in (("baseline", 16), ("project", 16), ("project_large", 32)):
+        logged = metrics[f"classify:{variant}"]
+        assert logged["bench_steps"] == 3 and logged["bench_examples"] == 3 * batch
+        assert 32 * logged["bench_examples"] <= logged["bench_tokens"] <= 64 * logged["bench_examples"]
+    project = variants["classify:project"].data
+    assert project.metrics["bench_tokens"] == project.metrics["train_tokens"], "the entry point's own record"
+    assert project.metrics["bench_train_s"] == project.metrics["train_runtime_s"]
+    linear = linear_params(project.params["model_path"], AutoModelForSequenceClassification)
+    layers_hidden = 2 * 32  # the tiny DistilBERT
+    assert project.metrics["bench_flops_per_token"] == pytest.approx(
+        6 * linear + 12 * layers_hidden * project.metrics["bench_attended_tokens"])
+
+    # lora_sweep, project variants: the sweep's own parent record and its four children under the variant run.
+    for variant in ("project", "project_large"):
+        run = variants[f"lora_sweep:{variant}"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        assert sorted(int(c.data.params["lora_r"]) for c in children) == [4, 8, 16, 32]
+        child = [c.data.metrics for c in children]
+        logged = run.data.metrics
+        assert logged["bench_tokens"] == sum(c["train_tokens"] for c in child)
+        assert logged["bench_train_s"] == pytest.approx(sum(c["train_runtime_s"] for c in child))
+        assert logged["child_train_s_sum"] == pytest.approx(logged["bench_train_s"])
+        assert logged["bench_wall_s"] >= logged["sweep_wall_s"] > logged["child_train_s_sum"]
+        assert logged["bench_steps"] == 4 * 2
+        assert logged["bench_step_ms_median"] == pytest.approx(statistics.median(c["train_step_ms_median"]
+                                                                                 for c in child))
+        linear = linear_params(run.data.params["model_path"], AutoModelForCausalLM)
+        flops = [4 * linear + 6 * c["trainable_params"] + 12 * 2 * 64 * logged["bench_attended_tokens"]
+                 for c in child]
+        assert logged["bench_flops_per_token"] == pytest.approx(
+            sum(f * c["train_tokens"] for f, c in zip(flops, child)) / logged["bench_tokens"])
+    assert variants["lora_sweep:project_large"].data.params["batch_tokens"] == "512"
+    assert metrics["lora_sweep:baseline"]["bench_steps"] == 8
+
+    # The table: printed, logged, written to `output`, every cell the logged value as shown.
+    markdown = client.download_artifacts(parent.info.run_id, contract.BENCH_TABLE, str(tmp_path))
+    markdown = open(markdown).read()
+    assert markdown in result.stdout and output.read_text() == markdown
+    rows = table_rows(markdown)
+    assert set(rows) == {tuple(name.split(":")) for name in variants}
+    for (workload, variant), cells in rows.items():
+        logged = metrics[f"{workload}:{variant}"]
+        for (_, metric), cell in zip(bench.COLUMNS, cells[3:]):
+            if metric in logged:
+                assert number(cell) == pytest.approx(logged[metric] * (100 if metric == "bench_mfu" else 1),
+                                                     rel=0.01, abs=0.06), (workload, variant, metric)
+            else:
+                assert cell == "–", (workload, variant, metric)
+    results = load_table(client, parent.info.run_id, contract.BENCH_RESULTS, tmp_path)
+    for row in results.itertuples():
+        assert row.run_id == variants[f"{row.workload}:{row.variant}"].info.run_id
+        assert row.bench_tokens_per_s == pytest.approx(metrics[f"{row.workload}:{row.variant}"]["bench_tokens_per_s"])

@@ -1,0 +1,93 @@
+"""The bench's parts that need no training: synthetic lengths, the summary of a variant's trainings, the
+problems it reports, all at once, before any weights are loaded."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import entrypoint, runs_of
+from finetune_lab import bench
+from finetune_lab.config import BenchConfig
+
+
+def test_synthetic_data_has_the_stated_lengths():
+    config = BenchConfig(train_examples=4000, eval_examples=1000)
+    texts = bench.synthetic_frame("classify", config)
+    words = texts["text"].str.split().str.len() + 2  # [CLS] and [SEP]
+    assert len(texts) == 5000 and texts["split"].value_counts().to_dict() == {"train": 4000, "test": 1000}
+    assert words.between(32, 512).all() and statistics.median(words) == pytest.approx(230, rel=0.05)
+    assert set(texts["label"]) == {0, 1}
+    assert {w for text in texts["text"] for w in text.split()} <= set(bench.WORDS)
+    pairs = bench.synthetic_frame("lora_sweep", config)
+    total = pairs["input"].str.split().str.len() + pairs["output"].str.split().str.len() + 2  # newline, EOS
+    assert total.between(8, 256).all() and statistics.median(total) == pytest.approx(40, rel=0.05)
+    short = bench.synthetic_frame("lora_sweep", BenchConfig(lora_max_length=48))
+    assert (short["input"].str.split().str.len() + short["output"].str.split().str.len() + 2).max() <= 48
+
+
+def test_a_variant_sums_its_trainings_and_weighs_steady_speed_by_tokens():
+    first = {"train_tokens": 1000.0, "train_examples": 10.0, "train_steps": 5.0, "train_runtime_s": 2.0,
+             "train_step_ms_median": 300.0, "warmup_s": 0.5, "steady_tokens_per_s": 800.0, "peak_rss_mb": 900.0,
+             "compile_s": 0.4}
+    second = {"train_tokens": 3000.0, "train_examples": 30.0, "train_steps": 5.0, "train_runtime_s": 4.0,
+              "train_step_ms_median": 500.0, "warmup_s": 0.1, "steady_tokens_per_s": 1000.0, "peak_rss_mb": 950.0}
+    summary = bench.summarise([(first, 6e6), (second, 8e6)], wall_s=10.0, peak_flops=1e12)
+    assert summary["bench_tokens"] == 4000 and summary["bench_examples"] == 40 and summary["bench_steps"] == 10
+    assert summary["bench_tokens_per_s"] == pytest.approx(4000 / 6) and summary["bench_wall_tokens_per_s"] == 400
+    steady_s = 1000 / 800 + 3000 / 1000  # each training's tokens at its own steady rate
+    assert summary["bench_steady_tokens_per_s"] == pytest.approx(4000 / steady_s)
+    assert summary["bench_flops_per_token"] == pytest.approx((6e6 * 1000 + 8e6 * 3000) / 4000)
+    assert summary["bench_mfu"] == pytest.approx(summary["bench_flops_per_token"] * 4000 / steady_s / 1e12)
+    assert summary["bench_step_ms_median"] == 400 and summary["bench_warmup_s"] == pytest.approx(0.6)
+    assert summary["bench_compile_s"] == 0.4 and summary["bench_peak_rss_mb"] == 950
+    assert "bench_peak_cuda_mem_allocated_mb" not in summary
+    assert "bench_mfu" not in bench.summarise([(first, 6e6)], 10.0, peak_flops=None)
+
+
+def test_flops_per_token_follow_the_stated_formula():
+    workload = bench.Workload("lora_sweep", None, None, None, None, linear_params=1000, layers=2, hidden=8,
+                              attended=10.0)
+    assert workload.flops_per_token(adapter_params=50) == 4 * 1000 + 6 * 50 + 12 * 2 * 8 * 10
+    workload.name = "classify"
+    assert workload.flops_per_token() == 6 * 1000 + 12 * 2 * 8 * 10
+
+
+def test_shown_numbers():
+    assert [bench.shown("bench_tokens_per_s", v) for v in (93456.7, 12.345, 0.0)] == ["93457", "12.3", "0"]
+    assert bench.shown("bench_tokens_per_s_ratio", 25.04) == "25.04×" and bench.shown("bench_mfu", 0.2512) == "25.1 %"
+    assert bench.shown("bench_mfu", None) == "–"
+    assert math.isclose(float(bench.shown("bench_wall_s", 1234.4)), 1234)
+
+
+def test_bad_bench_input_is_reported_all_at_once_before_any_weights(client, no_weights_loaded):
+    outcome = CliRunner().invoke(entrypoint("bench").main, [
+        "--experiment", "bad-bench", "--variants", "baseline,turbo", "--tiny", "maybe", "--peak-tflops", "-1",
+        "--large-batch-tokens", "100", "--classify-steps", "0"])
+    assert outcome.exit_code == 2, outcome.output
+    errors = sorted(line for line in outcome.output.splitlines() if line.startswith("error: "))
+    assert errors == [
+        "error: classify_steps: must be >= 1, got 0",
+        "error: peak_tflops: must be >= 0 (0 = known from the device name), got -1.0",
+        "error: tiny: must be true or false, got 'maybe'",
+        "error: variants: must be a comma list of baseline, project, project_large, dynamic_padding, "
+        "got 'baseline,turbo'",
+    ]
+    outcome = CliRunner().invoke(entrypoint("bench").main, [
+        "--experiment", "bad-bench", "--large-batch-tokens", "100", "--lora-max-length", "128"])
+    assert "error: large_batch_tokens: must be 0 (= batch_size examples) or at least max_length (128)" in outcome.output
+    (_, run) = runs_of(client, "bad-bench")
+    assert run.info.status == "FAILED" and "large_batch_tokens" in run.data.tags["error"]
+
+
+def test_data_and_model_problems_of_every_workload_come_together(client, no_weights_loaded, tmp_path):
+    outcome = CliRunner().invoke(entrypoint("bench").main, [
+        "--experiment", "bad-bench", "--tiny", "true", "--lora-dataset", str(tmp_path / "missing.jsonl"),
+        "--classify-dataset", "sample_chat"])
+    assert outcome.exit_code == 2, outcome.output
+    errors = [line for line in outcome.output.splitlines() if line.startswith("error: ")]
+    assert any(e.startswith("error: classify_dataset: column 'text' not in the dataset") for e in errors), errors
+    assert f"error: lora_dataset: file '{tmp_path / 'missing.jsonl'}' not found" in errors
