@@ -17,7 +17,7 @@ from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ClassifyConfig, as_params
 from finetune_lab.data import TEST, TRAIN
-from finetune_lab.errors import raise_if_any
+from finetune_lab.errors import problem, raise_if_any
 
 # Held-out fraction for local files without a `split` column.
 TEST_FRACTION = 0.2
@@ -48,14 +48,17 @@ def prepare(config: ClassifyConfig) -> Prepared:
             problems += data_lib.check_text(data, "text_column", config.text_column)
             classes, label_problems = data_lib.check_labels(data, "label_column", config.label_column)
             problems += label_problems
+            named = config.label_name_list
+            if named and not label_problems and len(named) != len(classes):
+                problems.append(problem("label_names", f"names {len(named)} classes, the data has {len(classes)} "
+                                                       f"({', '.join(map(str, classes))})"))
         if not problems:
             data = data_lib.limit(data, {TRAIN: config.max_train_samples, TEST: config.max_eval_samples}, config.seed)
             texts = list(data.splits[TRAIN][config.text_column])
     source, model_problems = models.resolve(config.model, models.CLASSIFIER, texts, config.seed, len(classes))
     problems += model_problems
     raise_if_any(problems)
-    feature = data.splits[TRAIN].features.get(config.label_column)
-    names = list(getattr(feature, "names", None) or [str(c) for c in classes])
+    names = config.label_name_list or data_lib.label_names(data, config.label_column, classes)
     return Prepared(data, source, classes, names)
 
 
@@ -110,6 +113,8 @@ def run(config: ClassifyConfig) -> dict:
             prepared.source,
             AutoModelForSequenceClassification,
             num_labels=len(prepared.classes),
+            id2label=dict(enumerate(prepared.label_names)),
+            label2id={name: k for k, name in enumerate(prepared.label_names)},
             **models.model_kwargs(frozen_base=False),
         )
         if model.config.pad_token_id is None:

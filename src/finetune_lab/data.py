@@ -21,6 +21,8 @@ from finetune_lab.errors import problem
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLES = {"sample": SAMPLE_DIR / "sentiment.csv", "sample_chat": SAMPLE_DIR / "chat.jsonl"}
+# Class names of the embedded sets' label columns (see data/sample/README.md).
+SAMPLE_LABEL_NAMES = {("sample", "label"): ["negative", "positive"]}
 LOCAL_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 SPLIT_COLUMN = "split"
 TRAIN, TEST = "train", "test"
@@ -59,6 +61,8 @@ def describe(splits: datasets.DatasetDict, name: str, source: str, from_hub: boo
     with warnings.catch_warnings():
         # MLflow registers two equivalent local-file sources and warns that it picked one of them.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        # ... and that integer columns (our labels) could not hold missing values: they never do here.
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         for key, split in splits.items():
             split_targets = targets if targets in split.column_names else None
             if from_hub:
@@ -190,6 +194,13 @@ def check_labels(data: LoadedData, param: str, column: str) -> tuple[list[int], 
     if unseen:
         problems.append(problem(param, f"test labels {unseen} never occur in the train split"))
     return classes, problems
+
+
+def label_names(data: LoadedData, column: str, classes: list[int]) -> list[str]:
+    """Names of the classes 0..K-1: the column's own (a Hub `ClassLabel`), the embedded set's, else the numbers."""
+    feature = data.splits[TRAIN].features.get(column)
+    names = getattr(feature, "names", None) or SAMPLE_LABEL_NAMES.get((data.name, column))
+    return list(names) if names and len(names) == len(classes) else [str(c) for c in classes]
 
 
 def _is_integer(value: Any) -> bool:

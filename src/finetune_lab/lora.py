@@ -100,7 +100,9 @@ def log_adapter(model: PeftModel, tokenizer, artifact_path: str = ADAPTER_ARTIFA
     the weights' size in bytes."""
     with tracking.scratch_dir("adapter") as scratch:
         folder = Path(scratch) / artifact_path
-        model.save_pretrained(folder)
+        # Only linear layers are ever targeted and the vocabulary is never resized: no embeddings to save (and no
+        # lookup of the base's config by its name, which is an alias or a Hub id, not a folder).
+        model.save_pretrained(folder, save_embedding_layers=False)
         tokenizer.save_pretrained(folder)
         mlflow.log_artifacts(str(folder), artifact_path)
         return (folder / ADAPTER_WEIGHTS).stat().st_size

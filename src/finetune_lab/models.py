@@ -27,6 +27,8 @@ import torch
 from finetune_lab.errors import problem
 
 TINY = "tiny"
+# The revision of a model spec that is a local folder: nothing to pin it to but the folder itself.
+LOCAL = "local"
 # What a model is for: it decides the tiny architecture and the Auto class that loads it.
 CLASSIFIER, CAUSAL_LM = "classifier", "causal_lm"
 COMPLETE_MARKER = ".complete"
@@ -138,7 +140,7 @@ def resolve(spec: str, kind: str, texts: list[str] | None = None, seed: int = 0,
     if local.is_dir():
         if not (local / "config.json").is_file():
             return None, [problem("model", f"folder {spec!r} has no config.json")]
-        return ModelSource(spec, str(local.resolve()), "local"), []
+        return ModelSource(spec, str(local.resolve()), LOCAL), []
     from transformers import AutoConfig
 
     try:
@@ -283,7 +285,26 @@ def skeleton(source: ModelSource, loader: Callable):
         return loader.from_config(config)
 
 
+def is_local(source: ModelSource) -> bool:
+    """A base that exists only as a folder on this machine: `tiny`, or a local folder spec."""
+    return source.spec == TINY or source.revision == LOCAL
+
+
+def identity(source: ModelSource) -> str:
+    """What a model *is*, wherever it is loaded: the alias or Hub id; only a local folder is its own path."""
+    return source.path if source.revision == LOCAL else source.spec
+
+
+def requirements(source: ModelSource) -> list[str]:
+    """Packages needed to load `source` beyond torch and transformers (an offline alias made from GGUF is
+    converted on first fetch)."""
+    offline = OFFLINE_MODELS.get(source.spec)
+    return ["gguf"] if offline and offline.member.endswith(".gguf") else []
+
+
 def source_params(source: ModelSource) -> dict[str, str]:
+    """The model's record on a run: `model` (the spec) and `model_revision` say what it is; `model_path` is where it
+    was loaded from on this machine, a hint only."""
     return {"model_path": source.path, "model_revision": source.revision}
 
 
