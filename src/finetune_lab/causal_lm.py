@@ -60,9 +60,9 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
 def load_base(source: models.ModelSource):
     """The frozen base model and its tokenizer (with a pad token), loaded once per experiment."""
     model, tokenizer = models.load(source, AutoModelForCausalLM, **models.model_kwargs(frozen_base=True))
-    # PEFT writes this into every adapter_config.json as `base_model_name_or_path`: the base's identity (alias or
-    # Hub id), not the cache folder it happened to be loaded from on this machine.
-    model.name_or_path = models.identity(source)
+    # PEFT writes these into every adapter (adapter_config.json, its model card) as the base model: the base's
+    # identity (alias or Hub id), not the cache folder it happened to be loaded from on this machine.
+    model.name_or_path = model.config.name_or_path = models.identity(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
