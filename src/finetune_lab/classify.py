@@ -140,7 +140,8 @@ def run(config: ClassifyConfig) -> dict:
         if config.register_as:
             result = register(config, prepared, model, tokenizer, texts[:3], headline["eval_loss"])
             notes.append(f"registered {result['model_uri']} (champion {result['decision']})")
-        return {"run_id": active.info.run_id, "metrics": headline, "notes": notes, "ui": tracking.ui_hint()}
+        return {"run_id": active.info.run_id, "metrics": headline, "notes": notes,
+                "ui": tracking.ui_hint(active.info.experiment_id)}
 
 
 def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check_texts: list[str],

@@ -32,4 +32,4 @@ def run(config: GenerateConfig) -> dict:
         return {"run_id": active.info.run_id, "metrics": {},
                 "notes": [f"model:  {config.model_uri} from the tracking store {store}", f"prompt: {config.prompt}",
                           f"reply:  {reply}"],
-                "ui": tracking.ui_hint()}
+                "ui": tracking.ui_hint(active.info.experiment_id)}

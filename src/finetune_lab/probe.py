@@ -219,5 +219,5 @@ def run(config: ProbeConfig) -> dict:
                                                              "target_nll_drop", "rouge_l_before", "rouge_l_after",
                                                              "forgetting", "replies_differ")},
             "notes": notes,
-            "ui": tracking.ui_hint(),
+            "ui": tracking.ui_hint(parent.info.experiment_id),
         }

@@ -171,5 +171,5 @@ def run(config: SweepConfig) -> dict:
             "run_id": parent.info.run_id,
             "metrics": {"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])},
             "notes": ["children:", *notes, f"best child run: {best['run_id']}", *registered],
-            "ui": tracking.ui_hint(),
+            "ui": tracking.ui_hint(parent.info.experiment_id),
         }
