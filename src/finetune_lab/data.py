@@ -17,6 +17,7 @@ import mlflow.data
 import pandas as pd
 from mlflow.data.dataset import Dataset as MlflowDataset
 
+from finetune_lab import hub
 from finetune_lab.errors import problem
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
@@ -114,17 +115,15 @@ def _load_local(spec: str, path: Path, seed: int, test_fraction: float, targets:
 
 
 def _load_hub(spec: str, seed: int, test_fraction: float, targets: str | None):
-    try:
-        loaded = datasets.load_dataset(spec)
-    except Exception as error:  # noqa: BLE001 - offline, missing or gated datasets all end here
-        return None, [
-            problem(
-                "dataset",
-                f"cannot load {spec!r} as a local file or from the Hugging Face Hub "
-                f"({type(error).__name__}); offline, pass a .csv/.jsonl/.json/.parquet path or "
-                f"`sample` / `sample_chat`",
-            )
-        ]
+    reason = hub.unavailable(spec, "dataset")
+    if reason is None:
+        try:
+            loaded = datasets.load_dataset(spec)
+        except Exception as error:  # noqa: BLE001 - offline, missing or gated datasets all end here
+            reason = f"cannot be loaded from the Hugging Face Hub ({type(error).__name__})"
+    if reason is not None:
+        return None, [problem("dataset", f"cannot load {spec!r}: not a local file, and {reason}; offline, pass a "
+                                         f".csv/.jsonl/.json/.parquet path or `sample` / `sample_chat`")]
     test_name = next((n for n in TEST_SPLIT_NAMES if n in loaded), None)
     if TRAIN in loaded and test_name:
         splits = datasets.DatasetDict({TRAIN: loaded[TRAIN], TEST: loaded[test_name]})

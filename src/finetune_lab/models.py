@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 import click
 import torch
 
+from finetune_lab import hub
 from finetune_lab.errors import problem
 
 TINY = "tiny"
@@ -143,19 +144,18 @@ def resolve(spec: str, kind: str, texts: list[str] | None = None, seed: int = 0,
         return ModelSource(spec, str(local.resolve()), LOCAL), []
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(spec)
-    except Exception as error:  # noqa: BLE001 - offline / unknown ids raise many types
-        aliases = ", ".join([TINY, *OFFLINE_MODELS])
-        return None, [
-            problem(
-                "model",
-                f"cannot load {spec!r} ({type(error).__name__}): not a local folder and not reachable on the "
-                f"Hugging Face Hub. Offline, use an alias ({aliases}; fetch ahead with "
-                f"`python -m finetune_lab.models fetch`) or a local folder",
-            )
-        ]
-    return ModelSource(spec, spec, getattr(config, "_commit_hash", None) or "main"), []
+    reason = hub.unavailable(spec, "model")
+    if reason is None:
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except Exception as error:  # noqa: BLE001 - offline / unknown ids raise many types
+            reason = f"not reachable on the Hugging Face Hub ({type(error).__name__})"
+        else:
+            return ModelSource(spec, spec, getattr(config, "_commit_hash", None) or "main"), []
+    aliases = ", ".join([TINY, *OFFLINE_MODELS])
+    return None, [problem("model", f"cannot load {spec!r}: not a local folder, and {reason}. Offline, use an alias "
+                                   f"({aliases}; fetch ahead with `python -m finetune_lab.models fetch`) or a local "
+                                   f"folder")]
 
 
 def _content_hash(kind: str, texts: Iterable[str], seed: int) -> str:
