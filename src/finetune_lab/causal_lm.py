@@ -97,14 +97,14 @@ class FitResult:
         return self.curve[-1][1] if self.curve else float("nan")
 
 
-def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str,
+def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str, phase: str,
         collate=None) -> FitResult:
-    """Train the adapter on `train_split` (per-step metrics into run `run_id`), then measure the mean loss per
-    target token on `eval_split`. `collate` replaces the training collator (e.g. one that also records what each
-    batch held)."""
+    """Train the adapter on `train_split` (per-step metrics into run `run_id`, `phase` names it on the console),
+    then measure the mean loss per target token on `eval_split`. `collate` replaces the training collator (e.g. one
+    that also records what each batch held)."""
     with tracking.scratch_dir("lora") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer),
-                                        config, seed, run_id)
+                                        config, seed, run_id, phase)
         metrics = training.train(trainer)
     eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer), training.eval_batch_size(config))
     metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
-from finetune_lab import contract, models, plots, registry, tracking, training
+from finetune_lab import console, contract, models, plots, registry, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ClassifyConfig, as_params
@@ -62,6 +62,30 @@ def prepare(config: ClassifyConfig) -> Prepared:
     return Prepared(data, source, classes, names)
 
 
+def load_model(prepared: Prepared, seed: int):
+    """(model, tokenizer) with a classification head for the data's classes, named after them. A pretrained
+    encoder has no such head: it is initialised from `seed` (reproducibly), which is said in one line instead of
+    transformers' table of missing weights."""
+    set_seed(seed)
+    with console.without_load_report():
+        (model, loading), tokenizer = models.load(
+            prepared.source,
+            AutoModelForSequenceClassification,
+            num_labels=len(prepared.classes),
+            id2label=dict(enumerate(prepared.label_names)),
+            label2id={name: k for k, name in enumerate(prepared.label_names)},
+            output_loading_info=True,  # the model comes back as (model, what was missing / unused)
+            **models.model_kwargs(frozen_base=False),
+        )
+    if loading["missing_keys"]:
+        console.say(f"new classification head for {len(prepared.classes)} classes, initialised from seed {seed} "
+                    f"({', '.join(sorted(loading['missing_keys']))}): expected, the pretrained model has none")
+    if loading["unexpected_keys"]:
+        console.say(f"{len(loading['unexpected_keys'])} weights of the pretrained model are not used by a classifier "
+                    f"(its pretraining head): expected")
+    return model, tokenizer
+
+
 def _tokenize(prepared: Prepared, tokenizer, config: ClassifyConfig):
     def encode(batch):
         encoded = tokenizer(batch[config.text_column], truncation=True, max_length=config.max_length)
@@ -108,23 +132,16 @@ def run(config: ClassifyConfig) -> dict:
             }
         )
         data_lib.log_inputs(prepared.data)
-        set_seed(config.seed)  # a pretrained encoder gets a freshly initialised head: make it reproducible
-        model, tokenizer = models.load(
-            prepared.source,
-            AutoModelForSequenceClassification,
-            num_labels=len(prepared.classes),
-            id2label=dict(enumerate(prepared.label_names)),
-            label2id={name: k for k, name in enumerate(prepared.label_names)},
-            **models.model_kwargs(frozen_base=False),
-        )
+        model, tokenizer = load_model(prepared, config.seed)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         tokenized = _tokenize(prepared, tokenizer, config)
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None)
         with tracking.scratch_dir("classify") as scratch:
             trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], collator, config,
-                                            config.seed, active.info.run_id)
+                                            config.seed, active.info.run_id, "[1/2] classify")
             mlflow.log_metrics(training.train(trainer))
+        console.say(f"[2/2] classify: predicting the {len(tokenized[TEST])} held-out examples")
         # Row i of the logits is held-out example i: the table below pairs it with its own text.
         logits = training.predict_logits(model, tokenized[TEST], collator, training.eval_batch_size(config))
         labels = np.asarray(tokenized[TEST]["labels"])

@@ -62,8 +62,6 @@ def describe(splits: datasets.DatasetDict, name: str, source: str, from_hub: boo
     with warnings.catch_warnings():
         # MLflow registers two equivalent local-file sources and warns that it picked one of them.
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        # ... and that integer columns (our labels) could not hold missing values: they never do here.
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         for key, split in splits.items():
             split_targets = targets if targets in split.column_names else None
             if from_hub:

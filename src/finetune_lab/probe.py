@@ -107,10 +107,10 @@ def compare(before: Stage, after: Stage) -> dict[str, float]:
 
 
 def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared, config: ProbeConfig, name: str,
-              repeats: int, start: dict, before: Stage | None = None) -> Stage:
-    """In child run `name`: reset the adapter to `start`, train on the train split + `repeats` copies of the new
-    example, answer the probe and measure; log the training data it used, the adapter, and the change from
-    `before` when given."""
+              repeats: int, start: dict, before: Stage | None = None, *, position: str) -> Stage:
+    """In child run `name` (stage `position`, like `[2/3]`): reset the adapter to `start`, train on the train split
+    + `repeats` copies of the new example, answer the probe and measure; log the training data it used, the
+    adapter, and the change from `before` when given."""
     with tracking.child_run(name) as child:
         lora.restore_adapter(model, start)
         train = datasets.concatenate_datasets([tokenized[TRAIN], new_row.select([0] * repeats)])
@@ -121,7 +121,7 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
         data_lib.log_inputs(training_data(prepared.data, config, repeats))
         recorder = BatchRecorder(causal_lm.collator(tokenizer), new_row[0]["input_ids"])
         fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, child.info.run_id,
-                               collate=recorder)
+                               f"{position} {name}", collate=recorder)
         reply, measured = measure(model, tokenizer, config)
         measured.update(recorder.exposure(int(fitted.metrics["train_steps"])))
         tracking.log_params({"reply": reply})
@@ -200,13 +200,15 @@ def run(config: ProbeConfig) -> dict:
         tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
         new_row = new_example_row(tokenizer, config)
         sweep = len(config.repeats_list) > 1
+        stages = 1 + len(config.repeats_list)
         with lora.adapter(base, config, config.rank, config.seed) as model:
             fresh = lora.adapter_state(model)
-            before = run_stage(model, tokenizer, tokenized, new_row, prepared, config, BEFORE, 0, fresh)
+            before = run_stage(model, tokenizer, tokenized, new_row, prepared, config, BEFORE, 0, fresh,
+                               position=f"[1/{stages}]")
             start = lora.adapter_state(model) if config.mode == "continue" else fresh
             afters = [run_stage(model, tokenizer, tokenized, new_row, prepared, config,
-                                contract.after_name(n, sweep), n, start, before)
-                      for n in config.repeats_list]
+                                contract.after_name(n, sweep), n, start, before, position=f"[{k}/{stages}]")
+                      for k, n in enumerate(config.repeats_list, start=2)]
         table = log_comparison(before, afters, config)
         last = table.iloc[-1]
         notes = [f"probe_input: {config.probe_input!r}   mode: {config.mode}", f"  {'before':<10} {before.reply!r}"]

@@ -21,7 +21,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
-from finetune_lab import models, tracking, training
+from finetune_lab import console, models, tracking, training
 from finetune_lab.contract import MODEL_ARTIFACT
 from finetune_lab.pyfunc_models import AdapterModel, ClassifierModel, base_settings
 
@@ -92,6 +92,7 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
 
     Nothing is registered when the reload differs from the in-memory model (RegistrationError).
     """
+    console.say(f"registering in {name!r}: log the model, reload it, compare its logits with the trained model's")
     info = candidate.log()
     # bf16 matmuls on CUDA may differ in the last bits between two loads; on CPU the reload must be exact.
     tolerance = 1e-2 if training.on_cuda() else 0.0

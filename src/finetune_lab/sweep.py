@@ -41,10 +41,11 @@ class ChildOutcome:
         return child_name(self.rank, self.seed)
 
 
-def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: int,
-              check_texts: list[str]) -> ChildOutcome:
-    """Train one adapter in its own child run; a failure ends that run FAILED and is returned, not raised.
-    `check_texts`: texts whose logits are kept for verifying a registry reload (empty = keep none)."""
+def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: int, check_texts: list[str],
+              position: str) -> ChildOutcome:
+    """Train one adapter in its own child run (`position` in the sweep, like `[2/4]`); a failure ends that run
+    FAILED and is returned, not raised. `check_texts`: texts whose logits are kept for verifying a registry reload
+    (empty = keep none)."""
     run_id = ""
     try:
         with tracking.child_run(child_name(rank, seed)) as child, lora.adapter(base, config, rank, seed) as model:
@@ -52,7 +53,8 @@ def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: 
             params = lora.lora_params(model, config, rank, seed)
             tracking.log_params(params)  # first: the effective lora_alpha wins over the config's 0 = "per rank"
             tracking.log_config(as_params(config))
-            fitted = causal_lm.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed, run_id)
+            fitted = causal_lm.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed, run_id,
+                                   f"{position} {child_name(rank, seed)}")
             # trainable_params is also a metric, for charts
             logged = {**fitted.metrics, "trainable_params": params["trainable_params"],
                       "adapter_size_bytes": lora.log_adapter(model, tokenizer)}
@@ -156,8 +158,9 @@ def run(config: SweepConfig) -> dict:
         base, tokenizer = causal_lm.load_base(prepared.source)
         tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
         check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
-        children = [run_child(base, tokenizer, tokenized, config, rank, seed, check_texts)
-                    for seed in config.seeds for rank in config.ranks]
+        grid = [(rank, seed) for seed in config.seeds for rank in config.ranks]
+        children = [run_child(base, tokenizer, tokenized, config, rank, seed, check_texts, f"[{k}/{len(grid)}]")
+                    for k, (rank, seed) in enumerate(grid, start=1)]
         outcome = log_summary(children)
         best = outcome["best"]
         registered = []

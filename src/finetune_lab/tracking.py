@@ -21,6 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from mlflow.utils.uri import is_databricks_uri, is_http_uri
 
+from finetune_lab import console
 from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, KIND_TAG
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -65,6 +66,7 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
     """The invocation's run, tagged with its `kind` (see `contract`): the one `mlflow run` created, or a new one
     in `experiment`."""
     configure()
+    console.quiet_libraries()
     mlflow.enable_system_metrics_logging()
     # `mlflow run` created the run (and chose its experiment) before our process started. Take the id out of
     # the environment while we hold the run: start_run() would otherwise resume it for every nested child too.

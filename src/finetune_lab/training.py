@@ -20,8 +20,9 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
+from finetune_lab import console
 from finetune_lab.config import TrainingConfig
 from finetune_lab.models import eval_mode
 from finetune_lab.prompts import IGNORE_INDEX
@@ -74,17 +75,39 @@ def training_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> T
 
 
 def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, config: TrainingConfig, seed: int,
-                 run_id: str) -> Trainer:
-    """The HF Trainer every experiment uses: the config's optimisation settings, and per-step metrics logged
-    into run `run_id`."""
-    return Trainer(
+                 run_id: str, phase: str) -> Trainer:
+    """The HF Trainer every experiment uses: the config's optimisation settings, per-step metrics logged into run
+    `run_id`, and on the console the line `<phase>: training N steps` then a progress bar (no per-step dicts)."""
+    trainer = Trainer(
         model=model,
         args=training_arguments(output_dir, config, seed),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[MlflowStepLogger(run_id)],
+        callbacks=[MlflowStepLogger(run_id), PhaseLine(phase)],
     )
+    if trainer.pop_callback(ProgressCallback) is not None:  # a notebook has its own progress widget instead
+        trainer.add_callback(QuietProgress)
+    return trainer
+
+
+class PhaseLine(TrainerCallback):
+    """Announces the training phase, with its real number of steps (known once training begins)."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            console.say(f"{self.phase}: training {state.max_steps} steps")
+
+
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bar without the log dict it writes under the bar at every logging step (the values
+    go to MLflow)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 class MlflowStepLogger(TrainerCallback):
