@@ -125,7 +125,7 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
         reply, measured = measure(model, tokenizer, config)
         measured.update(recorder.exposure(int(fitted.metrics["train_steps"])))
         tracking.log_params({"reply": reply})
-        measured.update({"trainable_params": params["trainable_params"],  # also a metric, for charts
+        measured.update({"trainable_params": lora.trainable_params(model),
                          "adapter_size_bytes": lora.log_adapter(model, tokenizer)})
         mlflow.log_metrics({**fitted.metrics, **measured})
         stage = Stage(name, repeats, child.info.run_id, reply,
@@ -153,18 +153,26 @@ def comparison_table(before: Stage, afters: list[Stage], config: ProbeConfig) ->
     ])
 
 
-def dose_response_figure(table: pd.DataFrame, series: dict[str, str], ylabel: str, title: str):
+def dose_response_figure(table: pd.DataFrame, series: dict[str, str], ylabel: str, title: str,
+                         ylim: tuple[float | None, float | None] | None = None):
     """`<metric>_after` against repeats, with `<metric>_before` as a dashed line of the same colour."""
     frame = table[["repeats"]].copy()
     for metric in series:
-        frame[f"{metric}_mean"], frame[f"{metric}_std"] = table[f"{metric}_after"], float("nan")
-    figure = plots.metric_vs_x(frame, "repeats", {m: f"{label} after" for m, label in series.items()}, ylabel, title)
-    axes = figure.axes[0]
-    for (metric, label), container in zip(series.items(), axes.containers):
-        axes.axhline(table[f"{metric}_before"].iloc[0], linestyle="--", color=container[0].get_color(),
-                     label=f"{label} before")
-    axes.legend()
-    return figure
+        frame[f"{metric}_mean"] = table[f"{metric}_after"]
+    return plots.metric_vs_x(frame, "repeats", {m: f"{label} after" for m, label in series.items()}, ylabel, title,
+                             baselines={m: (table[f"{m}_before"].iloc[0], f"{label} before")
+                                        for m, label in series.items()}, ylim=ylim)
+
+
+def target_nll_figure(table: pd.DataFrame):
+    return dose_response_figure(table, {"target_nll": "NLL | probe_input", "target_nll_new_input": "NLL | new_input"},
+                                "mean NLL per token of new_output", "Target NLL vs copies of the new example")
+
+
+def similarity_figure(table: pd.DataFrame):
+    """ROUGE-L on its whole range [0, 1], so that a change of 0.02 looks like one."""
+    return dose_response_figure(table, {"rouge_l": "ROUGE-L of the reply"}, "ROUGE-L F1 vs new_output",
+                                "Reply similarity vs copies of the new example", ylim=(0, 1))
 
 
 def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> pd.DataFrame:
@@ -175,12 +183,8 @@ def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> p
     for after in afters:
         mlflow.log_metrics(compare(before, after), step=after.repeats)
     if len(afters) > 1:
-        nll = {"target_nll": "NLL | probe_input", "target_nll_new_input": "NLL | new_input"}
-        plots.log_figure(dose_response_figure(table, nll, "mean NLL per token of new_output",
-                                               "Target NLL vs copies of the new example"), contract.TARGET_NLL_FIGURE)
-        plots.log_figure(dose_response_figure(table, {"rouge_l": "ROUGE-L of the reply"}, "ROUGE-L F1 vs new_output",
-                                               "Reply similarity vs copies of the new example"),
-                          contract.SIMILARITY_FIGURE)
+        plots.log_figure(target_nll_figure(table), contract.TARGET_NLL_FIGURE)
+        plots.log_figure(similarity_figure(table), contract.SIMILARITY_FIGURE)
     return table
 
 

@@ -55,8 +55,7 @@ def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: 
             tracking.log_config(as_params(config))
             fitted = causal_lm.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed, run_id,
                                    f"{position} {child_name(rank, seed)}")
-            # trainable_params is also a metric, for charts
-            logged = {**fitted.metrics, "trainable_params": params["trainable_params"],
+            logged = {**fitted.metrics, "trainable_params": lora.trainable_params(model),
                       "adapter_size_bytes": lora.log_adapter(model, tokenizer)}
             mlflow.log_metrics(logged)
             reference = registry.reference_logits(model, tokenizer, check_texts)
@@ -99,14 +98,10 @@ def log_summary(children: list[ChildOutcome]) -> dict:
     for row in summary.itertuples():
         mlflow.log_metrics({"eval_loss_by_rank": row.eval_loss_mean, "train_loss_by_rank": row.train_loss_mean},
                            step=int(row.rank))
-    memory = "peak_cuda_mem_allocated_mb" if summary["peak_cuda_mem_allocated_mb_mean"].notna().any() else "peak_rss_mb"
-    plots.log_figure(
-        plots.metric_vs_x(summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss (last steps)"},
-                          "loss", "Loss vs LoRA rank (mean ± std over seeds)"),
-        contract.LOSS_VS_RANK_FIGURE,
-    )
-    plots.log_figure(plots.metric_vs_x(summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank"),
-                     contract.MEMORY_VS_RANK_FIGURE)
+    plots.log_figure(plots.loss_vs_rank(summary), contract.LOSS_VS_RANK_FIGURE)
+    memory = plots.memory_vs_rank(summary)
+    if memory is not None:
+        plots.log_figure(memory, contract.MEMORY_VS_RANK_FIGURE)
     plots.log_figure(plots.loss_curves({c.name: c.curve for c in children}), contract.LOSS_CURVES_FIGURE)
     best = best_child(table, summary)
     mlflow.log_metrics({"best_rank": int(best["rank"]), "best_eval_loss": float(best["eval_loss"])})
