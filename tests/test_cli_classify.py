@@ -28,6 +28,8 @@ def invoke(client, no_weights_loaded):
         (["--label-column", "text"], "error: label_column: labels must be integers"),
         (["--dataset", "missing.csv"], "error: dataset: file 'missing.csv' not found"),
         (["--model", "nobody/nothing"], "error: model: cannot load 'nobody/nothing'"),
+        (["--label-names", "bad,good,ugly"], "error: label_names: names 3 classes, the data has 2 (0, 1)"),
+        (["--label-names", "bad,bad"], "error: label_names: must be distinct non-empty names like negative,positive"),
     ],
 )
 def test_each_bad_input_is_one_clear_line(invoke, args, expected):

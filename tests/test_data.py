@@ -102,3 +102,10 @@ def test_rows_added_to_the_training_split_change_its_digest_and_nothing_else():
     assert len(more.splits[TRAIN]) == len(chat.splits[TRAIN]) + 2 and more.splits[TRAIN][-1] == {
         "input": "hi", "output": "hello"}
     assert more.digest != chat.digest and more.eval_digest == chat.eval_digest
+
+
+def test_class_names_come_from_the_data_or_are_the_numbers():
+    sample, _ = data.load("sample", seed=0, test_fraction=0.2)
+    assert data.label_names(sample, "label", [0, 1]) == ["negative", "positive"]
+    chat, _ = data.load("sample_chat", seed=0, test_fraction=0.2)
+    assert data.label_names(chat, "input", [0, 1]) == ["0", "1"]
