@@ -75,8 +75,8 @@ with warnings.catch_warnings(record=True) as caught:
     predictions = model.predict(json.loads(sys.argv[2]), params=json.loads(sys.argv[3]) or None)
 import finetune_lab
 inner = model.unwrap_python_model()
-report = {"package": finetune_lab.__file__, "warnings": [str(w.message) for w in caught], "modules": sorted(sys.modules),
-          "predictions": predictions if isinstance(predictions, list) else predictions.to_dict("list")}
+report = {"package": finetune_lab.__file__, "warnings": [str(w.message) for w in caught],
+          "modules": sorted(sys.modules), "predictions": predictions if isinstance(predictions, list) else predictions.to_dict("list")}
 """
 ADAPTER_PROCESS = WITHOUT_FINETUNE_LAB + """
 from finetune_lab import prompts
