@@ -34,7 +34,11 @@ _quiet = False
 
 
 def quiet_libraries() -> None:
-    """Silence the chatter described above, once per process; warnings and errors that matter still show."""
+    """Silence the chatter described above; warnings and errors that matter still show. The warning filters are
+    set on every call (re-adding one replaces it; a caller such as pytest may have reset them), the rest once."""
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # MLflow's advice, when it records a dataset, that integer columns (our labels) cannot hold missing values.
+    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
     global _quiet
     if _quiet:
         return
@@ -42,9 +46,6 @@ def quiet_libraries() -> None:
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     logging.getLogger("mlflow.pyfunc").addFilter(_DropMessages(_MLFLOW_NOTICES))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    # MLflow's advice, when it records a dataset, that integer columns (our labels) cannot hold missing values.
-    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # loading / writing weights: sub-second bars; the Trainer's stays

@@ -153,7 +153,7 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
 
 def mark_model_training(experiment_id: str) -> None:
     """Tag the experiment as a model-training one (the tag the MLflow UI itself writes), unless it says otherwise.
-    The 3.17 UI picks its GenAI / Model training view from a global switch instead, which the query of `ui_page` sets."""
+    The 3.17 UI picks its GenAI / Model training view from a global switch instead, which `ui_page`'s query sets."""
     client = MlflowClient()
     if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
