@@ -123,3 +123,58 @@ def entrypoint(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    """Settings for a local Ray instance started by the code under test: its own short temp folder (Ray's socket
+    paths must stay under 107 bytes), no auth token written into ~/.ray, no usage stats, no RAY_ADDRESS. Yields
+    the folder; whatever of that instance is still alive at the end is killed (tests assert there is none)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield folder
+    import psutil
+
+    left = ray_processes(folder)
+    for process in left:
+        process.kill()
+    psutil.wait_procs(left, timeout=10)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_processes(folder: Path) -> list:
+    """Live processes of the Ray instance whose temp folder is `folder`: they inherit RAY_TMPDIR from the driver
+    that started it, or (Ray's agents, started with an environment of their own) hold its log files open. Nobody
+    else's Ray processes do either; the driver itself (this process) is not counted."""
+    import psutil
+
+    def of_this_instance(process) -> bool:
+        if process.environ().get("RAY_TMPDIR") == str(folder):
+            return True
+        fds = Path(f"/proc/{process.pid}/fd")
+        return any(os.readlink(fd).startswith(f"{folder}/") for fd in fds.iterdir())
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if (process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE
+                    and of_this_instance(process)):
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def ray_left_behind(folder: Path, grace_s: float = 15.0) -> list[str]:
+    """Processes of that Ray instance still alive after `grace_s` (shutdown takes a moment to reach them all)."""
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while (left := ray_processes(folder)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return [" ".join(p.cmdline()) or p.name() for p in left]

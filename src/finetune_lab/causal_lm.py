@@ -5,9 +5,10 @@ held-out loss. The counterpart of `classify.prepare` for language models; the ad
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import datasets
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from finetune_lab import data as data_lib
 from finetune_lab import lora, models, prompts, tracking, training
@@ -26,10 +27,12 @@ class Prepared:
     source: models.ModelSource
 
 
-def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_param: str = "ranks") -> Prepared:
+def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_param: str = "ranks",
+            found: Sequence[str] = ()) -> Prepared:
     """Load and check data, model spec and architecture; raise InputError with every problem, config's included.
-    Rank problems are reported under `rank_param`, the parameter that set them."""
-    problems = config.problems()
+    Rank problems are reported under `rank_param`, the parameter that set them; `found` are problems the caller
+    found already (e.g. with the environment), reported together with these."""
+    problems = [*config.problems(), *found]
     data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction)
     problems += data_problems
     texts = None
@@ -57,14 +60,21 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
     return Prepared(data, source)
 
 
+def load_tokenizer(source: models.ModelSource):
+    """The model's tokenizer, with a pad token (the EOS token when it has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_base(source: models.ModelSource):
     """The frozen base model and its tokenizer (with a pad token), loaded once per experiment."""
-    model, tokenizer = models.load(source, AutoModelForCausalLM, **models.model_kwargs(frozen_base=True))
+    tokenizer = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source.path, **models.model_kwargs(frozen_base=True))
     # PEFT writes these into every adapter (adapter_config.json, its model card) as the base model: the base's
     # identity (alias or Hub id), not the cache folder it happened to be loaded from on this machine.
     model.name_or_path = model.config.name_or_path = models.identity(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

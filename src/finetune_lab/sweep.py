@@ -2,19 +2,22 @@
 the same tokenized data and the same held-out split; then a comparison table, a per-rank summary
 (mean ± std over seeds), plots and the best rank on the parent.
 
-Recipe: prepare (config, data, model, architecture checks) → load base + tokenize once →
-children (fresh adapter each; a failing child is recorded and the sweep goes on) → summarise.
+Recipe: prepare (config, data, model, architecture checks) → tokenize once →
+children through an executor (`executors`: base loaded once per process; fresh adapter each; a failing child is
+recorded and the sweep goes on) → summarise.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import datasets
 import mlflow
 import pandas as pd
 import torch
 
-from finetune_lab import causal_lm, contract, lora, models, plots, prompts, registry, tracking
+from finetune_lab import causal_lm, contract, executors, lora, models, plots, prompts, registry, tracking
 from finetune_lab import data as data_lib
 from finetune_lab.config import SweepConfig, as_params
 from finetune_lab.contract import child_name
@@ -42,19 +45,19 @@ class ChildOutcome:
 
 
 def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: int, check_texts: list[str],
-              position: str) -> ChildOutcome:
-    """Train one adapter in its own child run (`position` in the sweep, like `[2/4]`); a failure ends that run
-    FAILED and is returned, not raised. `check_texts`: texts whose logits are kept for verifying a registry reload
-    (empty = keep none)."""
-    run_id = ""
+              position: str = "", run_id: str = "") -> ChildOutcome:
+    """Train one adapter in its own child run; a failure ends that run FAILED and is returned, not raised.
+    `check_texts`: texts whose logits are kept for verifying a registry reload (empty = keep none); `position`: its
+    place in the sweep for the console, like `[2/4]`; `run_id`: the child run the driver made for it (a worker
+    process), else a new nested run."""
     try:
-        with tracking.child_run(child_name(rank, seed)) as child, lora.adapter(base, config, rank, seed) as model:
+        with tracking.child_run(child_name(rank, seed), run_id) as child, lora.adapter(base, config, rank, seed) as model:
             run_id = child.info.run_id
             params = lora.lora_params(model, config, rank, seed)
             tracking.log_params(params)  # first: the effective lora_alpha wins over the config's 0 = "per rank"
             tracking.log_config(as_params(config))
             fitted = causal_lm.fit(model, tokenizer, tokenized[TRAIN], tokenized[TEST], config, seed, run_id,
-                                   f"{position} {child_name(rank, seed)}")
+                                   f"{position} {child_name(rank, seed)}".strip())
             logged = {**fitted.metrics, "trainable_params": lora.trainable_params(model),
                       "adapter_size_bytes": lora.log_adapter(model, tokenizer)}
             mlflow.log_metrics(logged)
@@ -63,6 +66,55 @@ def run_child(base, tokenizer, tokenized, config: SweepConfig, rank: int, seed: 
                                 fitted.curve, reference_logits=reference)
     except Exception as error:  # noqa: BLE001 - OOM, NaN loss, anything: record it and go on with the sweep
         return ChildOutcome(rank, seed, run_id, "FAILED", error=tracking.one_line(error))
+
+
+@dataclass(frozen=True)
+class Child:
+    """One rank x seed of the sweep, as handed to an executor."""
+
+    rank: int
+    seed: int
+    position: str = ""
+    """Its place in the sweep, like `[2/4]`, for the console."""
+
+    @property
+    def name(self) -> str:
+        return child_name(self.rank, self.seed)
+
+    def failed(self, run_id: str, error: str) -> ChildOutcome:
+        """The outcome of a child that could not finish where it was sent (e.g. its worker died)."""
+        return ChildOutcome(self.rank, self.seed, run_id, "FAILED", error=error)
+
+
+@dataclass
+class Workload:
+    """What every child of a sweep shares: sent once to each process that trains children."""
+
+    config: SweepConfig
+    source: models.ModelSource
+    tokenized: datasets.DatasetDict
+    check_texts: list[str]
+
+    def __getstate__(self) -> dict:
+        # Pickled for worker processes, maybe on other machines: carry the rows, not paths to this machine's
+        # dataset cache files (which is how a file-backed Dataset pickles).
+        tokenized = datasets.DatasetDict({name: split.flatten_indices(keep_in_memory=True) if split.cache_files
+                                          else split for name, split in self.tokenized.items()})
+        return {**self.__dict__, "tokenized": tokenized}
+
+
+class ChildTrainer:
+    """The frozen base loaded once, in the process that trains the children; then one child after another, each
+    with a fresh adapter that is detached afterwards."""
+
+    def __init__(self, workload: Workload):
+        self.workload = workload
+        self.base, self.tokenizer = causal_lm.load_base(workload.source)
+
+    def __call__(self, child: Child, run_id: str = "") -> ChildOutcome:
+        w = self.workload
+        return run_child(self.base, self.tokenizer, w.tokenized, w.config, child.rank, child.seed, w.check_texts,
+                         child.position, run_id)
 
 
 def comparison_table(children: list[ChildOutcome]) -> pd.DataFrame:
@@ -143,19 +195,22 @@ def run(config: SweepConfig) -> dict:
         tracking.log_config(as_params(config))
         # The held-out split (and the tiny model) come from the first seed: identical for every child.
         split_seed = config.seeds[0] if config.seeds else 0
-        prepared = causal_lm.prepare(config, config.ranks, split_seed)
+        prepared = causal_lm.prepare(config, config.ranks, split_seed, found=executors.problems(config))
         tracking.log_params(
             {**models.source_params(prepared.source), **tracking.environment_params(),
              "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
              "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed}
         )
         data_lib.log_inputs(prepared.data)
-        base, tokenizer = causal_lm.load_base(prepared.source)
+        tokenizer = causal_lm.load_tokenizer(prepared.source)
         tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
         check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
+        trainer = functools.partial(ChildTrainer, Workload(config, prepared.source, tokenized, check_texts))
         grid = [(rank, seed) for seed in config.seeds for rank in config.ranks]
-        children = [run_child(base, tokenizer, tokenized, config, rank, seed, check_texts, f"[{k}/{len(grid)}]")
-                    for k, (rank, seed) in enumerate(grid, start=1)]
+        planned = [Child(rank, seed, f"[{k}/{len(grid)}]") for k, (rank, seed) in enumerate(grid, start=1)]
+        # Executors give outcomes as children end (in any order); the table keeps the planned order.
+        ended = {outcome.name: outcome for outcome in executors.run_children(config, trainer, planned)}
+        children = [ended[child.name] for child in planned]
         outcome = log_summary(children)
         best = outcome["best"]
         registered = []

@@ -2,8 +2,9 @@
 
 `experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one, tags it with the kind
 of experiment that made it, turns on system metrics, and on any exception tags the run with a one-line `error`
-and ends it FAILED. `child_run` does the same for nested runs (sweep children). Nothing else in the package
-starts or ends runs.
+and ends it FAILED. `child_run` does the same for nested runs (sweep children), also in a worker process that
+fills a child run the driver made (`create_child_run`, `end_run_by_id`). Nothing else in the package starts or
+ends runs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Iterator
 import mlflow
 import yaml
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context import registry as context_registry
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from mlflow.utils.uri import is_databricks_uri, is_http_uri
 
 from finetune_lab import console
@@ -89,11 +92,34 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
 
 
 @contextlib.contextmanager
-def child_run(run_name: str) -> Iterator[mlflow.ActiveRun]:
-    """A nested run under the active one; FAILED with an `error` tag if its body raises."""
-    run = mlflow.start_run(run_name=run_name, nested=True)
+def child_run(run_name: str, run_id: str = "") -> Iterator[mlflow.ActiveRun]:
+    """A nested run under the active one, or (in a worker process) the run `create_child_run` made for it;
+    FAILED with an `error` tag if its body raises."""
+    run = mlflow.start_run(run_id=run_id or None, run_name=run_name, nested=True)
     with _failing_on_error(run) as active:
         yield active
+
+
+def create_child_run(run_name: str) -> str:
+    """A child of the active run, made here with the tags `start_run(nested=True)` would give it in this process
+    (parent, name, user, source, git commit), for a worker process to fill with `child_run(run_name, run_id)`."""
+    parent = mlflow.active_run()
+    tags = context_registry.resolve_tags({MLFLOW_PARENT_RUN_ID: parent.info.run_id, MLFLOW_RUN_NAME: run_name})
+    return MlflowClient().create_run(parent.info.experiment_id, tags=tags, run_name=run_name).info.run_id
+
+
+def end_run_by_id(run_id: str, status: str, error: str) -> None:
+    """End a run another process was filling (a worker that died, an interrupted child) with its `error` tag."""
+    client = MlflowClient()
+    client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_CHARS])
+    client.set_terminated(run_id, status)
+
+
+def configure_worker(tracking_uri: str) -> None:
+    """In a worker process: log into the driver's tracking store, with system metrics like every run here."""
+    console.quiet_libraries()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.enable_system_metrics_logging()
 
 
 def log_params(params: dict[str, Any]) -> None:

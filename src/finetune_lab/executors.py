@@ -1,0 +1,187 @@
+"""Where a sweep's children train: the seam between the experiment and the processes that do the work.
+
+The sweep hands over its `children` (each with a `name` and `failed(run_id, error)`, which makes the outcome of
+a child that could not finish) and `make_trainer`, a picklable factory of `trainer(child, run_id="") -> outcome`
+that loads what the children share (the frozen base) once per process. Outcomes come back as children end.
+
+- `local`: one trainer in this process, the children one after another.
+- `ray`: one Ray actor per worker (one GPU each when the cluster has GPUs, else `cpus_per_worker` CPUs), each
+  with its own trainer; a worker that has loaded it and is free takes the next child. Each child logs into the
+  driver's tracking store, in a child run the driver made when it handed the child out, so the record is the
+  same as `local`'s. A child whose worker dies ends FAILED with its `error` tag and the others go on; a worker
+  that cannot start takes no child, and children left with no worker end FAILED. Without RAY_ADDRESS a local
+  Ray instance is started for the sweep; with it the cluster is joined, and its workers must reach the
+  tracking server (`problems` says so before any model is loaded). Ray is shut down (or left) at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import urlparse
+
+import mlflow
+
+from finetune_lab import tracking
+from finetune_lab.config import SweepConfig
+from finetune_lab.errors import InputError, problem
+
+RAY = "ray"
+# Tracking URIs that a worker on another machine can reach; an `mlflow server` also proxies the artifacts.
+SERVER_SCHEMES = ("http", "https", "databricks")
+INSTALL_RAY = 'pip install -e ".[ray]" (or make install)'
+
+
+def problems(config: SweepConfig) -> list[str]:
+    """What stops `config.executor` on this machine, found before any model is loaded."""
+    if config.executor != RAY:
+        return []
+    if importlib.util.find_spec("ray") is None:
+        return [problem("executor", f"executor=ray needs Ray, which is not installed: {INSTALL_RAY}")]
+    address = cluster_address()
+    found = []
+    uri = mlflow.get_tracking_uri()
+    if address and urlparse(uri).scheme not in SERVER_SCHEMES:
+        found.append(problem(
+            "executor", f"the Ray cluster at RAY_ADDRESS={address} cannot reach the local tracking store {uri}: run "
+                        f"`mlflow server --backend-store-uri <database> --artifacts-destination <store>` and set "
+                        f"MLFLOW_TRACKING_URI=http://<server>:5000"))
+    if address.startswith("ray://") and importlib.util.find_spec("grpc") is None:
+        found.append(problem("executor", f"RAY_ADDRESS={address} connects through Ray Client, which needs grpcio: "
+                                         f"{INSTALL_RAY}"))
+    return found
+
+
+def cluster_address() -> str:
+    """The Ray cluster to join (RAY_ADDRESS), or "" for a local instance started for the sweep."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return "" if address == "local" else address
+
+
+def run_children(config: SweepConfig, make_trainer: Callable[[], Callable], children: list) -> Iterator:
+    """Each child's outcome as it ends, trained where `config.executor` says."""
+    if not children:
+        return
+    if config.executor == RAY:
+        yield from _ray_children(config, make_trainer, children)
+        return
+    trainer = make_trainer()
+    for child in children:
+        yield trainer(child)
+
+
+class ChildWorker:
+    """The body of one Ray actor: the driver's tracking store, one trainer (base loaded once), children in turn."""
+
+    def __init__(self, make_trainer: Callable[[], Callable], tracking_uri: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)  # its CPUs, whatever OMP_NUM_THREADS the worker inherited
+        tracking.configure_worker(tracking_uri)
+        self.trainer = make_trainer()
+
+    def ready(self) -> bool:
+        """Answers once the base is loaded (or fails as the worker could not start)."""
+        return True
+
+    def train(self, child, run_id: str):
+        return self.trainer(child, run_id)
+
+
+def worker_capacity(nodes: list[dict[str, Any]], cpus_per_worker: int) -> tuple[int, bool]:
+    """How many workers the cluster's live nodes hold (`ray.nodes()`), and whether each takes a GPU (when the
+    cluster has any). A worker's CPUs (and GPU) must be on one node."""
+    alive = [node["Resources"] for node in nodes if node["Alive"]]
+    gpus = any(resources.get("GPU", 0) >= 1 for resources in alive)
+    capacity = 0
+    for resources in alive:
+        fits = int(resources.get("CPU", 0)) // cpus_per_worker
+        capacity += min(fits, int(resources.get("GPU", 0))) if gpus else fits
+    return capacity, gpus
+
+
+def _ray_children(config: SweepConfig, make_trainer, children: list) -> Iterator:
+    import ray  # the optional extra; `problems` checked that it is installed
+
+    address = cluster_address()
+    settings = {"log_to_driver": False, "logging_level": "WARNING"}
+    if address:
+        # A cluster elsewhere gets this package's code with the job; its nodes need the same packages installed.
+        ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]}, **settings)
+    else:
+        ray.init(address="local", num_cpus=config.workers * config.cpus_per_worker or None,
+                 include_dashboard=False, **settings)
+    try:
+        workers = _start_workers(ray, config, make_trainer, len(children))
+        yield from _hand_out(ray, workers, children)
+    finally:
+        ray.shutdown()
+
+
+def _start_workers(ray, config: SweepConfig, make_trainer, children: int) -> list:
+    capacity, gpus = worker_capacity(ray.nodes(), config.cpus_per_worker)
+    need = f"{config.cpus_per_worker} CPU{'s' if config.cpus_per_worker > 1 else ''}" + (" and 1 GPU" if gpus else "")
+    if capacity == 0:
+        raise InputError([problem("cpus_per_worker", f"no node of the Ray cluster has {need} for one worker")])
+    if config.workers > capacity:
+        raise InputError([problem("workers", f"{config.workers} workers of {need} asked for, the Ray cluster "
+                                             f"holds {capacity}")])
+    count = min(config.workers or capacity, children)
+    worker = ray.remote(ChildWorker).options(num_cpus=config.cpus_per_worker, num_gpus=1 if gpus else 0,
+                                             max_restarts=0)
+    shared = ray.put(make_trainer)  # sent to the object store once, read by every worker
+    return [worker.remote(shared, mlflow.get_tracking_uri(), config.cpus_per_worker) for _ in range(count)]
+
+
+def _hand_out(ray, workers: list, children: list) -> Iterator:
+    """Children to ready workers until none is left; outcomes as they end. A child's run is made when a worker
+    that has loaded the base takes it (so it starts when its training does); a worker that dies fails its child
+    and takes no more; children left when no worker is, fail."""
+    from ray.exceptions import RayError, RayTaskError
+
+    queue, idle, running, run_ids = list(children), [], {}, {}
+    starting = {worker.ready.remote(): worker for worker in workers}
+    lost, ended = "", 0
+    try:
+        while running or (queue and (idle or starting)):
+            while queue and idle:
+                child, worker = queue.pop(0), idle.pop(0)
+                run_ids[child.name] = tracking.create_child_run(child.name)
+                running[worker.train.remote(child, run_ids[child.name])] = (worker, child)
+            [done], _ = ray.wait([*starting, *running], num_returns=1)
+            if done in starting:
+                worker = starting.pop(done)
+                try:
+                    ray.get(done)
+                    idle.append(worker)
+                except RayError as error:  # its base did not load (the error comes last in the message)
+                    lost = f"could not start: {str(error).strip().splitlines()[-1]}"
+                continue
+            worker, child = running.pop(done)
+            try:
+                outcome = ray.get(done)
+                idle.append(worker)
+            except RayTaskError as error:  # raised past the trainer (not an Exception); the worker lives on
+                idle.append(worker)
+                outcome = _failed(child, run_ids[child.name], tracking.one_line(error.cause or error))
+            except RayError as error:  # the worker died (killed, out of memory, node lost)
+                lost = f"died: {tracking.one_line(error)}"
+                outcome = _failed(child, run_ids[child.name], f"its Ray worker {lost}")
+            ended += 1
+            print(f"[ray] {outcome.name} {outcome.status} ({ended}/{len(children)})", file=sys.stderr, flush=True)
+            yield outcome
+        for child in queue:  # every worker is gone
+            yield _failed(child, tracking.create_child_run(child.name),
+                          f"no Ray worker left to train it (the last one {lost})")
+    except BaseException:  # interrupted (or the caller stopped early): the children still training end KILLED
+        for _, child in running.values():
+            tracking.end_run_by_id(run_ids[child.name], "KILLED", "interrupted before it ended")
+        raise
+
+
+def _failed(child, run_id: str, error: str):
+    tracking.end_run_by_id(run_id, "FAILED", error)
+    return child.failed(run_id, error)

@@ -1,0 +1,219 @@
+"""Executors: the up-front checks, worker sizing, what travels to workers, and a Ray sweep whose worker dies or
+cannot start, or that stops early (a local Ray instance, 2 CPUs). That the Ray record equals the local one:
+tests/e2e/test_lora_sweep_ray_e2e.py."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import sys
+import threading
+import time
+
+import datasets
+import pytest
+from click.testing import CliRunner
+
+from conftest import entrypoint, load_table, ray_left_behind, ray_processes, runs_of
+from finetune_lab import causal_lm, executors, models, sweep
+from test_sweep import tiny_sweep
+
+REMOTE_REJECTED = ("error: executor: the Ray cluster at RAY_ADDRESS={address} cannot reach the local tracking store "
+                   "{uri}: run `mlflow server --backend-store-uri <database> --artifacts-destination <store>` and "
+                   "set MLFLOW_TRACKING_URI=http://<server>:5000")
+
+
+def node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
+    return {"Alive": alive, "Resources": {"CPU": cpus, **({"GPU": gpus} if gpus else {})}}
+
+
+@pytest.mark.parametrize(
+    "nodes, cpus_per_worker, expected",
+    [
+        ([node(2)], 1, (2, False)),
+        ([node(8)], 3, (2, False)),
+        ([node(3), node(3)], 2, (2, False)),  # a worker's CPUs are on one node: not 6 // 2 = 3
+        ([node(16, gpus=8)], 1, (8, True)),  # one worker per GPU
+        ([node(4, gpus=8)], 1, (4, True)),  # ... as long as each has its CPUs
+        ([node(8), node(8, gpus=2)], 2, (2, True)),  # a CPU-only head takes no worker when there are GPUs
+        ([node(8, alive=False), node(2)], 1, (2, False)),
+    ],
+)
+def test_worker_capacity(nodes, cpus_per_worker, expected):
+    assert executors.worker_capacity(nodes, cpus_per_worker) == expected
+
+
+@pytest.mark.parametrize(
+    "nodes, settings, expected",
+    [
+        ([node(2)], dict(workers=3), "workers: 3 workers of 1 CPU asked for, the Ray cluster holds 2"),
+        ([node(8, gpus=2)], dict(workers=4, cpus_per_worker=2),
+         "workers: 4 workers of 2 CPUs and 1 GPU asked for, the Ray cluster holds 2"),
+        ([node(2), node(2)], dict(cpus_per_worker=4), "cpus_per_worker: no node of the Ray cluster has 4 CPUs for one "
+                                                      "worker"),
+    ],
+)
+def test_more_workers_than_the_cluster_holds_is_an_input_error(nodes, settings, expected):
+    """Checked before any worker starts: an actor whose resources no node has would wait for ever."""
+    from finetune_lab.errors import InputError
+
+    class Cluster:  # the part of the `ray` module that sizing reads
+        @staticmethod
+        def nodes():
+            return nodes
+
+    with pytest.raises(InputError) as raised:
+        executors._start_workers(Cluster, tiny_sweep(executor="ray", **settings), make_trainer=None, children=8)
+    assert raised.value.problems == [expected]
+
+
+@pytest.mark.parametrize("address", ["ray://head:10001", "10.0.0.5:6379"])
+def test_a_remote_cluster_with_a_local_store_is_rejected_before_anything_starts(client, tracking_uri, no_weights_loaded,
+                                                                                monkeypatch, address):
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
+                                 ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "remote",
+                                  "--executor", "ray", "--batch-size", "1000"])
+    assert outcome.exit_code == 2, outcome.output
+    assert REMOTE_REJECTED.format(address=address, uri=tracking_uri) in outcome.output
+    assert "error: batch_size: the train split has" in outcome.output, "reported with the other problems"
+    assert not ray.is_initialized()
+    [parent] = runs_of(client, "remote")
+    assert parent.info.status == "FAILED" and "executor: the Ray cluster" in parent.data.tags["error"]
+
+
+def test_a_remote_cluster_with_a_tracking_server_passes(monkeypatch, tracking_uri):
+    import mlflow
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    mlflow.set_tracking_uri("http://mlflow.example:5000")
+    assert executors.problems(tiny_sweep(executor="ray")) == []
+    mlflow.set_tracking_uri(tracking_uri)
+    assert len(executors.problems(tiny_sweep(executor="ray"))) == 1
+    assert executors.problems(tiny_sweep(executor="local")) == []
+
+
+def test_ray_missing_is_one_line(client, no_weights_loaded, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as when it is not installed
+    outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
+                                 ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "noray",
+                                  "--executor", "ray"])
+    assert outcome.exit_code == 2, outcome.output
+    errors = [line for line in outcome.output.splitlines() if line.startswith("error:")]
+    assert errors == ['error: executor: executor=ray needs Ray, which is not installed: pip install -e ".[ray]" '
+                      '(or make install)']
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--executor", "dask"], "error: executor: must be one of local, ray, got 'dask'"),
+    (["--workers", "-1"], "error: workers: must be >= 0"),
+    (["--cpus-per-worker", "0"], "error: cpus_per_worker: must be >= 1, got 0"),
+])
+def test_bad_executor_settings(client, no_weights_loaded, args, expected):
+    outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
+                                 ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "bad", *args])
+    assert outcome.exit_code == 2 and expected in outcome.output, outcome.output
+
+
+def test_the_workload_travels_with_its_rows_not_cache_file_paths(tmp_path):
+    """A Dataset read from cache files pickles as their paths, which a worker on another machine does not have."""
+    datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5]]}).save_to_disk(tmp_path / "saved")
+    from_files = datasets.load_from_disk(str(tmp_path / "saved"))
+    assert from_files.cache_files
+    workload = sweep.Workload(tiny_sweep(), models.ModelSource("tiny", "/nowhere", ""),
+                              datasets.DatasetDict({"train": from_files}), [])
+    sent = pickle.dumps(workload)
+    shutil.rmtree(tmp_path / "saved")
+    received = pickle.loads(sent)
+    assert received.tokenized["train"]["input_ids"] == [[1, 2], [3, 4, 5]]
+    assert received.config == workload.config and workload.tokenized["train"].cache_files, "the sender is untouched"
+
+
+def test_a_worker_that_dies_fails_only_its_child(client, local_ray, tmp_path):
+    """SIGKILL one of the two workers while it trains: that child ends FAILED with its error, the other worker
+    trains the rest, the parent lists the failure, and Ray is gone afterwards."""
+    killed, stop = [], threading.Event()
+
+    def kill_a_training_worker():
+        while not stop.is_set():
+            for process in ray_processes(local_ray):
+                if "ray::ChildWorker.train" in " ".join(process.cmdline()):
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_a_training_worker, daemon=True)
+    watcher.start()
+    try:
+        result = sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="dies"))
+    finally:
+        stop.set()
+        watcher.join()
+    assert len(killed) == 1
+    runs = {r.info.run_id: r for r in runs_of(client, "dies")}
+    parent = runs.pop(result["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
+    [failed] = [r for r in runs.values() if r.info.status == "FAILED"]
+    assert failed.data.tags["error"].startswith("its Ray worker died: ActorDiedError")
+    assert sorted(r.info.status for r in runs.values()) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    assert parent.data.metrics["failed_children"] == 1
+    assert parent.data.tags["failed_children"].startswith(f"{failed.info.run_name}: its Ray worker died")
+    table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
+    assert sorted(zip(table["run_id"], table["status"])) == sorted((r.info.run_id, r.info.status)
+                                                                   for r in runs.values())
+    assert ray_left_behind(local_ray) == []
+
+
+def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypatch):
+    """The base is gone when the workers load it: no worker ever takes a child, and every child ends FAILED with
+    the reason, and so does the parent."""
+    tokenize = causal_lm.tokenize
+
+    def then_remove_the_base(splits, tokenizer, config):
+        tokenized = tokenize(splits, tokenizer, config)
+        shutil.rmtree(tokenizer.name_or_path)  # after the driver's checks and tokenizer, before any worker
+        return tokenized
+
+    monkeypatch.setattr(causal_lm, "tokenize", then_remove_the_base)
+    with pytest.raises(RuntimeError, match=r"all 2 child runs failed; first error: no Ray worker left to train it "
+                                           r"\(the last one could not start: OSError"):
+        sweep.run(tiny_sweep(ranks=(2,), seeds=(1, 2), executor="ray", workers=2, experiment="nostart"))
+    runs = runs_of(client, "nostart")
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
+    for child in children:
+        assert child.data.tags["error"].startswith("no Ray worker left to train it (the last one could not start: "
+                                                   "OSError")
+    assert ray_left_behind(local_ray) == []
+
+
+def test_children_still_training_when_the_sweep_stops_end_killed(client, local_ray):
+    """The caller stops after the first outcome (an interrupt, an error): the child the other worker was
+    training ends KILLED with its `error` tag, the children not handed out get no run, and Ray is shut down."""
+    import functools
+
+    import mlflow
+
+    config = tiny_sweep(seeds=(1, 2), executor="ray", workers=2)
+    planned = [sweep.Child(rank, seed) for seed in config.seeds for rank in config.ranks]
+    mlflow.set_experiment("stopped")
+    with mlflow.start_run() as parent:
+        prepared = causal_lm.prepare(config, config.ranks, config.seeds[0])
+        tokenizer = causal_lm.load_tokenizer(prepared.source)
+        workload = sweep.Workload(config, prepared.source, causal_lm.tokenize(prepared.data.splits, tokenizer, config),
+                                  [])
+        outcomes = executors.run_children(config, functools.partial(sweep.ChildTrainer, workload), planned)
+        first = next(outcomes)
+        outcomes.close()
+    children = {r.info.run_name: r for r in runs_of(client, "stopped") if r.info.run_id != parent.info.run_id}
+    assert first.status == "FINISHED" and children[first.name].info.status == "FINISHED"
+    [stopped] = [r for name, r in children.items() if name != first.name]
+    assert stopped.info.status == "KILLED" and stopped.data.tags["error"] == "interrupted before it ended"
+    assert stopped.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert ray_left_behind(local_ray) == []
