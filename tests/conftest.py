@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def tracking_uri(tmp_path, monkeypatch, empty_store) -> str:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     # mlflow.set_experiment() in an in-process run exports this; a later `mlflow run --experiment-name` refuses it.
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    # ... and remembers it in-process: an experiment id of the previous test's store means nothing in this one.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -68,18 +71,25 @@ def mlflow_run(client, tmp_path):
     """Run `mlflow run <repo> -e ENTRY --env-manager local -P k=v ...`; return the CompletedProcess."""
 
     def launch(entry: str, params: dict, experiment: str = "e2e") -> subprocess.CompletedProcess:
-        create_experiment(client, experiment, tmp_path)
-        command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
-                   "--experiment-name", experiment]
-        for key, value in params.items():
-            command += ["-P", f"{key}={value}"]
-        # The MLproject's `python` must be this interpreter, whichever venv runs the tests.
-        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
-        env["PATH"] = path
+        command, env = mlflow_run_command(client, tmp_path, entry, params, experiment)
         return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
 
     return launch
+
+
+def mlflow_run_command(client: MlflowClient, tmp_path: Path, entry: str, params: dict,
+                       experiment: str) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow run` command line and environment for an entry point (its experiment created first)."""
+    create_experiment(client, experiment, tmp_path)
+    command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry, "--env-manager", "local",
+               "--experiment-name", experiment]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    # The MLproject's `python` must be this interpreter, whichever venv runs the tests.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
+    env["PATH"] = path
+    return command, env
 
 
 @pytest.fixture
@@ -178,3 +188,29 @@ def ray_left_behind(folder: Path, grace_s: float = 15.0) -> list[str]:
     while (left := ray_processes(folder)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return [" ".join(p.cmdline()) or p.name() for p in left]
+class Trigger:
+    """A test's switch: armed until disarmed."""
+
+    armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+
+@pytest.fixture
+def sigterm_at_second_child(monkeypatch) -> Trigger:
+    """SIGTERM to this very process at the second logged step of the second child of a sweep (while armed), from
+    inside training, the way `kill` would deliver it."""
+    from finetune_lab import training
+
+    original, children, trigger = training.MlflowStepLogger.on_log, [], Trigger()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        original(self, args, state, control, logs=logs, **kwargs)
+        if self.run_id not in children:
+            children.append(self.run_id)
+        if trigger.armed and len(children) == 2 and state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(training.MlflowStepLogger, "on_log", on_log)
+    return trigger

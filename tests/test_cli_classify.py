@@ -28,6 +28,9 @@ def invoke(client, no_weights_loaded):
         (["--label-column", "text"], "error: label_column: labels must be integers"),
         (["--dataset", "missing.csv"], "error: dataset: file 'missing.csv' not found"),
         (["--model", "nobody/nothing"], "error: model: cannot load 'nobody/nothing'"),
+        (["--max-length", "1024"], "error: max_length: 1024 exceeds the 512 positions of the model "
+                                   "(max_position_embeddings); use at most 512"),
+        (["--dataset", "."], "error: dataset: '.' is a folder; pass one data file"),
         (["--label-names", "bad,good,ugly"], "error: label_names: names 3 classes, the data has 2 (0, 1)"),
         (["--label-names", "bad,bad"], "error: label_names: must be distinct non-empty names like negative,positive"),
     ],
@@ -52,8 +55,14 @@ def test_all_problems_are_reported_together_and_the_run_fails(invoke, client):
 
 def test_malformed_file_and_empty_split(invoke, tmp_path):
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"text": "ok", "label": 1}\n{not json\n')
-    assert "error: dataset: cannot read" in invoke("--model", "tiny", "--dataset", str(broken)).output
+    broken.write_text('{"text": "ok", "label": 1}\n\n{not json\n')
+    assert (f"error: dataset: cannot read {str(broken)!r}: line 3: invalid JSON (Expecting property name enclosed in "
+            "double quotes at column 2)") in invoke("--model", "tiny", "--dataset", str(broken)).output
+    unlabelled = tmp_path / "unlabelled.jsonl"
+    unlabelled.write_text("".join(f'{{"text": "review {i}", "label": {"null" if i == 3 else i % 2}}}\n'
+                                  for i in range(10)) + '{"text": "no label at all"}\n')
+    output = invoke("--model", "tiny", "--dataset", str(unlabelled)).output
+    assert "error: label_column: rows without a label (" in output and "None" not in output
     one_split = tmp_path / "train_only.csv"
     pd.DataFrame({"text": ["a", "b"], "label": [0, 1], "split": ["train", "train"]}).to_csv(one_split, index=False)
     assert "error: dataset: the test split is empty" in invoke("--model", "tiny", "--dataset", str(one_split)).output

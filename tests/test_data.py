@@ -104,6 +104,35 @@ def test_rows_added_to_the_training_split_change_its_digest_and_nothing_else():
     assert more.digest != chat.digest and more.eval_digest == chat.eval_digest
 
 
+def test_jsonl_problems_name_the_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n\n[1, 2]\n')
+    assert data.load(str(path), 0, 0.2)[1] == [
+        f"dataset: cannot read {str(path)!r}: line 3: expected a JSON object, got list"]
+
+
+def test_texts_longer_than_max_length_can_use_are_cut_when_read(tmp_path, caplog):
+    """A 50 MB row once took 5.9 GB and 7 minutes to tokenize: no tokenizer needs more than CHARS_PER_TOKEN
+    characters per token, so a text is cut to max_length x that, with a warning and a tag-ready note."""
+    path = tmp_path / "huge.csv"
+    huge = "word " * 100_000
+    pd.DataFrame({"text": [huge, "short one", "short two", "short three"], "label": [0, 1, 0, 1],
+                  "split": ["train", "train", "test", "test"]}).to_csv(path, index=False)
+    limit = data.text_limit(max_length=64)
+    assert limit == 64 * data.CHARS_PER_TOKEN
+    loaded, problems = data.load(str(path), 0, 0.2, max_text_chars=limit)
+    assert problems == []
+    assert loaded.splits[TRAIN]["text"] == [huge[:limit], "short one"], "only the long text is cut, to the limit"
+    assert loaded.splits[TEST]["text"] == ["short two", "short three"]
+    assert loaded.truncated == f"1 text(s) of column 'text' cut to {limit} characters, all that max_length tokens can use"
+    assert loaded.truncated in caplog.text
+    # The digest describes the rows as used, cut.
+    import mlflow.data
+
+    assert loaded.digest == mlflow.data.from_pandas(loaded.splits[TRAIN].to_pandas()).digest
+    assert data.load(str(path), 0, 0.2)[0].splits[TRAIN]["text"][0] == huge, "no limit, nothing cut"
+
+
 def test_class_names_come_from_the_data_or_are_the_numbers():
     sample, _ = data.load("sample", seed=0, test_fraction=0.2)
     assert data.label_names(sample, "label", [0, 1]) == ["negative", "positive"]

@@ -125,7 +125,7 @@ def test_the_workload_travels_with_its_rows_not_cache_file_paths(tmp_path):
     from_files = datasets.load_from_disk(str(tmp_path / "saved"))
     assert from_files.cache_files
     workload = sweep.Workload(tiny_sweep(), models.ModelSource("tiny", "/nowhere", ""),
-                              datasets.DatasetDict({"train": from_files}), [])
+                              datasets.DatasetDict({"train": from_files}), [], {}, "")
     sent = pickle.dumps(workload)
     shutil.rmtree(tmp_path / "saved")
     received = pickle.loads(sent)
@@ -163,7 +163,7 @@ def test_a_worker_that_dies_fails_only_its_child(client, local_ray, tmp_path):
     assert failed.data.tags["error"].startswith("its Ray worker died: ActorDiedError")
     assert sorted(r.info.status for r in runs.values()) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
     assert parent.data.metrics["failed_children"] == 1
-    assert parent.data.tags["failed_children"].startswith(f"{failed.info.run_name}: its Ray worker died")
+    assert parent.data.tags["failed_children"].startswith(f"{failed.info.run_name}: FAILED its Ray worker died")
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
     assert sorted(zip(table["run_id"], table["status"])) == sorted((r.info.run_id, r.info.status)
                                                                    for r in runs.values())
@@ -201,13 +201,13 @@ def test_children_still_training_when_the_sweep_stops_end_killed(client, local_r
     import mlflow
 
     config = tiny_sweep(seeds=(1, 2), executor="ray", workers=2)
-    planned = [sweep.Child(rank, seed) for seed in config.seeds for rank in config.ranks]
+    planned = sweep.plan(config)
     mlflow.set_experiment("stopped")
     with mlflow.start_run() as parent:
         prepared = causal_lm.prepare(config, config.ranks, config.seeds[0])
         tokenizer = causal_lm.load_tokenizer(prepared.source)
         workload = sweep.Workload(config, prepared.source, causal_lm.tokenize(prepared.data.splits, tokenizer, config),
-                                  [])
+                                  [], {}, parent.info.run_id)
         outcomes = executors.run_children(config, functools.partial(sweep.ChildTrainer, workload), planned)
         first = next(outcomes)
         outcomes.close()
@@ -216,4 +216,39 @@ def test_children_still_training_when_the_sweep_stops_end_killed(client, local_r
     [stopped] = [r for name, r in children.items() if name != first.name]
     assert stopped.info.status == "KILLED" and stopped.data.tags["error"] == "interrupted before it ended"
     assert stopped.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert ray_left_behind(local_ray) == []
+
+
+def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(client, local_ray, monkeypatch,
+                                                                               tmp_path):
+    """SIGTERM to the driver while it hands out the third child: the child still training on the other worker
+    ends KILLED naming the signal, the parent summarises the finished one and lists the others, no run stays
+    RUNNING, and Ray is shut down."""
+    from finetune_lab import signals, tracking
+
+    create, made = tracking.create_child_run, []
+
+    def signal_at_the_third(name):
+        made.append(name)
+        if len(made) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return create(name)
+
+    monkeypatch.setattr(tracking, "create_child_run", signal_at_the_third)
+    with pytest.raises(signals.Terminated):
+        sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="ray-sigterm"))
+    runs = runs_of(client, "ray-sigterm")
+    assert not [r for r in runs if r.info.status == "RUNNING"], "no run may stay RUNNING"
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED" and parent.data.tags["error"] == "terminated by SIGTERM"
+    table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
+    statuses = dict(zip(table["run_id"], table["status"]))
+    children = {r.info.run_id: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert sorted(table["status"]) == ["FINISHED", "KILLED", "NOT_RUN", "NOT_RUN"]
+    for run_id, child in children.items():
+        assert statuses[run_id] == child.info.status
+        if child.info.status == "KILLED":
+            assert child.data.tags["error"] == "interrupted before it ended: terminated by SIGTERM"
+    finished = next(r for r in children.values() if r.info.status == "FINISHED")
+    assert parent.data.tags["best_run_id"] == finished.info.run_id
     assert ray_left_behind(local_ray) == []

@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.models import Model
+from mlflow.tracking import MlflowClient
 
 from conftest import REPO, entrypoint, load_table
 from transformers import AutoModelForCausalLM
@@ -201,6 +202,32 @@ def test_failed_reload_check_registers_nothing(client, monkeypatch):
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("registry").experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FAILED" and "RegistrationError" in parent.data.tags["error"]
+
+
+def test_a_failure_after_the_version_is_created_leaves_no_version_behind(client, monkeypatch):
+    """Registration is all or nothing: a version (created with its tags in one call) is deleted again when a later
+    step fails, the champion alias goes back where it was, and a registered model this call created goes too."""
+    sweep.run(tiny_sweep(ranks=(2,), max_steps=2, learning_rate=1e-3))
+    original = MlflowClient.log_batch
+
+    def fail_on_the_registration_tags(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+        if any(tag.key == "registered_model" for tag in tags):
+            raise RuntimeError("injected failure after the version was created")
+        return original(self, run_id, metrics, params, tags, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", fail_on_the_registration_tags)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        sweep.run(tiny_sweep(ranks=(2,), max_steps=12))  # a lower loss: the alias moves, then the failure
+    assert [(str(v.version), v.status) for v in client.search_model_versions(f"name='{NAME}'")] == [("1", "READY")]
+    assert str(client.get_model_version_by_alias(NAME, registry.CHAMPION).version) == "1"
+    failed = [r for r in client.search_runs([client.get_experiment_by_name("registry").experiment_id])
+              if "mlflow.parentRunId" not in r.data.tags and r.info.status == "FAILED"]
+    assert len(failed) == 1 and "injected failure" in failed[0].data.tags["error"]
+    assert "registered_model" not in failed[0].data.tags
+
+    with pytest.raises(RuntimeError, match="injected failure"):
+        sweep.run(tiny_sweep(ranks=(2,), max_steps=2, register_as="never-registered"))
+    assert client.search_registered_models(filter_string="name='never-registered'") == []
 
 
 def test_registered_classifier_predicts_what_the_run_logged_without_finetune_lab(client, tmp_path, tracking_uri):

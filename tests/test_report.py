@@ -4,6 +4,7 @@ seeds, the HTML is one self-contained file, and the report logs itself as a run.
 from __future__ import annotations
 
 import base64
+import html
 import os
 import re
 import statistics
@@ -17,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import create_experiment, entrypoint, load_table, runs_of
 from finetune_lab import classify, probe, report, sweep
-from finetune_lab.report import sections
+from finetune_lab.report import render, sections
 from finetune_lab.report.store import Artifacts
 from finetune_lab.report.verdicts import config_label
 from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
@@ -74,7 +75,7 @@ def store(tmp_path_factory) -> Store:
 
 
 def md_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
-    """Every markdown table as (header, rows) of stripped cells."""
+    """Every markdown table as (header, rows) of stripped cells, as a renderer shows them (entities decoded)."""
     tables, lines = [], markdown.splitlines()
     for i, line in enumerate(lines[:-1]):
         if line.startswith("| ") and lines[i + 1].startswith("|---"):
@@ -82,8 +83,8 @@ def md_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
             for row in lines[i + 2:]:
                 if not row.startswith("| "):
                     break
-                rows.append([c.strip() for c in row[2:-2].split(" | ")])
-            tables.append(([c.strip() for c in line[2:-2].split(" | ")], rows))
+                rows.append([html.unescape(c.strip()) for c in row[2:-2].split(" | ")])
+            tables.append(([html.unescape(c.strip()) for c in line[2:-2].split(" | ")], rows))
     return tables
 
 
@@ -260,3 +261,18 @@ def test_bad_report_input_is_reported_before_reading_runs(client):
     assert "error: output: must not be empty" in outcome.output
     (run,) = runs_of(client, "report")
     assert run.info.status == "FAILED" and "experiments" in run.data.tags["error"]
+
+
+def test_markdown_shows_run_names_and_chat_text_as_text_never_as_html(tmp_path):
+    """Run names, replies and errors come from users and models: in report.md they must not become HTML."""
+    hostile = "<script>alert('x')</script> & <img src=x onerror=y>"
+    blocks = [render.Heading(3, f"LoRA rank sweep {hostile} (1234abcd)"),
+              render.Text(f"status FINISHED; probe_input {hostile!r}; see `rank_summary.json`"),
+              render.Bullets([f"{hostile} vs r8: eval_loss"]),
+              render.Table(["run", "reply"], [[hostile, "a | b"]])]
+    markdown = render.to_markdown(blocks, tmp_path)
+    assert "<script" not in markdown and "<img" not in markdown
+    assert markdown.count("&lt;script&gt;alert('x')&lt;/script&gt; &amp; &lt;img src=x onerror=y&gt;") == 4
+    assert "see `rank_summary.json`" in markdown, "code spans stay code spans"
+    header, rows = md_tables(markdown)[0]
+    assert rows == [[hostile, "a \\| b"]]

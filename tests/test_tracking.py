@@ -55,7 +55,6 @@ def test_log_params_keeps_values_mlflow_run_already_logged(client):
 def test_experiments_are_marked_as_model_training(client, monkeypatch):
     """Our own experiments and the one `mlflow run` chose both get the tag; a kind someone set is kept."""
     kind = tracking.EXPERIMENT_KIND_TAG
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # set by earlier tests' runs
     for tags, expected in (({}, "custom_model_development"), ({kind: "genai_development"}, "genai_development")):
         chosen = client.create_experiment(f"chosen-{expected}", tags=tags)
         monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(chosen).info.run_id)
@@ -93,3 +92,64 @@ def test_make_ui_serves_the_store_locally_or_points_to_the_server(uri, expected)
                            f"MLFLOW_TRACKING_URI={uri}"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     assert expected in made.stdout
+
+
+def test_a_lost_race_to_create_the_experiment_still_lands_the_run_in_it(client, monkeypatch):
+    """Parallel launches into a new experiment: another process creates it between our look and our create (the
+    store then answers RESOURCE_ALREADY_EXISTS). mlflow.set_experiment would quietly leave the run in `Default`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    original = TrackingServiceClient.create_experiment  # under both MlflowClient and mlflow.set_experiment
+
+    def created_by_another_launch_first(self, name, *args, **kwargs):
+        original(self, name, *args, **kwargs)
+        raise MlflowException(f"Experiment(name={name}) already exists. Error: (sqlite3.IntegrityError) UNIQUE "
+                              "constraint failed: experiments.workspace, experiments.name",
+                              error_code=RESOURCE_ALREADY_EXISTS)
+
+    monkeypatch.setattr(TrackingServiceClient, "create_experiment", created_by_another_launch_first)
+    with tracking.experiment_run("test", "raced") as run:
+        pass
+    assert run.info.experiment_id == client.get_experiment_by_name("raced").experiment_id != "0"
+
+
+def test_an_unexpected_error_is_one_line_for_the_user_and_a_traceback_on_the_run(client, monkeypatch, tmp_path):
+    """Disk full during training: one `error:` line naming the error and where its traceback is, no traceback on the
+    terminal; the run ends FAILED with the error tag and the traceback as an artifact."""
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from conftest import entrypoint, runs_of
+    from finetune_lab import training
+
+    def disk_full(trainer):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(training, "train", disk_full)
+    outcome = CliRunner().invoke(entrypoint("classify").main, ["--model", "tiny", "--dataset", "sample",
+                                                               "--max-train-samples", "32", "--experiment", "crash"])
+    assert outcome.exit_code == 1 and "Traceback" not in outcome.output
+    (line,) = re.findall(r"error: .*", outcome.output)
+    assert line.startswith("error: OSError: [Errno 28] No space left on device (full traceback: ")
+    kept = Path(re.search(r"full traceback: (\S+),", line).group(1))
+    assert "Traceback" in kept.read_text() and "disk_full" in kept.read_text()
+    (run,) = runs_of(client, "crash")
+    assert run.info.status == "FAILED" and run.data.tags["error"] == "OSError: [Errno 28] No space left on device"
+    logged = Path(client.download_artifacts(run.info.run_id, "error_traceback.txt", str(tmp_path))).read_text()
+    assert "in disk_full" in logged and "No space left on device" in logged
+
+
+def test_a_store_that_fails_while_recording_the_error_does_not_hide_it(client, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) attempt to write a readonly database")
+
+    with pytest.raises(ValueError, match="the real problem"):
+        with tracking.experiment_run("test", "read-only") as run:
+            monkeypatch.setattr(mlflow, "log_text", read_only)
+            raise ValueError("the real problem")
+    assert mlflow.active_run() is None, "the run left the stack all the same"
+    assert client.get_run(run.info.run_id).info.status == "FAILED"

@@ -11,7 +11,7 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from finetune_lab import data as data_lib
-from finetune_lab import lora, models, prompts, tracking, training
+from finetune_lab import health, lora, models, prompts, tracking, training
 from finetune_lab.config import LoraTrainingConfig
 from finetune_lab.data import TRAIN
 from finetune_lab.errors import problem, raise_if_any
@@ -33,7 +33,8 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
     Rank problems are reported under `rank_param`, the parameter that set them; `found` are problems the caller
     found already (e.g. with the environment), reported together with these."""
     problems = [*config.problems(), *found]
-    data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction)
+    data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction,
+                                         max_text_chars=data_lib.text_limit(config.max_length))
     problems += data_problems
     texts = None
     if data is not None and not data_problems:
@@ -54,6 +55,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
     source, model_problems = models.resolve(config.model, models.CAUSAL_LM, texts, seed)
     problems += model_problems
     if source is not None:
+        problems += models.check_max_length(source, config.max_length)
         skeleton = models.skeleton(source, AutoModelForCausalLM)
         problems += lora.check_architecture(skeleton, config, ranks, rank_param)
     raise_if_any(problems)
@@ -98,24 +100,32 @@ def collator(tokenizer) -> DataCollatorForSeq2Seq:
 class FitResult:
     metrics: dict[str, float]
     """Throughput, peak memory, held-out loss and perplexity: one value each, for the run to log."""
-    curve: list[tuple[int, float]]
-    """(step, training loss) as logged per step."""
+    steps: list[dict]
+    """The Trainer's log entry of every logged step (step, loss, grad_norm, learning_rate)."""
+
+    @property
+    def curve(self) -> list[tuple[int, float]]:
+        """(step, training loss) as logged per step."""
+        return [(entry["step"], entry["loss"]) for entry in self.steps]
 
     @property
     def train_loss(self) -> float:
         """The last logged training loss."""
-        return self.curve[-1][1] if self.curve else float("nan")
+        return self.steps[-1]["loss"] if self.steps else float("nan")
 
 
 def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str, phase: str,
         collate=None) -> FitResult:
     """Train the adapter on `train_split` (per-step metrics into run `run_id`, `phase` names it on the console),
     then measure the mean loss per target token on `eval_split`. `collate` replaces the training collator (e.g. one
-    that also records what each batch held)."""
+    that also records what each batch held). Raises health.TrainingCollapsed if training diverged or left a dead
+    model."""
     with tracking.scratch_dir("lora") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer),
                                         config, seed, run_id, phase)
         metrics = training.train(trainer)
     eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer), training.eval_batch_size(config))
     metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
-    return FitResult(metrics, training.loss_curve(trainer))
+    steps = training.step_log(trainer)
+    health.check(steps, eval_loss, model.config.vocab_size, metrics)
+    return FitResult(metrics, steps)

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
-from finetune_lab import console, contract, models, plots, registry, tracking, training
+from finetune_lab import console, contract, health, models, plots, registry, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ClassifyConfig, as_params
@@ -35,7 +35,8 @@ class Prepared:
 def prepare(config: ClassifyConfig) -> Prepared:
     """Load and check data and model spec; raise InputError with every problem found, config's included."""
     problems = config.problems()
-    data, data_problems = data_lib.load(config.dataset, config.seed, TEST_FRACTION, targets=config.label_column)
+    data, data_problems = data_lib.load(config.dataset, config.seed, TEST_FRACTION, targets=config.label_column,
+                                         max_text_chars=data_lib.text_limit(config.max_length))
     problems += data_problems
     classes: list[int] = []
     texts = None
@@ -57,6 +58,8 @@ def prepare(config: ClassifyConfig) -> Prepared:
             texts = list(data.splits[TRAIN][config.text_column])
     source, model_problems = models.resolve(config.model, models.CLASSIFIER, texts, config.seed, len(classes))
     problems += model_problems
+    if source is not None:
+        problems += models.check_max_length(source, config.max_length)
     raise_if_any(problems)
     names = config.label_name_list or data_lib.label_names(data, config.label_column, classes)
     return Prepared(data, source, classes, names)
@@ -153,6 +156,8 @@ def run(config: ClassifyConfig) -> dict:
         mlflow.log_metrics(headline)
         texts = prepared.data.splits[TEST][config.text_column]
         _log_predictions(texts, labels, probabilities, prepared.label_names)
+        # A collapsed classifier (a uniform guess after broken training) ends FAILED and is never registered.
+        health.check(training.step_log(trainer), headline["eval_loss"], len(prepared.classes), headline)
         notes = []
         if config.register_as:
             result = register(config, prepared, model, tokenizer, texts[:3], headline["eval_loss"])

@@ -8,17 +8,25 @@ options are parsed, so `--help` answers at once."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import tempfile
+import time
+import traceback
 from dataclasses import fields
+from pathlib import Path
 from typing import get_type_hints
 
 import click
 
 from finetune_lab.config import IntList, as_params, field_docs, from_strings
-from finetune_lab.errors import InputError
+from finetune_lab.errors import InputError, one_line
+from finetune_lab.signals import Terminated
 
 # Exit status for bad user input (click's usage errors use the same).
 INPUT_ERROR_EXIT = 2
+# Exit status for anything else that went wrong (the shell's 128 + N is used for death by signal N).
+FAILURE_EXIT = 1
 # What --help shows for each field type; click itself never converts (the config does, reporting every problem).
 METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", IntList: "INT,INT,..."}
 
@@ -43,6 +51,16 @@ def command(config_cls: type, run: str, name: str) -> click.Command:
             for line in error.problems:
                 click.echo(f"error: {line}", err=True)
             sys.exit(INPUT_ERROR_EXIT)
+        except Terminated as stop:
+            click.echo(f"error: {stop}: the open runs were ended KILLED with an `error` tag (`mlflow run` then "
+                       "marks its own run FAILED); what finished is summarised on the parent run", err=True)
+            sys.exit(stop.exit_code)
+        except Exception as error:  # noqa: BLE001 - one line for the user, the traceback kept in a file
+            from finetune_lab.contract import ERROR_TRACEBACK
+
+            click.echo(f"error: {one_line(error)} (full traceback: {keep_traceback(error)}, and in the failed "
+                       f"run's artifact {ERROR_TRACEBACK})", err=True)
+            sys.exit(FAILURE_EXIT)
         print_summary(result)
 
     params = [
@@ -57,6 +75,15 @@ def command(config_cls: type, run: str, name: str) -> click.Command:
         for f in fields(config_cls)
     ]
     return click.Command(name, callback=callback, params=params, help=(config_cls.__doc__ or "").strip())
+
+
+def keep_traceback(error: BaseException) -> Path:
+    """Write the traceback of `error` to a file of its own in the temporary folder; return its path."""
+    folder = Path(tempfile.gettempdir()) / "finetune_lab"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
+    return path
 
 
 def print_summary(result: dict) -> None:

@@ -9,7 +9,17 @@ import pandas as pd
 # Every top-level run says which experiment made it; the report sorts runs by this tag, never by guessing.
 KIND_TAG = "finetune_lab.kind"
 CLASSIFICATION, SWEEP, PROBE, GENERATE, REPORT = "classification", "sweep", "probe", "generate", "report"
+# The invocation that resumed an earlier parent run (`resume=...`); the parent it resumed is in RESUMED_TAG.
+RESUME = "resume"
+RESUMED_TAG = "finetune_lab.resumed_run_id"
+# On parents and children: what they were made with, so that `resume` reuses only work done with the same.
+CONFIG_DIGEST_TAG = "finetune_lab.config_digest"
+DATA_DIGEST_TAG = "finetune_lab.data_digest"
+# On a child recorded by `resume` from the results kept on local disk during a tracking outage: that folder.
+RECOVERED_TAG = "finetune_lab.recovered_from"
 ERROR_TAG = "error"
+# The full traceback of an unexpected error, next to its one-line `error` tag.
+ERROR_TRACEBACK = "error_traceback.txt"
 
 CONFIG_ARTIFACT = "config.yaml"
 # A LoRA child's adapter folder (PEFT config + weights + tokenizer, no base weights), and a registered model.
@@ -43,6 +53,10 @@ SUMMARY_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_
 SWEEP_CHILD_METRICS = ["train_loss", "eval_loss", "eval_perplexity", *MEMORY_METRICS, "train_tokens_per_s",
                        "train_runtime_s"]
 SWEEP_PARENT_METRICS = ["best_rank", "best_eval_loss", "failed_children"]
+
+
+# The status, in the comparison table, of a planned child that never started (the sweep was stopped first).
+NOT_RUN = "NOT_RUN"
 
 
 def child_name(rank: int, seed: int) -> str:

@@ -1,8 +1,10 @@
 """Where a sweep's children train: the seam between the experiment and the processes that do the work.
 
-The sweep hands over its `children` (each with a `name` and `failed(run_id, error)`, which makes the outcome of
-a child that could not finish) and `make_trainer`, a picklable factory of `trainer(child, run_id="") -> outcome`
-that loads what the children share (the frozen base) once per process. Outcomes come back as children end.
+The sweep hands over its `children` (each with a `name` and `failed(run_id, error, status)`, which makes the
+outcome of a child that could not finish) and `make_trainer`, a picklable factory of
+`trainer(child, run_id="") -> outcome` that loads what the children share (the frozen base) once per process.
+Outcomes come back as children end; a signal (or, in this process, a tracking outage) raises `Stopped` with the
+outcomes of the children it stopped mid-way.
 
 - `local`: one trainer in this process, the children one after another.
 - `ray`: one Ray actor per worker (one GPU each when the cluster has GPUs, else `cpus_per_worker` CPUs), each
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -30,6 +33,15 @@ from finetune_lab.config import SweepConfig
 from finetune_lab.errors import InputError, problem
 
 RAY = "ray"
+
+
+class Stopped(Exception):
+    """A signal or a tracking outage stopped the children; `outcomes` are those of the children it stopped
+    mid-way, `cause` what stopped them."""
+
+    def __init__(self, outcomes: list, cause: BaseException):
+        super().__init__(str(cause))
+        self.outcomes, self.cause = outcomes, cause
 # Tracking URIs that a worker on another machine can reach; an `mlflow server` also proxies the artifacts.
 SERVER_SCHEMES = ("http", "https", "databricks")
 INSTALL_RAY = 'pip install -e ".[ray]" (or make install)'
@@ -108,12 +120,16 @@ def _ray_children(config: SweepConfig, make_trainer, children: list) -> Iterator
 
     address = cluster_address()
     settings = {"log_to_driver": False, "logging_level": "WARNING"}
+    # ray.init makes SIGTERM exit the driver at once; ours first ends every open run KILLED and summarises.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         # A cluster elsewhere gets this package's code with the job; its nodes need the same packages installed.
         ray.init(address=address, runtime_env={"py_modules": [str(Path(__file__).parent)]}, **settings)
     else:
         ray.init(address="local", num_cpus=config.workers * config.cpus_per_worker or None,
                  include_dashboard=False, **settings)
+    if on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         workers = _start_workers(ray, config, make_trainer, len(children))
         yield from _hand_out(ray, workers, children)
@@ -176,9 +192,14 @@ def _hand_out(ray, workers: list, children: list) -> Iterator:
         for child in queue:  # every worker is gone
             yield _failed(child, tracking.create_child_run(child.name),
                           f"no Ray worker left to train it (the last one {lost})")
-    except BaseException:  # interrupted (or the caller stopped early): the children still training end KILLED
+    except BaseException as error:  # interrupted (or the caller stopped early): the children training end KILLED
+        reason = "interrupted before it ended" + (f": {error}" if str(error) else "")
+        stopped = []
         for _, child in running.values():
-            tracking.end_run_by_id(run_ids[child.name], "KILLED", "interrupted before it ended")
+            tracking.end_run_by_id(run_ids[child.name], "KILLED", reason)
+            stopped.append(child.failed(run_ids[child.name], reason, "KILLED"))
+        if isinstance(error, KeyboardInterrupt):  # a signal: the sweep summarises what ended, then stops
+            raise Stopped(stopped, error) from error
         raise
 
 

@@ -7,7 +7,7 @@ import mlflow
 
 from finetune_lab import contract, tracking
 from finetune_lab.config import GenerateConfig, as_params
-from finetune_lab.errors import InputError, problem, raise_if_any
+from finetune_lab.errors import InputError, one_line, problem, raise_if_any
 
 MAX_REPLY_TAG_CHARS = 5000
 
@@ -24,7 +24,7 @@ def run(config: GenerateConfig) -> dict:
         except mlflow.exceptions.MlflowException as error:
             raise InputError([problem("model_uri", f"cannot load {config.model_uri!r} from the tracking store {store} "
                                                    f"(set MLFLOW_TRACKING_URI to the store that registered it): "
-                                                   f"{tracking.one_line(error)}")])
+                                                   f"{one_line(error)}")])
         params = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else None
         reply = loaded.predict([config.prompt], params=params)[0]
         mlflow.set_tag("reply", reply[:MAX_REPLY_TAG_CHARS])

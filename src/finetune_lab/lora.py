@@ -123,3 +123,13 @@ def adapter(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: 
         detach(model)
         if training.on_cuda():
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def loaded(base: torch.nn.Module, adapter_dir: str) -> Iterator[PeftModel]:
+    """The adapter saved in `adapter_dir` on `base` for the block; afterwards `base` is untouched again."""
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    try:
+        yield model
+    finally:
+        detach(model)

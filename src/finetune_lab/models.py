@@ -303,6 +303,20 @@ def requirements(source: ModelSource) -> list[str]:
     return ["gguf"] if offline and offline.member.endswith(".gguf") else []
 
 
+def check_max_length(source: ModelSource, max_length: int) -> list[str]:
+    """`max_length` against the number of positions the model has, read from its config alone (no weights): above
+    it, evaluation would crash only after all the training."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source.path).get_text_config()
+    limit = next((value for name in ("max_position_embeddings", "n_positions")
+                  if isinstance(value := getattr(config, name, None), int)), None)
+    if limit is not None and max_length > limit:
+        return [problem("max_length", f"{max_length} exceeds the {limit} positions of the model "
+                                      f"(max_position_embeddings); use at most {limit}")]
+    return []
+
+
 def source_params(source: ModelSource) -> dict[str, str]:
     """The model's record on a run: `model` (the spec) and `model_revision` say what it is; `model_path` is where it
     was loaded from on this machine, a hint only."""

@@ -12,19 +12,26 @@ data with the same model object) starts every `after` from the trained `before` 
 adapter). Either way every repeats value starts from that same saved state, never from the previous value's.
 
 Recipe: prepare (config, data, model, architecture checks) → load base + tokenize once → before → after per
-repeats value → compare on the parent.
+repeats value → compare on the parent. With `resume`, the earlier parent is reopened and the stages it finished
+with the same config and data are read back (`before`'s trained adapter from its logged weights) instead of
+trained again.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import mlflow
 import pandas as pd
+import safetensors.torch
+import torch
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
-from finetune_lab import causal_lm, contract, lora, models, plots, prompts, tracking
+from finetune_lab import causal_lm, contract, lora, models, plots, prompts, resume, tracking
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ProbeConfig, as_params
@@ -112,6 +119,7 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
     + `repeats` copies of the new example, answer the probe and measure; log the training data it used, the
     adapter, and the change from `before` when given."""
     with tracking.child_run(name) as child:
+        mlflow.set_tags(resume.marks(config, prepared.data))
         lora.restore_adapter(model, start)
         train = datasets.concatenate_datasets([tokenized[TRAIN], new_row.select([0] * repeats)])
         params = lora.lora_params(model, config, config.rank, config.seed)
@@ -133,6 +141,18 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
         if before is not None:
             mlflow.log_metrics(compare(before, stage))
         return stage
+
+
+def finished_stage(run: Run, repeats: int) -> Stage:
+    """A stage an earlier attempt of the parent finished (`resume`), read back from its run."""
+    return Stage(run.info.run_name, repeats, run.info.run_id, run.data.params["reply"], dict(run.data.metrics))
+
+
+def trained_state(run: Run) -> dict[str, torch.Tensor]:
+    """The adapter weights a finished stage logged (saved in float32, so restored exactly)."""
+    with tracking.scratch_dir("stage") as scratch:
+        folder = MlflowClient().download_artifacts(run.info.run_id, contract.ADAPTER_ARTIFACT, str(scratch))
+        return safetensors.torch.load_file(str(Path(folder) / lora.ADAPTER_WEIGHTS))
 
 
 def training_data(data: data_lib.LoadedData, config: ProbeConfig, repeats: int) -> data_lib.LoadedData:
@@ -178,7 +198,7 @@ def similarity_figure(table: pd.DataFrame):
 def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> pd.DataFrame:
     """Table, replies, the change per repeats value (metrics at step = repeats) and, for a sweep, the plots."""
     table = comparison_table(before, afters, config)
-    mlflow.log_table(table, contract.PROBE_COMPARISON_TABLE)
+    tracking.log_table(table, contract.PROBE_COMPARISON_TABLE)
     mlflow.set_tags({f"reply_{stage.name}": stage.reply for stage in [before, *afters]})
     for after in afters:
         mlflow.log_metrics(compare(before, after), step=after.repeats)
@@ -188,9 +208,39 @@ def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> p
     return table
 
 
+def run_stages(parent: mlflow.ActiveRun, config: ProbeConfig, prepared: causal_lm.Prepared) -> tuple[Stage, list[Stage]]:
+    """`before`, then one `after` per repeats value, as child runs of `parent`; stages the parent already finished
+    with the same config and data (`resume`) are read back instead of trained again."""
+    base, tokenizer = causal_lm.load_base(prepared.source)
+    tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
+    new_row = new_example_row(tokenizer, config)
+    sweep = len(config.repeats_list) > 1
+    stages = 1 + len(config.repeats_list)
+    done = resume.finished_children(parent.info.run_id, resume.marks(config, prepared.data))
+    with lora.adapter(base, config, config.rank, config.seed) as model:
+        fresh = lora.adapter_state(model)
+        if BEFORE in done:
+            before = finished_stage(done[BEFORE], 0)
+            trained = trained_state(done[BEFORE]) if config.mode == "continue" else fresh
+        else:
+            before = run_stage(model, tokenizer, tokenized, new_row, prepared, config, BEFORE, 0, fresh,
+                               position=f"[1/{stages}]")
+            trained = lora.adapter_state(model)
+        start = trained if config.mode == "continue" else fresh
+        afters = []
+        for k, repeats in enumerate(config.repeats_list, start=2):
+            name = contract.after_name(repeats, sweep)
+            afters.append(finished_stage(done[name], repeats) if name in done else
+                          run_stage(model, tokenizer, tokenized, new_row, prepared, config, name, repeats, start,
+                                    before, position=f"[{k}/{stages}]"))
+    return before, afters
+
+
 def run(config: ProbeConfig) -> dict:
-    """The whole probe inside one parent run; return the parent's id, the headline numbers and both replies."""
-    with tracking.experiment_run(contract.PROBE, config.experiment, config.run_name) as parent:
+    """The whole probe inside one parent run (with `resume`: inside the earlier parent, reopened, under a run of
+    its own); return the parent's id, the headline numbers and both replies."""
+    kind = contract.RESUME if config.resume else contract.PROBE
+    with tracking.experiment_run(kind, config.experiment, config.run_name) as invocation:
         tracking.log_config(as_params(config))
         prepared = causal_lm.prepare(config, (config.rank,), config.seed, rank_param="rank")
         tracking.log_params(
@@ -200,22 +250,12 @@ def run(config: ProbeConfig) -> dict:
              "repeats": ",".join(map(str, config.repeats_list))}
         )
         data_lib.log_inputs(prepared.data)
-        base, tokenizer = causal_lm.load_base(prepared.source)
-        tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
-        new_row = new_example_row(tokenizer, config)
-        sweep = len(config.repeats_list) > 1
-        stages = 1 + len(config.repeats_list)
-        with lora.adapter(base, config, config.rank, config.seed) as model:
-            fresh = lora.adapter_state(model)
-            before = run_stage(model, tokenizer, tokenized, new_row, prepared, config, BEFORE, 0, fresh,
-                               position=f"[1/{stages}]")
-            start = lora.adapter_state(model) if config.mode == "continue" else fresh
-            afters = [run_stage(model, tokenizer, tokenized, new_row, prepared, config,
-                                contract.after_name(n, sweep), n, start, before, position=f"[{k}/{stages}]")
-                      for k, n in enumerate(config.repeats_list, start=2)]
-        table = log_comparison(before, afters, config)
+        with resume.parent_run(config, contract.PROBE, invocation, prepared.data) as parent:
+            before, afters = run_stages(parent, config, prepared)
+            table = log_comparison(before, afters, config)
         last = table.iloc[-1]
-        notes = [f"probe_input: {config.probe_input!r}   mode: {config.mode}", f"  {'before':<10} {before.reply!r}"]
+        notes = [*resume.note(parent, invocation), f"probe_input: {config.probe_input!r}   mode: {config.mode}",
+                 f"  {'before':<10} {before.reply!r}"]
         notes += [f"  {a.name:<10} {a.reply!r}\n  {'':<10} target_nll {row.target_nll_before:.4f} → "
                   f"{row.target_nll_after:.4f}, rouge_l {row.rouge_l_before:.3f} → {row.rouge_l_after:.3f}, "
                   f"forgetting {row.forgetting:+.4f}" for a, row in zip(afters, table.itertuples())]

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import mlflow
 import torch
+from mlflow.entities import RunTag
 from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
@@ -73,10 +74,17 @@ def _verify(model_uri: str, candidate: Candidate) -> float:
     return worst
 
 
-def _champion_decision(client: MlflowClient, name: str, version: str, candidate: Candidate) -> tuple[bool, str]:
+def _champion(client: MlflowClient, name: str):
+    """The version the `champion` alias points at, or None."""
     try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _champion_decision(current, candidate: Candidate) -> tuple[bool, str]:
+    """Whether `candidate` takes the alias from `current` (the champion version, or None), and why."""
+    if current is None:
         return True, "first version with an eval loss: alias set"
     old_loss = float(current.tags.get("eval_loss", "inf"))
     if current.tags.get("eval_set_digest") != candidate.eval_set_digest:
@@ -86,11 +94,24 @@ def _champion_decision(client: MlflowClient, name: str, version: str, candidate:
     return False, f"kept on v{current.version}: eval_loss {candidate.eval_loss:.4f} >= {old_loss:.4f}"
 
 
-def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str, str]:
-    """Log into run `run_id` (the active run), verify the reload, register as a new version of `name`, tag it,
-    maybe move `champion`; the outcome is also tagged on the run.
+def _ensure_registered_model(client: MlflowClient, name: str) -> bool:
+    """Create registered model `name` if it does not exist; True if this call created it."""
+    try:
+        client.create_registered_model(name)
+        return True
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            return False
+        raise
 
-    Nothing is registered when the reload differs from the in-memory model (RegistrationError).
+
+def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str, str]:
+    """Log into run `run_id` (the active run), verify the reload, register as a new version of `name` with all its
+    tags, maybe move `champion`; the outcome is also tagged on the run.
+
+    Nothing is registered when the reload differs from the in-memory model (RegistrationError). Registration is
+    all or nothing: the version is created with its tags in one call, and deleted again (with the registered
+    model, if this call created it and it is left empty) when anything after that fails.
     """
     console.say(f"registering in {name!r}: log the model, reload it, compare its logits with the trained model's")
     info = candidate.log()
@@ -103,17 +124,25 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
         raise RegistrationError(
             f"reloaded model differs from the in-memory one (max |logit diff| {difference:.3g}); not registered"
         )
-    version = mlflow.register_model(info.model_uri, name).version
+    champion = _champion(client, name)
+    move, decision = _champion_decision(champion, candidate)
     tags = {**candidate.tags, "eval_loss": repr(candidate.eval_loss), "eval_set_digest": candidate.eval_set_digest,
-            "reload_max_logit_diff": repr(difference)}
-    move, decision = _champion_decision(client, name, version, candidate)
-    tags["champion_decision"] = decision
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    if move:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    for key, value in {"registered_model": f"{name}/{version}", "champion_decision": decision}.items():
-        client.set_tag(run_id, key, value)
+            "reload_max_logit_diff": repr(difference), "champion_decision": decision}
+    created_model = _ensure_registered_model(client, name)
+    version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
+                                          model_id=info.model_id).version
+    try:
+        if move:
+            client.set_registered_model_alias(name, CHAMPION, version)
+        client.log_batch(run_id, tags=[RunTag("registered_model", f"{name}/{version}"),
+                                       RunTag("champion_decision", decision)])
+    except BaseException:  # noqa: BLE001 - also on SIGTERM: never leave a half-registered version behind
+        client.delete_model_version(name, version)  # also drops the alias if it already moved here...
+        if move and champion is not None:  # ...so give it back to the version that held it
+            client.set_registered_model_alias(name, CHAMPION, champion.version)
+        if created_model and not client.search_model_versions(f"name='{name}'"):
+            client.delete_registered_model(name)
+        raise
     return {"name": name, "version": str(version), "champion": str(move), "decision": decision,
             "model_uri": f"models:/{name}/{version}"}
 

@@ -1,38 +1,53 @@
-"""One owner for the MLflow run of an invocation.
+"""One owner for the MLflow runs of an invocation.
 
-`experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one, tags it with the kind
-of experiment that made it, turns on system metrics, and on any exception tags the run with a one-line `error`
-and ends it FAILED. `child_run` does the same for nested runs (sweep children), also in a worker process that
-fills a child run the driver made (`create_child_run`, `end_run_by_id`). Nothing else in the package starts or
-ends runs.
+`experiment_run` reuses the run that `mlflow run` created (MLFLOW_RUN_ID) or starts one in the experiment (created
+if missing, also when parallel launches race to create it), tags it with the kind of experiment that made it, turns
+on system metrics, and ends it: FINISHED; FAILED with a one-line `error` tag and the traceback as an artifact; or
+KILLED when SIGTERM / Ctrl-C stops the process (`signals`). `child_run` does the same for nested runs (sweep
+children), also in a worker process that fills a child run the driver made (`create_child_run`, `end_run_by_id`);
+`reopened_run` for a finished or interrupted run that is resumed. Nothing else in the package starts or ends runs.
+
+When the tracking server stays unreachable longer than MLflow's own retries, `go_offline` makes every later call
+of this process fail at once instead of retrying for minutes each: the experiment keeps its results locally
+(`spool`) and tells the user how to resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context import registry as context_registry
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from mlflow.utils.uri import is_databricks_uri, is_http_uri
 
-from finetune_lab import console
-from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, KIND_TAG
+from finetune_lab import console, signals
+from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, ERROR_TRACEBACK, KIND_TAG
+from finetune_lab.errors import MAX_LINE_CHARS, InputError, one_line, problem
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 UI_PORT = 5000
 # The experiment-kind tag the MLflow UI writes (no Python constant exists), and its model-training value.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
-MAX_TAG_CHARS = 5000
+# Attempts at getting-or-creating an experiment that parallel launches may be creating at the same moment.
+EXPERIMENT_ATTEMPTS = 5
+
+logger = logging.getLogger(__name__)
 
 
 def configure() -> str:
@@ -42,32 +57,139 @@ def configure() -> str:
     return uri
 
 
-def one_line(error: BaseException) -> str:
-    """The error as a single line for the run's `error` tag."""
-    text = " ".join(str(error).split())
-    return (f"{type(error).__name__}: {text}" if text else type(error).__name__)[:MAX_TAG_CHARS]
+# ---------------------------------------------------------------------------------------------- outages
+class TrackingUnreachable(RuntimeError):
+    """The tracking server stayed unreachable past MLflow's retries; the message says what was kept and how to
+    resume."""
+
+
+class _Offline:
+    error: str = ""
+    saved: dict[str, str | None] = {}
+
+
+# Once the server is known to be gone, every request fails at once (MLflow reads these on every call).
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` says the tracking server could not be reached (after MLflow's own retries): refused or
+    timed-out connections, or 5xx answers from a proxy in front of it."""
+    import requests
+
+    if isinstance(error, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return True
+    text = str(error)
+    return isinstance(error, MlflowException) and text.startswith("API request to") and bool(
+        re.search(r"failed with (timeout )?exception|failed with error code 5\d\d", text))
+
+
+def go_offline(error: BaseException) -> None:
+    """The server is gone for longer than the retries: from now on, until the invocation's run is over, every
+    request fails at once rather than retrying for minutes."""
+    if _Offline.error:
+        return
+    _Offline.error = one_line(error)
+    _Offline.saved = {name: os.environ.get(name) for name in FAIL_FAST}
+    os.environ.update(FAIL_FAST)
+    logger.warning("tracking server unreachable; training goes on unlogged: %s", _Offline.error)
+
+
+def offline() -> str:
+    """Why the tracking server is considered gone ("" while it answers)."""
+    return _Offline.error
+
+
+@contextlib.contextmanager
+def _online_at_first() -> Iterator[None]:
+    """Each invocation starts with the server considered reachable and leaves MLflow's retry settings as it found
+    them."""
+    _Offline.error, _Offline.saved = "", {}
+    try:
+        yield
+    finally:
+        for name, value in _Offline.saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _Offline.error, _Offline.saved = "", {}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created if missing. Parallel launches race to create a new experiment; the
+    loser's create fails with RESOURCE_ALREADY_EXISTS (and mlflow.set_experiment then quietly leaves the run in
+    `Default`), so look again instead."""
+    client = MlflowClient()
+    for attempt in range(EXPERIMENT_ATTEMPTS):
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage != "active":
+                raise InputError([problem("experiment", f"{name!r} is deleted; restore it (`mlflow experiments "
+                                                        f"restore --experiment-id {found.experiment_id}`) or choose "
+                                                        "another name")])
+            return found.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        time.sleep(0.05 * (attempt + 1))
+    raise RuntimeError(f"experiment {name!r} could be neither found nor created in {EXPERIMENT_ATTEMPTS} attempts")
+
+
+def _record_failure(error_text: str, trace: str) -> None:
+    """The `error` tag and the traceback artifact on the active run; the store itself may be what failed."""
+    try:
+        mlflow.set_tag(ERROR_TAG, error_text)
+        if trace:
+            mlflow.log_text(trace, ERROR_TRACEBACK)
+    except Exception as failure:  # noqa: BLE001 - an unreachable or read-only store must not hide the error
+        if unreachable(failure):
+            go_offline(failure)
+        logger.warning("could not record the error on run %s: %s", mlflow.active_run().info.run_id,
+                       one_line(failure))
+
+
+def _end(status: str, error_text: str = "", trace: str = "") -> None:
+    """End the active run with `status`; a signal arriving meanwhile waits until the run is ended. With the
+    tracking server gone (`offline`) the run only leaves the stack: it stays RUNNING in the store until `resume`
+    closes it."""
+    with signals.deferred():
+        if status == "FINISHED":
+            mlflow.end_run(status)
+            return
+        if not offline():
+            _record_failure(error_text, trace)
+        run_id = mlflow.active_run().info.run_id
+        try:
+            mlflow.end_run(status)  # takes the run off the stack first, then tells the store
+        except Exception as failure:  # noqa: BLE001 - the error that ended the run matters more
+            if not offline():
+                logger.warning("run %s could not be marked %s (it stays RUNNING in the store until `resume` closes "
+                               "it): %s", run_id, status, one_line(failure))
 
 
 @contextlib.contextmanager
 def _failing_on_error(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     try:
         yield run
-    except KeyboardInterrupt:
-        mlflow.set_tag(ERROR_TAG, "interrupted by the user")
-        mlflow.end_run("KILLED")
+    except KeyboardInterrupt as stop:
+        _end("KILLED", str(stop) if isinstance(stop, signals.Terminated) else "interrupted by the user")
         raise
     except BaseException as error:  # noqa: BLE001 - record every failure on the run, then re-raise
-        mlflow.set_tag(ERROR_TAG, one_line(error))
-        mlflow.end_run("FAILED")
+        user_mistake = isinstance(error, InputError)  # its lines say it all: no traceback
+        _end("FAILED", one_line(error), "" if user_mistake else traceback.format_exc())
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end("FINISHED")
 
 
 @contextlib.contextmanager
 def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[mlflow.ActiveRun]:
     """The invocation's run, tagged with its `kind` (see `contract`): the one `mlflow run` created, or a new one
-    in `experiment`."""
+    in `experiment`. Within it SIGTERM and SIGINT end the open runs KILLED (`signals`)."""
     configure()
     console.quiet_libraries()
     mlflow.enable_system_metrics_logging()
@@ -75,27 +197,30 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
     # the environment while we hold the run: start_run() would otherwise resume it for every nested child too.
     launched_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        if launched_run_id:
-            run = mlflow.start_run(run_id=launched_run_id)
-            if run_name:
-                mlflow.set_tag("mlflow.runName", run_name)
-        else:
-            mlflow.set_experiment(experiment)
-            run = mlflow.start_run(run_name=run_name or None)
-        with _failing_on_error(run) as active:
-            mlflow.set_tag(KIND_TAG, kind)
-            mark_model_training(run.info.experiment_id)
-            yield active
+        with signals.terminating(), _online_at_first():
+            if launched_run_id:
+                run = mlflow.start_run(run_id=launched_run_id)
+                if run_name:
+                    mlflow.set_tag("mlflow.runName", run_name)
+            else:
+                mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
+                run = mlflow.start_run(run_name=run_name or None)
+            with _failing_on_error(run) as active:
+                mlflow.set_tag(KIND_TAG, kind)
+                mark_model_training(run.info.experiment_id)
+                yield active
     finally:
         if launched_run_id:
             os.environ["MLFLOW_RUN_ID"] = launched_run_id
 
 
 @contextlib.contextmanager
-def child_run(run_name: str, run_id: str = "") -> Iterator[mlflow.ActiveRun]:
-    """A nested run under the active one, or (in a worker process) the run `create_child_run` made for it;
-    FAILED with an `error` tag if its body raises."""
-    run = mlflow.start_run(run_id=run_id or None, run_name=run_name, nested=True)
+def child_run(run_name: str, parent_run_id: str | None = None, run_id: str = "") -> Iterator[mlflow.ActiveRun]:
+    """A nested run under the active one (or, in a process that holds no run, under `parent_run_id`), or the run
+    `create_child_run` made for it when `run_id` is given (a worker process); FAILED with an `error` tag if its
+    body raises."""
+    run = mlflow.start_run(run_id=run_id or None, run_name=run_name, nested=True,
+                           parent_run_id=None if run_id else parent_run_id)
     with _failing_on_error(run) as active:
         yield active
 
@@ -111,7 +236,7 @@ def create_child_run(run_name: str) -> str:
 def end_run_by_id(run_id: str, status: str, error: str) -> None:
     """End a run another process was filling (a worker that died, an interrupted child) with its `error` tag."""
     client = MlflowClient()
-    client.set_tag(run_id, ERROR_TAG, error[:MAX_TAG_CHARS])
+    client.set_tag(run_id, ERROR_TAG, error[:MAX_LINE_CHARS])
     client.set_terminated(run_id, status)
 
 
@@ -120,6 +245,36 @@ def configure_worker(tracking_uri: str) -> None:
     console.quiet_libraries()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.enable_system_metrics_logging()
+
+
+@contextlib.contextmanager
+def reopened_run(run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Run `run_id` made active again (RUNNING, its earlier `error` tag removed) on top of the invocation's own run,
+    so that new children nest under it; ended like any other run."""
+    run = mlflow.start_run(run_id=run_id, nested=True)
+    if ERROR_TAG in run.data.tags:
+        mlflow.delete_tag(ERROR_TAG)
+    with _failing_on_error(run) as active:
+        yield active
+
+
+def set_or_clear_tag(key: str, value: str) -> None:
+    """Tag the active run with `value`, or remove the tag (left by an earlier attempt of a resumed run) if empty."""
+    if value:
+        mlflow.set_tag(key, value)
+    elif key in MlflowClient().get_run(mlflow.active_run().info.run_id).data.tags:
+        mlflow.delete_tag(key)
+
+
+def log_table(frame, artifact_file: str) -> None:
+    """A table in `mlflow.log_table`'s format (and UI tag), replacing any earlier one of that name: log_table
+    appends to an existing table, which would double the rows of a resumed parent's summary."""
+    mlflow.log_text(frame.to_json(orient="split", index=False, date_format="iso"), artifact_file)
+    tags = MlflowClient().get_run(mlflow.active_run().info.run_id).data.tags
+    logged = json.loads(tags.get("mlflow.loggedArtifacts", "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:
+        mlflow.set_tag("mlflow.loggedArtifacts", json.dumps([*logged, entry]))
 
 
 def log_params(params: dict[str, Any]) -> None:

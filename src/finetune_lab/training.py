@@ -22,13 +22,15 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from finetune_lab import console
+from finetune_lab import console, tracking
 from finetune_lab.config import TrainingConfig
 from finetune_lab.models import eval_mode
 from finetune_lab.prompts import IGNORE_INDEX
 
 # Aim for about this many points on each loss curve, whatever the run length.
 LOSS_CURVE_POINTS = 100
+# MLflow's limit on the metrics of one log_batch call.
+MAX_METRICS_PER_BATCH = 1000
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,8 +112,27 @@ class QuietProgress(ProgressCallback):
         pass
 
 
+def step_metrics(entry: dict) -> dict[str, float]:
+    """A Trainer log entry as the per-step metrics a run records: `train_loss`, `lr`, `grad_norm` (finite ones)."""
+    values = {"train_loss": float(entry["loss"])}
+    for logged, name in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
+        if logged in entry and math.isfinite(float(entry[logged])):
+            values[name] = float(entry[logged])
+    return values
+
+
+def log_steps(client: MlflowClient, run_id: str, entries: list[dict]) -> None:
+    """Trainer log entries (with their `step`) as per-step metrics of run `run_id`."""
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, int(e["step"])) for e in entries for k, v in step_metrics(e).items()]
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+
+
 class MlflowStepLogger(TrainerCallback):
-    """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`; stops on a non-finite loss."""
+    """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`; stops on a non-finite loss. If the tracking
+    server stays unreachable past MLflow's retries, training goes on unlogged (the Trainer keeps every step in its
+    log history) and the experiment decides what to keep."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
@@ -123,12 +144,14 @@ class MlflowStepLogger(TrainerCallback):
         loss = float(logs["loss"])
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"training loss became {loss} at step {state.global_step}")
-        values = {"train_loss": loss}
-        for logged, name in (("learning_rate", "lr"), ("grad_norm", "grad_norm")):
-            if logged in logs and math.isfinite(float(logs[logged])):
-                values[name] = float(logs[logged])
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, state.global_step) for k, v in values.items()])
+        if tracking.offline():
+            return
+        try:
+            log_steps(self.client, self.run_id, [{**logs, "step": state.global_step}])
+        except Exception as error:  # noqa: BLE001 - only an unreachable server is survivable here
+            if not tracking.unreachable(error):
+                raise
+            tracking.go_offline(error)
 
 
 class PeakMemory:
@@ -179,9 +202,9 @@ def train(trainer: Trainer) -> dict[str, float]:
     }
 
 
-def loss_curve(trainer: Trainer) -> list[tuple[int, float]]:
-    """(step, training loss) as the Trainer logged it."""
-    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+def step_log(trainer: Trainer) -> list[dict]:
+    """The Trainer's log entries of training steps (step, loss, grad_norm, learning_rate), in order."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
 @contextlib.contextmanager

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import load_table, runs_of
+from conftest import load_table, mlflow_run_command, runs_of
 
 SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": "2,4", "seeds": "1,2", "max_steps": 6, "batch_size": 8,
          "max_length": 64, "learning_rate": 1e-3}
@@ -91,3 +95,54 @@ def test_sweep_parent_children_metrics_and_summary(mlflow_run, client, tmp_path)
     best_run = client.get_run(parent.data.tags["best_run_id"])
     assert int(best_run.data.params["lora_r"]) == best_rank
     assert parent.data.metrics["failed_children"] == 0
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    """Poll `condition()` until it returns something truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(client, tmp_path):
+    """`kill <pid>` of the entry point that `mlflow run` started, while its second child trains: the child ends
+    KILLED, the parent summarises what finished; MLflow's wrapper then overwrites the parent's KILLED with FAILED
+    (mlflow 3.17.2), but our `error` tag stays."""
+    params = {**SWEEP, "ranks": "2,4,8", "seeds": "1", "max_steps": 40}
+    command, env = mlflow_run_command(client, tmp_path, "lora_sweep", params, "sigterm-e2e")
+    launched = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    try:
+        experiment_id = client.get_experiment_by_name("sigterm-e2e").experiment_id
+
+        def second_child_training():
+            runs = client.search_runs([experiment_id])
+            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            running = [r for r in children if r.info.status == "RUNNING" and "train_loss" in r.data.metrics]
+            return running and any(r.info.status == "FINISHED" for r in children) and running[0]
+
+        training_child = wait_for(second_child_training, 600, "the second child to train")
+        (entry_point,) = [p for p in psutil.Process(launched.pid).children(recursive=True)
+                          if any(part.endswith("lora_sweep.py") for part in p.cmdline())]
+        entry_point.send_signal(signal.SIGTERM)
+        output, _ = launched.communicate(timeout=300)
+    finally:
+        if launched.poll() is None:
+            launched.kill()
+    assert launched.returncode != 0, output[-3000:]
+    assert "error: terminated by SIGTERM" in output
+
+    runs = runs_of(client, "sigterm-e2e")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FAILED", "mlflow run's wrapper turns a KILLED parent into FAILED"
+    assert parent.data.tags["error"] == "terminated by SIGTERM"
+    killed = client.get_run(training_child.info.run_id)
+    assert killed.info.status == "KILLED" and killed.data.tags["error"] == "terminated by SIGTERM"
+    table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
+    assert len(table) == 3 and "FINISHED" in set(table["status"]) and "KILLED" in set(table["status"])
+    assert parent.data.tags["best_run_id"] in set(table[table["status"] == "FINISHED"]["run_id"])

@@ -106,8 +106,22 @@ def _file_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
+def _md_escape(text: str) -> str:
+    """Run names, replies and errors as text, never as HTML: markdown renderers pass raw HTML (a `<script>` in a run
+    name) straight through."""
+    return html.escape(text, quote=False)
+
+
+def _md_inline(text: str) -> str:
+    """Escape everything outside `code` spans (the only markdown the blocks' text uses; a span shows its content
+    literally)."""
+    parts = re.split(r"(`[^`]+`)", text)
+    return "".join(part if part.startswith("`") and part.endswith("`") and len(part) > 1 else _md_escape(part)
+                   for part in parts)
+
+
 def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _md_escape(str(text)).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(columns: list[str], rows: list[list[str]]) -> str:
@@ -121,11 +135,11 @@ def to_markdown(blocks: list[Block], images: Path) -> str:
     parts, taken = [], set()
     for block in blocks:
         if isinstance(block, Heading):
-            parts.append("#" * block.level + " " + block.text)
+            parts.append("#" * block.level + " " + _md_inline(block.text))
         elif isinstance(block, Text):
-            parts.append(block.text)
+            parts.append(_md_inline(block.text))
         elif isinstance(block, Bullets):
-            parts.append("\n".join(f"- **verdict** {item}" for item in block.items))
+            parts.append("\n".join(f"- **verdict** {_md_escape(item)}" for item in block.items))
         elif isinstance(block, Table):
             parts.append(_md_table(block.columns, block.rows))
         elif isinstance(block, Figures):
@@ -133,7 +147,8 @@ def to_markdown(blocks: list[Block], images: Path) -> str:
             for figure in block.items:
                 path = images / _file_name(figure.name, taken)
                 path.write_bytes(figure.data)
-                links.append(f"![{figure.caption}]({images.name}/{path.name})")
+                alt = figure.caption.replace("[", "\\[").replace("]", "\\]")  # the cell escapes the rest
+                links.append(f"![{alt}]({images.name}/{path.name})")
             parts.append(_md_table([f.caption for f in block.items], [links]))  # a row of images: side by side
     return "\n\n".join(parts) + "\n"
 
