@@ -30,8 +30,9 @@ from finetune_lab.data import LoadedData
 from finetune_lab.errors import InputError, problem
 
 LATEST = "latest"
-# Fields that do not change what is trained: a resume may differ in them.
-IGNORED_FIELDS = ("resume", "run_name", "experiment", "register_as")
+# Fields that do not change what is trained: a resume may differ in them (where the children train included: an
+# executor records the same sweep as another).
+IGNORED_FIELDS = ("resume", "run_name", "experiment", "register_as", "executor", "workers", "cpus_per_worker")
 # How far back `latest` looks among an experiment's parent runs.
 LATEST_WINDOW = 200
 
