@@ -1,11 +1,12 @@
-# The two set-up commands of the README: `make demo` and `make test`.
+# The set-up commands of the README: `make demo`, `make ui` and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+UI_PORT ?= 5000
 
-.PHONY: install demo test fetch-models clean
+.PHONY: install demo ui test fetch-models clean
 
 # torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +26,15 @@ demo: install
 	$(PY) -m finetune_lab.models fetch minilm-l6
 	HF_HUB_OFFLINE=1 mlflow run . -e classify --env-manager local --experiment-name classification \
 		-P model=minilm-l6 -P dataset=sample -P learning_rate=5e-5 -P epochs=3 -P max_length=128
+	@echo "(or: make ui)"
+
+# The MLflow UI on the runs' store, reachable from this machine only; a tracking server has a UI of its own.
+ui: install
+	@case "$(MLFLOW_TRACKING_URI)" in \
+	  http://*|https://*) echo "The runs are on a tracking server: open $(MLFLOW_TRACKING_URI)";; \
+	  *) echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"; \
+	     exec $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT);; \
+	esac
 
 test: install
 	$(PY) -m pytest

@@ -1,10 +1,9 @@
 """`lora_sweep` entry point: LoRA rank sweep with parent/child runs (see `python entrypoints/lora_sweep.py --help`)."""
 
-from finetune_lab import sweep
 from finetune_lab.cli import command
 from finetune_lab.config import SweepConfig
 
-main = command(SweepConfig, sweep.run, name="lora_sweep")
+main = command(SweepConfig, "finetune_lab.sweep:run", name="lora_sweep")
 
 if __name__ == "__main__":
     main()

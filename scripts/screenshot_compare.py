@@ -1,11 +1,15 @@
-"""Regenerate docs/images/mlflow_compare.png: the MLflow UI's compare view of a tiny LoRA sweep's child runs.
+"""Regenerate the MLflow UI pictures in docs/images/ from a tiny LoRA sweep, and check the UI shows our experiments in
+its Model training view.
 
-    python scripts/screenshot_compare.py [--output docs/images/mlflow_compare.png]
+    python scripts/screenshot_compare.py [--output-dir docs/images]
 
 Steps: install Debian's chromium if /usr/bin/chromium is missing (apt-get, needs root); run a tiny sweep
 (ranks 2,4,8 x seeds 1,2, 10 steps) into a temporary sqlite store; start `mlflow ui` on 127.0.0.1 and a free
-port; screenshot the compare-runs page of the sweep's children with headless Chromium; stop the server.
-Everything but the PNG lives in a temporary folder that is removed at the end. Offline (no Hugging Face Hub).
+port; open the experiment's runs page at the address the entry points print (`?workflowType=machine_learning`),
+check in the rendered page that it is the Model training view (not the GenAI one the UI opens by default), and
+screenshot it (`mlflow_runs.png`); screenshot the compare-runs page of the sweep's children (`mlflow_compare.png`);
+stop the server. Everything but the PNGs lives in a temporary folder that is removed at the end. Offline (no
+Hugging Face Hub).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +30,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from finetune_lab.tracking import ui_page
+
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 EXPERIMENT = "lora_sweep"
@@ -36,6 +43,7 @@ MAX_PNG_BYTES = 500_000
 # and the panel would cover a third of the screenshot.
 UI_HOST = "mlflow-ui.test"
 WINDOW = "1600,2000"  # tall enough for the plot, the run details, the params and the start of the metrics
+RUNS_WINDOW = "1600,700"  # the runs page: the navigation, the view switch and the runs table
 
 
 def ensure_chromium() -> str:
@@ -85,20 +93,40 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout_s: float = 120) ->
 
 def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     """The UI's compare-runs route (hash router): ?runs=[ids]&experiments=[ids], JSON-encoded lists."""
-    query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])})
+    query = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id]),
+                                    "workflowType": "machine_learning"})
     return f"{base}/#/compare-runs?{query}"
 
 
-def screenshot(chromium: str, url: str, output: Path, profile: Path, budget_ms: int) -> None:
+def chromium_command(chromium: str, profile: Path, budget_ms: int, window: str) -> list[str]:
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+            f"--host-resolver-rules=MAP {UI_HOST} 127.0.0.1", f"--user-data-dir={profile}", f"--window-size={window}",
+            f"--virtual-time-budget={budget_ms}"]
+
+
+def screenshot(chromium: str, url: str, output: Path, profile: Path, budget_ms: int, window: str = WINDOW) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--host-resolver-rules=MAP {UI_HOST} 127.0.0.1", f"--user-data-dir={profile}",
-               f"--window-size={WINDOW}",
-               f"--virtual-time-budget={budget_ms}", f"--screenshot={output}", url]
-    subprocess.run(command, check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([*chromium_command(chromium, profile, budget_ms, window), f"--screenshot={output}", url],
+                   check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if not output.is_file():
         raise SystemExit("chromium wrote no screenshot")
+    shrink(output)
+    print(f"wrote {output} ({output.stat().st_size // 1024} KB)", flush=True)
+
+
+def rendered_text(chromium: str, url: str, profile: Path, budget_ms: int) -> str:
+    """The page's text once its scripts have run (headless Chromium's DOM dump, tags removed)."""
+    dom = subprocess.run([*chromium_command(chromium, profile, budget_ms, WINDOW), "--dump-dom", url], check=True,
+                         timeout=180, capture_output=True, text=True).stdout
+    return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+
+
+def check_model_training_view(text: str) -> None:
+    """The UI's two views differ in their navigation: Model training lists the model registry, GenAI lists
+    evaluation runs and traces' observability."""
+    if "Model registry" not in text or "Evaluation runs" in text:
+        raise SystemExit("the runs page did not open in the MLflow UI's Model training view")
 
 
 def shrink(output: Path) -> None:
@@ -113,7 +141,7 @@ def shrink(output: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "docs" / "images" / "mlflow_compare.png")
+    parser.add_argument("--output-dir", type=Path, default=REPO / "docs" / "images")
     parser.add_argument("--budget-ms", type=int, default=20000, help="Chromium's virtual time budget for the page")
     args = parser.parse_args()
     chromium = ensure_chromium()
@@ -131,11 +159,14 @@ def main() -> None:
                                    f"http://{UI_HOST}:{port}"], env=env, cwd=workdir,
                                   start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until_up(f"http://127.0.0.1:{port}", server)
-        url = compare_url(f"http://{UI_HOST}:{port}", experiment_id, children)
-        print(f"screenshot of {url}", flush=True)
-        screenshot(chromium, url, args.output.resolve(), workdir / "chromium-profile", args.budget_ms)
-        shrink(args.output)
-        print(f"wrote {args.output} ({args.output.stat().st_size // 1024} KB)")
+        base, output = f"http://{UI_HOST}:{port}", args.output_dir.resolve()
+        runs_url = f"{base}/{ui_page(experiment_id)}"  # the address the entry points print
+        check_model_training_view(rendered_text(chromium, runs_url, workdir / "profile-dom", args.budget_ms))
+        print(f"checked: {runs_url} opens the Model training view", flush=True)
+        screenshot(chromium, runs_url, output / "mlflow_runs.png", workdir / "profile-runs", args.budget_ms,
+                   window=RUNS_WINDOW)
+        screenshot(chromium, compare_url(base, experiment_id, children), output / "mlflow_compare.png",
+                   workdir / "profile-compare", args.budget_ms)
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: mlflow ui and its workers

@@ -31,6 +31,8 @@ def invoke(client, no_weights_loaded):
         (["--max-length", "1024"], "error: max_length: 1024 exceeds the 512 positions of the model "
                                    "(max_position_embeddings); use at most 512"),
         (["--dataset", "."], "error: dataset: '.' is a folder; pass one data file"),
+        (["--label-names", "bad,good,ugly"], "error: label_names: names 3 classes, the data has 2 (0, 1)"),
+        (["--label-names", "bad,bad"], "error: label_names: must be distinct non-empty names like negative,positive"),
     ],
 )
 def test_each_bad_input_is_one_clear_line(invoke, args, expected):

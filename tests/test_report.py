@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 from conftest import create_experiment, entrypoint, load_table, runs_of
 from finetune_lab import classify, probe, report, sweep
 from finetune_lab.report import render, sections
+from finetune_lab.report.store import Artifacts
+from finetune_lab.report.verdicts import config_label
 from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
 
 TINY_CLASSIFY = dict(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=32, max_length=32,
@@ -133,7 +135,35 @@ def test_rank_summary_cells_are_the_logged_mean_and_std(store, tmp_path):
             mean, std = (float(x) for x in cells[metric].split(" ± "))
             assert mean == pytest.approx(summary.loc[rank, f"{metric}_mean"], rel=1e-5)
             assert std == pytest.approx(summary.loc[rank, f"{metric}_std"], rel=1e-5)
-    assert "report_images/" in text and "loss-vs-rank" in text and "memory-vs-rank" in text
+    # Figure files are named after their figure and sweep.
+    for figure in ("loss_vs_rank", "memory_vs_rank"):
+        assert f"(report_images/{figure}-two-seeds.png)" in text
+    assert "4 child runs, status FINISHED" in text
+
+
+def test_a_sweep_of_one_child_says_1_child_run(store, tmp_path):
+    parent = store.client.get_run(store.sweeps["one-seed"])
+    (child, *_) = [r for r in runs_of(store.client, "lora_sweep")
+                   if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    blocks = sections.sweep_section(parent, [child], Artifacts(store.client, tmp_path))
+    assert blocks[1].text.startswith("1 child run, status FINISHED")
+
+
+def test_what_configures_nothing_is_not_a_differing_param(client):
+    """Registering or not, and the settings of a registered model that earlier versions logged as params, do not
+    make two runs different configurations."""
+    experiment = client.create_experiment("not-config")
+    runs = []
+    for learning_rate, extra in (("1e-3", {"register_as": ""}),
+                                 ("5e-3", {"register_as": "sentiment", "base_path": "/home/someone/.cache/x"})):
+        run_id = client.create_run(experiment).info.run_id
+        for key, value in {"learning_rate": learning_rate, **extra}.items():
+            client.log_param(run_id, key, value)
+        client.set_terminated(run_id)
+        runs.append(client.get_run(run_id))
+    (table,) = sections.run_table(runs, [])
+    assert "learning_rate" in table.columns and not {"register_as", "base_path"} & set(table.columns)
+    assert config_label(runs)(runs[1]) == "learning_rate=5e-3"
 
 
 def test_a_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_children(store, tmp_path):
@@ -202,6 +232,13 @@ def test_html_is_one_file_with_embedded_images(store):
     # 2 confusion matrices + loss and memory vs rank for each of the 2 sweeps, as in the markdown
     assert len(sources) == len(re.findall(r"!\[[^]]*\]\(report_images/", store.markdown)) == 6
     assert store.html.count('class="verdict"') == store.markdown.count("- **verdict**") == 4
+
+
+def test_wide_tables_and_figures_fit_the_page(store):
+    """Tables scroll sideways inside the page instead of overflowing it; figures shrink to its width."""
+    assert store.html.count("<table>") == store.html.count('<div class="wide"><table>') > 0
+    style = re.search(r"<style>(.*)</style>", store.html, flags=re.S).group(1)
+    assert ".wide { overflow-x: auto; }" in style and "img { max-width: 100%; height: auto; }" in style
 
 
 def test_the_report_is_logged_as_its_own_run(store, tmp_path):

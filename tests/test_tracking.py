@@ -1,6 +1,12 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlflow
 import pytest
 
+from conftest import REPO
 from finetune_lab import tracking
 from finetune_lab.contract import KIND_TAG
 
@@ -44,6 +50,48 @@ def test_log_params_keeps_values_mlflow_run_already_logged(client):
         mlflow.log_param("learning_rate", "2e-5")  # as `mlflow run` logs the -P value, verbatim
         tracking.log_params({"learning_rate": 2e-05, "model_path": "/x"})
     assert client.get_run(run.info.run_id).data.params == {"learning_rate": "2e-5", "model_path": "/x"}
+
+
+def test_experiments_are_marked_as_model_training(client, monkeypatch):
+    """Our own experiments and the one `mlflow run` chose both get the tag; a kind someone set is kept."""
+    kind = tracking.EXPERIMENT_KIND_TAG
+    for tags, expected in (({}, "custom_model_development"), ({kind: "genai_development"}, "genai_development")):
+        chosen = client.create_experiment(f"chosen-{expected}", tags=tags)
+        monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(chosen).info.run_id)
+        with tracking.experiment_run("test", "ignored"):
+            pass
+        assert client.get_experiment(chosen).tags[kind] == expected
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    with tracking.experiment_run("test", "ours") as run:
+        pass
+    assert client.get_experiment(run.info.experiment_id).tags[kind] == "custom_model_development"
+
+
+def test_the_ui_hint_works_as_printed(client, monkeypatch):
+    """A local store: a command that runs without an activated venv (the executable's path), on 127.0.0.1, and the
+    runs page in the Model training view. A tracking server: its own URL, no command."""
+    page = "#/experiments/7/runs?workflowType=machine_learning"
+    command, url = tracking.ui_hint("7").split(": ", 1)[1].split("\n")
+    executable, *arguments = command.split()
+    assert os.access(executable, os.X_OK) and os.path.samefile(Path(executable).parent, Path(sys.executable).parent)
+    assert arguments == ["ui", "--backend-store-uri", mlflow.get_tracking_uri(), "--host", "127.0.0.1", "--port",
+                         "5000"]
+    assert url.strip() == f"then open http://127.0.0.1:5000/{page}"
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://tracking.example:5000/")
+    assert tracking.ui_hint("7") == f"See the runs in the MLflow UI: http://tracking.example:5000/{page}"
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("sqlite:///runs.db", 'mlflow ui --backend-store-uri "sqlite:///runs.db" --host 127.0.0.1 --port 5000'),
+    ("http://tracking.example:5000", "The runs are on a tracking server: open http://tracking.example:5000"),
+])
+def test_make_ui_serves_the_store_locally_or_points_to_the_server(uri, expected):
+    venv = Path(sys.executable).parent.parent
+    dry_run = [] if uri.startswith("http") else ["-n"]  # never start a server here: show the command it would run
+    made = subprocess.run(["make", "-s", *dry_run, "-o", f"{venv}/.installed", "ui", f"VENV={venv}",
+                           f"MLFLOW_TRACKING_URI={uri}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    assert expected in made.stdout
 
 
 def test_a_lost_race_to_create_the_experiment_still_lands_the_run_in_it(client, monkeypatch):

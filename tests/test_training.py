@@ -89,7 +89,7 @@ def test_train_counts_the_examples_and_real_tokens_the_model_saw(client, tmp_pat
     config = ClassifyConfig(max_steps=3, batch_size=4)
     run_id = client.create_run(client.create_experiment("counts")).info.run_id
     trainer = training.make_trainer(model, tokenizer, tmp_path, encoded, DataCollatorWithPadding(tokenizer), config,
-                                    0, run_id)
+                                    0, run_id, "counts")
     metrics = training.train(trainer)
     assert len(seen) == 3 == metrics["train_steps"]
     assert metrics["train_examples"] == sum(mask.shape[0] for mask in seen) == 12

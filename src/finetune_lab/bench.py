@@ -440,4 +440,4 @@ def run(config: BenchConfig) -> dict:
         return {"run_id": parent.info.run_id, "metrics": headline,
                 "notes": ["", markdown, *(f"failed: {variant_name(o.workload, o.variant)}: {o.error}"
                                           for o in failed)],
-                "ui": tracking.ui_hint()}
+                "ui": tracking.ui_hint(parent.info.experiment_id)}

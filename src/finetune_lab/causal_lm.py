@@ -75,6 +75,9 @@ def load_base(source: models.ModelSource):
     """The frozen base model and its tokenizer (with a pad token), loaded once per experiment."""
     tokenizer = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source.path, **models.model_kwargs(frozen_base=True))
+    # PEFT writes these into every adapter (adapter_config.json, its model card) as the base model: the base's
+    # identity (alias or Hub id), not the cache folder it happened to be loaded from on this machine.
+    model.name_or_path = model.config.name_or_path = models.identity(source)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -120,15 +123,16 @@ class FitResult:
         return self.steps[-1]["loss"] if self.steps else float("nan")
 
 
-def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str,
+def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str, phase: str,
         collate=None) -> FitResult:
-    """Train the adapter on `train_split` (per-step metrics into run `run_id`), then measure the mean loss per
-    target token on `eval_split`. `collate` replaces the training collator (e.g. one that also records what each
-    batch held); batches are packed and sized by the config either way. Raises health.TrainingCollapsed if
-    training diverged or left a dead model."""
+    """Train the adapter on `train_split` (per-step metrics into run `run_id`, `phase` names it on the console),
+    then measure the mean loss per target token on `eval_split`. `collate` replaces the training collator (e.g. one
+    that also records what each batch held); batches are packed and sized by the config either way. Raises
+    health.TrainingCollapsed if training diverged or left a dead model."""
     with tracking.scratch_dir("lora") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer, config),
-                                        config, seed, run_id, batch_tokens=config.batch_tokens, packed=packed(config))
+                                        config, seed, run_id, phase, batch_tokens=config.batch_tokens,
+                                        packed=packed(config))
         metrics = training.train(trainer)
     eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer, config),
                                          training.eval_batch_size(config))

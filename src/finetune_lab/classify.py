@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
-from finetune_lab import contract, health, models, plots, registry, tracking, training
+from finetune_lab import console, contract, health, models, plots, registry, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ClassifyConfig, as_params
 from finetune_lab.data import TEST, TRAIN
-from finetune_lab.errors import raise_if_any
+from finetune_lab.errors import problem, raise_if_any
 
 # Held-out fraction for local files without a `split` column.
 TEST_FRACTION = 0.2
@@ -52,6 +52,10 @@ def prepare(config: ClassifyConfig) -> Prepared:
             problems += data_lib.check_text(data, "text_column", config.text_column)
             classes, label_problems = data_lib.check_labels(data, "label_column", config.label_column)
             problems += label_problems
+            named = config.label_name_list
+            if named and not label_problems and len(named) != len(classes):
+                problems.append(problem("label_names", f"names {len(named)} classes, the data has {len(classes)} "
+                                                       f"({', '.join(map(str, classes))})"))
         if not problems:
             data = data_lib.limit(data, {TRAIN: config.max_train_samples, TEST: config.max_eval_samples}, config.seed)
             texts = list(data.splits[TRAIN][config.text_column])
@@ -60,9 +64,32 @@ def prepare(config: ClassifyConfig) -> Prepared:
     if source is not None:
         problems += models.check_max_length(source, config.max_length)
     raise_if_any(problems)
-    feature = data.splits[TRAIN].features.get(config.label_column)
-    names = list(getattr(feature, "names", None) or [str(c) for c in classes])
+    names = config.label_name_list or data_lib.label_names(data, config.label_column, classes)
     return Prepared(data, source, classes, names)
+
+
+def load_model(prepared: Prepared, seed: int):
+    """(model, tokenizer) with a classification head for the data's classes, named after them. A pretrained
+    encoder has no such head: it is initialised from `seed` (reproducibly), which is said in one line instead of
+    transformers' table of missing weights."""
+    set_seed(seed)
+    with console.without_load_report():
+        (model, loading), tokenizer = models.load(
+            prepared.source,
+            AutoModelForSequenceClassification,
+            num_labels=len(prepared.classes),
+            id2label=dict(enumerate(prepared.label_names)),
+            label2id={name: k for k, name in enumerate(prepared.label_names)},
+            output_loading_info=True,  # the model comes back as (model, what was missing / unused)
+            **models.model_kwargs(frozen_base=False),
+        )
+    if loading["missing_keys"]:
+        console.say(f"new classification head for {len(prepared.classes)} classes, initialised from seed {seed} "
+                    f"({', '.join(sorted(loading['missing_keys']))}): expected, the pretrained model has none")
+    if loading["unexpected_keys"]:
+        console.say(f"{len(loading['unexpected_keys'])} weights of the pretrained model are not used by a classifier "
+                    f"(its pretraining head): expected")
+    return model, tokenizer
 
 
 def tokenize(prepared: Prepared, tokenizer, config: ClassifyConfig):
@@ -125,13 +152,7 @@ class Fitted:
 def fit(config: ClassifyConfig, prepared: Prepared, run_id: str) -> Fitted:
     """Load the model, tokenize once, train (compiled when `compile` says so; per-step metrics into run `run_id`)
     and predict the held-out split in its own order."""
-    set_seed(config.seed)  # a pretrained encoder gets a freshly initialised head: make it reproducible
-    model, tokenizer = models.load(
-        prepared.source,
-        AutoModelForSequenceClassification,
-        num_labels=len(prepared.classes),
-        **models.model_kwargs(frozen_base=False),
-    )
+    model, tokenizer = load_model(prepared, config.seed)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     tokenized = tokenize(prepared, tokenizer, config)
@@ -139,9 +160,10 @@ def fit(config: ClassifyConfig, prepared: Prepared, run_id: str) -> Fitted:
     compile_model = training.switch(config.compile)
     with tracking.scratch_dir("classify") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], train_collator, config,
-                                        config.seed, run_id, drop_last=compile_model)
+                                        config.seed, run_id, "[1/2] classify", drop_last=compile_model)
         with training.compiled(model, config.max_length) if compile_model else contextlib.nullcontext():
             metrics = training.train(trainer)
+    console.say(f"[2/2] classify: predicting the {len(tokenized[TEST])} held-out examples")
     # Row i of the logits is held-out example i: the predictions table pairs it with its own text.
     logits = training.predict_logits(model, tokenized[TEST], eval_collator, training.eval_batch_size(config))
     return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits)
@@ -189,7 +211,7 @@ def run(config: ClassifyConfig) -> dict:
     with tracking.experiment_run(contract.CLASSIFICATION, config.experiment, config.run_name) as active:
         result = execute(config)
         return {"run_id": active.info.run_id, "metrics": result["metrics"], "notes": result["notes"],
-                "ui": tracking.ui_hint()}
+                "ui": tracking.ui_hint(active.info.experiment_id)}
 
 
 def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check_texts: list[str],

@@ -1,9 +1,13 @@
 """Turn an experiment config dataclass into a click command: one `--option` per field, help from the
-field docstrings, every value taken as a string and validated by the config (so all mistakes are
-reported together, one line each, instead of click stopping at the first)."""
+field docstrings with each field's type and default, every value taken as a string and validated by the config (so
+all mistakes are reported together, one line each, instead of click stopping at the first).
+
+Nothing heavy is imported here: the experiment itself (torch, transformers, mlflow) is imported only once the
+options are parsed, so `--help` answers at once."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import tempfile
@@ -11,12 +15,11 @@ import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
+from typing import get_type_hints
 
 import click
 
-from finetune_lab.config import as_params, field_docs, from_strings
-from finetune_lab.contract import ERROR_TRACEBACK
+from finetune_lab.config import IntList, as_params, field_docs, from_strings
 from finetune_lab.errors import InputError, one_line
 from finetune_lab.signals import Terminated
 
@@ -24,17 +27,26 @@ from finetune_lab.signals import Terminated
 INPUT_ERROR_EXIT = 2
 # Exit status for anything else that went wrong (the shell's 128 + N is used for death by signal N).
 FAILURE_EXIT = 1
+# What --help shows for each field type; click itself never converts (the config does, reporting every problem).
+METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", IntList: "INT,INT,..."}
 
 
-def command(config_cls: type, run: Callable[..., dict], name: str) -> click.Command:
-    """A click command that builds `config_cls` from its options and calls `run(config)`; the config carries
-    what failed to parse, so `run` reports it together with every other problem."""
-    docs, defaults = field_docs(config_cls), as_params(config_cls())
+def _experiment(target: str):
+    """The function `module:function` names, imported now."""
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def command(config_cls: type, run: str, name: str) -> click.Command:
+    """A click command that builds `config_cls` from its options and calls `run(config)`, where `run` names the
+    experiment's function as `module:function`; the config carries what failed to parse, so `run` reports it
+    together with every other problem."""
+    docs, defaults, hints = field_docs(config_cls), as_params(config_cls()), get_type_hints(config_cls)
 
     def callback(**raw):
-        config = from_strings(config_cls, {k: v for k, v in raw.items() if v is not None})
+        config = from_strings(config_cls, raw)
         try:
-            result = run(config)
+            result = _experiment(run)(config)
         except InputError as error:
             for line in error.problems:
                 click.echo(f"error: {line}", err=True)
@@ -44,6 +56,8 @@ def command(config_cls: type, run: Callable[..., dict], name: str) -> click.Comm
                        "marks its own run FAILED); what finished is summarised on the parent run", err=True)
             sys.exit(stop.exit_code)
         except Exception as error:  # noqa: BLE001 - one line for the user, the traceback kept in a file
+            from finetune_lab.contract import ERROR_TRACEBACK
+
             click.echo(f"error: {one_line(error)} (full traceback: {keep_traceback(error)}, and in the failed "
                        f"run's artifact {ERROR_TRACEBACK})", err=True)
             sys.exit(FAILURE_EXIT)
@@ -53,8 +67,10 @@ def command(config_cls: type, run: Callable[..., dict], name: str) -> click.Comm
         click.Option(
             [f"--{f.name.replace('_', '-')}", f.name],
             type=str,
-            default=None,
-            help=f"{docs.get(f.name, '')} [default: {defaults[f.name]!r}]",
+            metavar=METAVARS[hints[f.name]],
+            default=str(defaults[f.name]),
+            show_default=True,
+            help=docs.get(f.name, ""),
         )
         for f in fields(config_cls)
     ]
@@ -76,4 +92,4 @@ def print_summary(result: dict) -> None:
         click.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
     for line in result.get("notes", []):
         click.echo(line)
-    click.echo(f"Compare runs in the MLflow UI: {result.get('ui', 'mlflow ui')}  (then open http://127.0.0.1:5000)")
+    click.echo(result["ui"])

@@ -116,6 +116,8 @@ class ClassifyConfig(TrainingConfig):
     """Column holding the input text."""
     label_column: str = "label"
     """Column holding integer class labels 0..K-1."""
+    label_names: str = ""
+    """Comma list of class names for labels 0..K-1 (empty = the dataset's own names, else the numbers)."""
     max_train_samples: int = 0
     """Use only the first N training examples after shuffling by seed (0 = all)."""
     max_eval_samples: int = 0
@@ -137,8 +139,16 @@ class ClassifyConfig(TrainingConfig):
         _check_switch(problems, self, "compile")
         _check(problems, self, "max_train_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
         _check(problems, self, "max_eval_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
+        names = self.label_name_list
+        if self.label_names.strip() and (not all(names) or len(set(names)) < len(names)):
+            problems.append(problem("label_names", f"must be distinct non-empty names like negative,positive, "
+                                                   f"got {self.label_names!r}"))
         _check_experiment(problems, self)
         return problems
+
+    @property
+    def label_name_list(self) -> list[str]:
+        return [name.strip() for name in self.label_names.split(",")] if self.label_names.strip() else []
 
 
 PROMPT_FORMATS = ("plain", "chat")

@@ -20,10 +20,13 @@ import mlflow.data
 import pandas as pd
 from mlflow.data.dataset import Dataset as MlflowDataset
 
+from finetune_lab import hub
 from finetune_lab.errors import problem
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLES = {"sample": SAMPLE_DIR / "sentiment.csv", "sample_chat": SAMPLE_DIR / "chat.jsonl"}
+# Class names of the embedded sets' label columns (see data/sample/README.md).
+SAMPLE_LABEL_NAMES = {("sample", "label"): ["negative", "positive"]}
 LOCAL_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 SPLIT_COLUMN = "split"
 TRAIN, TEST = "train", "test"
@@ -174,17 +177,15 @@ def _load_local(spec: str, path: Path, seed: int, test_fraction: float, targets:
 
 
 def _load_hub(spec: str, seed: int, test_fraction: float, targets: str | None, limit: int | None):
-    try:
-        loaded = datasets.load_dataset(spec)
-    except Exception as error:  # noqa: BLE001 - offline, missing or gated datasets all end here
-        return None, [
-            problem(
-                "dataset",
-                f"cannot load {spec!r} as a local file or from the Hugging Face Hub "
-                f"({type(error).__name__}); offline, pass a .csv/.jsonl/.json/.parquet path or "
-                f"`sample` / `sample_chat`",
-            )
-        ]
+    reason = hub.unavailable(spec, "dataset")
+    if reason is None:
+        try:
+            loaded = datasets.load_dataset(spec)
+        except Exception as error:  # noqa: BLE001 - offline, missing or gated datasets all end here
+            reason = f"cannot be loaded from the Hugging Face Hub ({type(error).__name__})"
+    if reason is not None:
+        return None, [problem("dataset", f"cannot load {spec!r}: not a local file, and {reason}; offline, pass a "
+                                         f".csv/.jsonl/.json/.parquet path or `sample` / `sample_chat`")]
     test_name = next((n for n in TEST_SPLIT_NAMES if n in loaded), None)
     if TRAIN in loaded and test_name:
         splits = datasets.DatasetDict({TRAIN: loaded[TRAIN], TEST: loaded[test_name]})
@@ -267,6 +268,13 @@ def check_labels(data: LoadedData, param: str, column: str) -> tuple[list[int], 
     if unseen:
         problems.append(problem(param, f"test labels {unseen} never occur in the train split"))
     return classes, problems
+
+
+def label_names(data: LoadedData, column: str, classes: list[int]) -> list[str]:
+    """Names of the classes 0..K-1: the column's own (a Hub `ClassLabel`), the embedded set's, else the numbers."""
+    feature = data.splits[TRAIN].features.get(column)
+    names = getattr(feature, "names", None) or SAMPLE_LABEL_NAMES.get((data.name, column))
+    return list(names) if names and len(names) == len(classes) else [str(c) for c in classes]
 
 
 def _is_missing(value: Any) -> bool:

@@ -17,13 +17,19 @@ def run(config: GenerateConfig) -> dict:
     with tracking.experiment_run(contract.GENERATE, config.experiment, config.run_name) as active:
         tracking.log_config(as_params(config))
         raise_if_any(config.problems())
+        # A registry name means something only in the store that registered it: say which one was read.
+        store = mlflow.get_tracking_uri()
         try:
             loaded = mlflow.pyfunc.load_model(config.model_uri)
         except mlflow.exceptions.MlflowException as error:
-            raise InputError([problem("model_uri", f"cannot load {config.model_uri!r}: {one_line(error)}")])
+            raise InputError([problem("model_uri", f"cannot load {config.model_uri!r} from the tracking store {store} "
+                                                   f"(set MLFLOW_TRACKING_URI to the store that registered it): "
+                                                   f"{one_line(error)}")])
         params = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else None
         reply = loaded.predict([config.prompt], params=params)[0]
         mlflow.set_tag("reply", reply[:MAX_REPLY_TAG_CHARS])
         mlflow.log_text(f"prompt: {config.prompt}\nreply: {reply}\n", "reply.txt")
-        return {"run_id": active.info.run_id, "metrics": {}, "notes": [f"prompt: {config.prompt}", f"reply:  {reply}"],
-                "ui": tracking.ui_hint()}
+        return {"run_id": active.info.run_id, "metrics": {},
+                "notes": [f"model:  {config.model_uri} from the tracking store {store}", f"prompt: {config.prompt}",
+                          f"reply:  {reply}"],
+                "ui": tracking.ui_hint(active.info.experiment_id)}

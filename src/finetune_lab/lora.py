@@ -81,6 +81,8 @@ def detach(model: PeftModel) -> torch.nn.Module:
 
 
 def lora_params(model: PeftModel, config: LoraTrainingConfig, rank: int, seed: int) -> dict:
+    """The adapter's settings, as params. Its size (`trainable_params`) is a metric only, so that charts can use it
+    and the compare view lists it once."""
     trainable, total = model.get_nb_trainable_parameters()
     alpha = config.alpha_for(rank)
     return {
@@ -90,9 +92,12 @@ def lora_params(model: PeftModel, config: LoraTrainingConfig, rank: int, seed: i
         "alpha_mode": "fixed" if config.lora_alpha > 0 else f"alpha_per_rank={config.alpha_per_rank}",
         "target_modules": ",".join(sorted(model.peft_config["default"].target_modules)),
         "seed": seed,
-        "trainable_params": trainable,
         "trainable_percent": round(100.0 * trainable / total, 4),
     }
+
+
+def trainable_params(model: PeftModel) -> int:
+    return model.get_nb_trainable_parameters()[0]
 
 
 def log_adapter(model: PeftModel, tokenizer, artifact_path: str = ADAPTER_ARTIFACT) -> int:
@@ -100,7 +105,9 @@ def log_adapter(model: PeftModel, tokenizer, artifact_path: str = ADAPTER_ARTIFA
     the weights' size in bytes."""
     with tracking.scratch_dir("adapter") as scratch:
         folder = Path(scratch) / artifact_path
-        model.save_pretrained(folder)
+        # Only linear layers are ever targeted and the vocabulary is never resized: no embeddings to save (and no
+        # lookup of the base's config by its name, which is an alias or a Hub id, not a folder).
+        model.save_pretrained(folder, save_embedding_layers=False)
         tokenizer.save_pretrained(folder)
         mlflow.log_artifacts(str(folder), artifact_path)
         return (folder / ADAPTER_WEIGHTS).stat().st_size

@@ -26,9 +26,12 @@ from typing import Callable, Iterable, Iterator
 import click
 import torch
 
+from finetune_lab import hub
 from finetune_lab.errors import problem
 
 TINY = "tiny"
+# The revision of a model spec that is a local folder: nothing to pin it to but the folder itself.
+LOCAL = "local"
 # What a model is for: it decides the tiny architecture and the Auto class that loads it.
 CLASSIFIER, CAUSAL_LM = "classifier", "causal_lm"
 COMPLETE_MARKER = ".complete"
@@ -173,22 +176,21 @@ def resolve(spec: str, kind: str, texts: list[str] | None = None, seed: int = 0,
     if local.is_dir():
         if not (local / "config.json").is_file():
             return None, [problem("model", f"folder {spec!r} has no config.json")]
-        return ModelSource(spec, str(local.resolve()), "local"), []
+        return ModelSource(spec, str(local.resolve()), LOCAL), []
     from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(spec)
-    except Exception as error:  # noqa: BLE001 - offline / unknown ids raise many types
-        aliases = ", ".join([TINY, *OFFLINE_MODELS, *RANDOM_MODELS])
-        return None, [
-            problem(
-                "model",
-                f"cannot load {spec!r} ({type(error).__name__}): not a local folder and not reachable on the "
-                f"Hugging Face Hub. Offline, use an alias ({aliases}; fetch ahead with "
-                f"`python -m finetune_lab.models fetch`) or a local folder",
-            )
-        ]
-    return ModelSource(spec, spec, getattr(config, "_commit_hash", None) or "main"), []
+    reason = hub.unavailable(spec, "model")
+    if reason is None:
+        try:
+            config = AutoConfig.from_pretrained(spec)
+        except Exception as error:  # noqa: BLE001 - offline / unknown ids raise many types
+            reason = f"not reachable on the Hugging Face Hub ({type(error).__name__})"
+        else:
+            return ModelSource(spec, spec, getattr(config, "_commit_hash", None) or "main"), []
+    aliases = ", ".join([TINY, *OFFLINE_MODELS, *RANDOM_MODELS])
+    return None, [problem("model", f"cannot load {spec!r}: not a local folder, and {reason}. Offline, use an alias "
+                                   f"({aliases}; fetch ahead with `python -m finetune_lab.models fetch`) or a local "
+                                   f"folder")]
 
 
 def _content_hash(kind: str, texts: Iterable[str], seed: int) -> str:
@@ -361,6 +363,24 @@ def skeleton(source: ModelSource, loader: Callable):
         return loader.from_config(config)
 
 
+def is_local(source: ModelSource) -> bool:
+    """A base that exists only as a folder on this machine: `tiny`, or a local folder spec."""
+    return source.spec == TINY or source.revision == LOCAL
+
+
+def identity(source: ModelSource) -> str:
+    """What a model *is*, wherever it is loaded: the alias or Hub id; only a local base (`tiny` included) is its
+    folder, which exists on this machine only."""
+    return source.path if is_local(source) else source.spec
+
+
+def requirements(source: ModelSource) -> list[str]:
+    """Packages needed to load `source` beyond torch and transformers (an offline alias made from GGUF is
+    converted on first fetch)."""
+    offline = OFFLINE_MODELS.get(source.spec)
+    return ["gguf"] if offline and offline.member.endswith(".gguf") else []
+
+
 def check_max_length(source: ModelSource, max_length: int) -> list[str]:
     """`max_length` against the number of positions the model has, read from its config alone (no weights): above
     it, evaluation would crash only after all the training."""
@@ -376,6 +396,8 @@ def check_max_length(source: ModelSource, max_length: int) -> list[str]:
 
 
 def source_params(source: ModelSource) -> dict[str, str]:
+    """The model's record on a run: `model` (the spec) and `model_revision` say what it is; `model_path` is where it
+    was loaded from on this machine, a hint only."""
     return {"model_path": source.path, "model_revision": source.revision}
 
 

@@ -114,10 +114,10 @@ def compare(before: Stage, after: Stage) -> dict[str, float]:
 
 
 def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared, config: ProbeConfig, name: str,
-              repeats: int, start: dict, before: Stage | None = None) -> Stage:
-    """In child run `name`: reset the adapter to `start`, train on the train split + `repeats` copies of the new
-    example, answer the probe and measure; log the training data it used, the adapter, and the change from
-    `before` when given."""
+              repeats: int, start: dict, before: Stage | None = None, *, position: str) -> Stage:
+    """In child run `name` (stage `position`, like `[2/3]`): reset the adapter to `start`, train on the train split
+    + `repeats` copies of the new example, answer the probe and measure; log the training data it used, the
+    adapter, and the change from `before` when given."""
     with tracking.child_run(name) as child:
         mlflow.set_tags(resume.marks(config, prepared.data))
         lora.restore_adapter(model, start)
@@ -129,11 +129,11 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
         data_lib.log_inputs(training_data(prepared.data, config, repeats))
         recorder = BatchRecorder(causal_lm.collator(tokenizer, config), new_row[0]["input_ids"])
         fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, child.info.run_id,
-                               collate=recorder)
+                               f"{position} {name}", collate=recorder)
         reply, measured = measure(model, tokenizer, config)
         measured.update(recorder.exposure(int(fitted.metrics["train_steps"])))
         tracking.log_params({"reply": reply})
-        measured.update({"trainable_params": params["trainable_params"],  # also a metric, for charts
+        measured.update({"trainable_params": lora.trainable_params(model),
                          "adapter_size_bytes": lora.log_adapter(model, tokenizer)})
         mlflow.log_metrics({**fitted.metrics, **measured})
         stage = Stage(name, repeats, child.info.run_id, reply,
@@ -173,18 +173,26 @@ def comparison_table(before: Stage, afters: list[Stage], config: ProbeConfig) ->
     ])
 
 
-def dose_response_figure(table: pd.DataFrame, series: dict[str, str], ylabel: str, title: str):
+def dose_response_figure(table: pd.DataFrame, series: dict[str, str], ylabel: str, title: str,
+                         ylim: tuple[float | None, float | None] | None = None):
     """`<metric>_after` against repeats, with `<metric>_before` as a dashed line of the same colour."""
     frame = table[["repeats"]].copy()
     for metric in series:
-        frame[f"{metric}_mean"], frame[f"{metric}_std"] = table[f"{metric}_after"], float("nan")
-    figure = plots.metric_vs_x(frame, "repeats", {m: f"{label} after" for m, label in series.items()}, ylabel, title)
-    axes = figure.axes[0]
-    for (metric, label), container in zip(series.items(), axes.containers):
-        axes.axhline(table[f"{metric}_before"].iloc[0], linestyle="--", color=container[0].get_color(),
-                     label=f"{label} before")
-    axes.legend()
-    return figure
+        frame[f"{metric}_mean"] = table[f"{metric}_after"]
+    return plots.metric_vs_x(frame, "repeats", {m: f"{label} after" for m, label in series.items()}, ylabel, title,
+                             baselines={m: (table[f"{m}_before"].iloc[0], f"{label} before")
+                                        for m, label in series.items()}, ylim=ylim)
+
+
+def target_nll_figure(table: pd.DataFrame):
+    return dose_response_figure(table, {"target_nll": "NLL | probe_input", "target_nll_new_input": "NLL | new_input"},
+                                "mean NLL per token of new_output", "Target NLL vs copies of the new example")
+
+
+def similarity_figure(table: pd.DataFrame):
+    """ROUGE-L on its whole range [0, 1], so that a change of 0.02 looks like one."""
+    return dose_response_figure(table, {"rouge_l": "ROUGE-L of the reply"}, "ROUGE-L F1 vs new_output",
+                                "Reply similarity vs copies of the new example", ylim=(0, 1))
 
 
 def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> pd.DataFrame:
@@ -195,12 +203,8 @@ def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> p
     for after in afters:
         mlflow.log_metrics(compare(before, after), step=after.repeats)
     if len(afters) > 1:
-        nll = {"target_nll": "NLL | probe_input", "target_nll_new_input": "NLL | new_input"}
-        plots.log_figure(dose_response_figure(table, nll, "mean NLL per token of new_output",
-                                               "Target NLL vs copies of the new example"), contract.TARGET_NLL_FIGURE)
-        plots.log_figure(dose_response_figure(table, {"rouge_l": "ROUGE-L of the reply"}, "ROUGE-L F1 vs new_output",
-                                               "Reply similarity vs copies of the new example"),
-                          contract.SIMILARITY_FIGURE)
+        plots.log_figure(target_nll_figure(table), contract.TARGET_NLL_FIGURE)
+        plots.log_figure(similarity_figure(table), contract.SIMILARITY_FIGURE)
     return table
 
 
@@ -211,6 +215,7 @@ def run_stages(parent: mlflow.ActiveRun, config: ProbeConfig, prepared: causal_l
     tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
     new_row = new_example_row(tokenizer, config)
     sweep = len(config.repeats_list) > 1
+    stages = 1 + len(config.repeats_list)
     done = resume.finished_children(parent.info.run_id, resume.marks(config, prepared.data))
     with lora.adapter(base, config, config.rank, config.seed) as model:
         fresh = lora.adapter_state(model)
@@ -218,15 +223,16 @@ def run_stages(parent: mlflow.ActiveRun, config: ProbeConfig, prepared: causal_l
             before = finished_stage(done[BEFORE], 0)
             trained = trained_state(done[BEFORE]) if config.mode == "continue" else fresh
         else:
-            before = run_stage(model, tokenizer, tokenized, new_row, prepared, config, BEFORE, 0, fresh)
+            before = run_stage(model, tokenizer, tokenized, new_row, prepared, config, BEFORE, 0, fresh,
+                               position=f"[1/{stages}]")
             trained = lora.adapter_state(model)
         start = trained if config.mode == "continue" else fresh
         afters = []
-        for repeats in config.repeats_list:
+        for k, repeats in enumerate(config.repeats_list, start=2):
             name = contract.after_name(repeats, sweep)
             afters.append(finished_stage(done[name], repeats) if name in done else
                           run_stage(model, tokenizer, tokenized, new_row, prepared, config, name, repeats, start,
-                                    before))
+                                    before, position=f"[{k}/{stages}]"))
     return before, afters
 
 
@@ -259,5 +265,5 @@ def run(config: ProbeConfig) -> dict:
                                                              "target_nll_drop", "rouge_l_before", "rouge_l_after",
                                                              "forgetting", "replies_differ")},
             "notes": notes,
-            "ui": tracking.ui_hint(),
+            "ui": tracking.ui_hint(parent.info.experiment_id),
         }

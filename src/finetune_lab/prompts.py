@@ -8,9 +8,12 @@ Training and generation must format the prompt identically, so both go through `
 
 from __future__ import annotations
 
-import datasets
+from typing import TYPE_CHECKING
 
 from finetune_lab.models import eval_mode
+
+if TYPE_CHECKING:  # registered models import this module to generate; they need no datasets
+    import datasets
 
 IGNORE_INDEX = -100  # label value the HF causal-LM loss skips
 

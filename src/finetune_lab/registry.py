@@ -1,11 +1,9 @@
 """Fine-tuned models in the MLflow model registry, registered only after a verified reload.
 
-- `AdapterModel`: a pyfunc holding only a LoRA adapter (+ tokenizer) and a reference to its base model
-  (offline alias, Hub id + revision, or local path); `load_context` rebuilds base + adapter, `predict`
-  answers prompts greedily with the logged generation settings. The transformers flavour is not used for
-  adapters: it was seen to reload a PEFT model onto the wrong base weights without a word.
-- `ClassifierModel`: a pyfunc holding a fine-tuned sequence classifier; `predict` returns labels and
-  per-class probabilities.
+The pyfunc classes live in `pyfunc_models` (lean: it is what runs wherever a registered model is loaded). Here:
+- `log_adapter_model` / `log_classifier_model`: log them so that they travel: this package's code goes with the
+  model (`code_paths`), the requirements are pinned to the versions used (never `finetune-lab`: an unrelated
+  project of that name is on PyPI), and a signature plus an input example describe the call.
 - `register_verified`: log → reload from the logged URI → compare logits with the in-memory model →
   only then register, tag, and move the `champion` alias if the new version is better on the same eval set.
 """
@@ -13,109 +11,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
 import mlflow
-import numpy as np
-import pandas as pd
 import torch
 from mlflow.entities import RunTag
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema
 
-from finetune_lab import models, prompts, tracking, training
+from finetune_lab import console, models, tracking, training
 from finetune_lab.contract import MODEL_ARTIFACT
+from finetune_lab.pyfunc_models import AdapterModel, ClassifierModel, base_settings
 
 CHAMPION = "champion"
 DEFAULT_MAX_NEW_TOKENS = 30
-# The project itself brings every dependency of the pyfunc models.
-PIP_REQUIREMENTS = ["finetune-lab"]
+# The package folder itself (not its parent `src/`): it is copied to `<model>/code/finetune_lab`, which MLflow
+# puts first on sys.path before unpickling the model.
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+# What every registered model imports when it loads (see `pyfunc_models`); adapters also need peft.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
 
 
 class RegistrationError(RuntimeError):
     pass
 
 
-def _prompt_list(model_input: Any) -> list[str]:
-    if isinstance(model_input, str):
-        return [model_input]
-    if isinstance(model_input, pd.DataFrame):  # a list of strings arrives as a one-column frame
-        return [str(x) for x in model_input.iloc[:, 0]]
-    return [str(x) for x in model_input]
-
-
-def _load_base(config: dict):
-    """The base model named in `config`: offline alias (fetched if needed), tiny/local path, or Hub id + revision."""
-    spec = config["base_spec"]
-    if spec in models.OFFLINE_MODELS:
-        source, problems = models.resolve(spec, models.CAUSAL_LM)
-        if problems:
-            raise RegistrationError(problems[0])
-    elif spec == models.TINY:
-        if not Path(config["base_path"], "config.json").is_file():
-            raise RegistrationError(
-                f"the tiny base model {config['base_path']} is not on this machine (tiny models are made per run)"
-            )
-        source = models.ModelSource(spec, config["base_path"], config["base_revision"])
-    else:
-        source = models.ModelSource(spec, spec, config["base_revision"])
-    from transformers import AutoModelForCausalLM
-
-    revision = {} if source.revision in ("", "local", "main") or spec in models.OFFLINE_MODELS else {
-        "revision": source.revision}
-    return AutoModelForCausalLM.from_pretrained(source.path, **revision, **models.model_kwargs(frozen_base=True))
-
-
-class AdapterModel(mlflow.pyfunc.PythonModel):
-    """A LoRA adapter on a referenced base model; predicts replies for a list of prompts."""
-
-    def load_context(self, context) -> None:
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
-        self.settings = dict(context.model_config)
-        adapter_dir = context.artifacts["adapter"]
-        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        self.model = PeftModel.from_pretrained(_load_base(self.settings), adapter_dir).eval()
-
-    def logits(self, text: str) -> torch.Tensor:
-        with torch.no_grad():
-            encoded = self.tokenizer(text, return_tensors="pt").to(self.model.device)
-            return self.model(**encoded).logits.float().cpu()
-
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        max_new_tokens = int((params or {}).get("max_new_tokens") or self.settings["max_new_tokens"])
-        return [
-            prompts.generate_reply(self.model, self.tokenizer, prompt, self.settings["prompt_format"], max_new_tokens)
-            for prompt in _prompt_list(model_input)
-        ]
-
-
-class ClassifierModel(mlflow.pyfunc.PythonModel):
-    """A fine-tuned sequence classifier; predicts a label and per-class probabilities per text."""
-
-    def load_context(self, context) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        self.settings = dict(context.model_config)
-        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
-        self.model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"]).eval()
-
-    def logits(self, text: str) -> torch.Tensor:
-        with torch.no_grad():
-            encoded = self.tokenizer(text, return_tensors="pt", truncation=True,
-                                     max_length=self.settings["max_length"]).to(self.model.device)
-            return self.model(**encoded).logits.float().cpu()
-
-    def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
-        from finetune_lab.metrics import softmax
-
-        probabilities = np.stack([softmax(self.logits(t).numpy()[0]) for t in _prompt_list(model_input)])
-        frame = pd.DataFrame({"label": probabilities.argmax(axis=1), "score": probabilities.max(axis=1)})
-        for k in range(probabilities.shape[1]):
-            frame[f"prob_{k}"] = probabilities[:, k]
-        return frame
+def pinned(packages) -> list[str]:
+    """`name==version` as installed here (without a local build tag such as `+cpu`, so that the pin resolves on
+    PyPI)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in packages]
 
 
 def reference_logits(model, tokenizer, texts: list[str], **tokenizer_kwargs) -> list[torch.Tensor]:
@@ -186,6 +113,7 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
     all or nothing: the version is created with its tags in one call, and deleted again (with the registered
     model, if this call created it and it is left empty) when anything after that fails.
     """
+    console.say(f"registering in {name!r}: log the model, reload it, compare its logits with the trained model's")
     info = candidate.log()
     # bf16 matmuls on CUDA may differ in the last bits between two loads; on CPU the reload must be exact.
     tolerance = 1e-2 if training.on_cuda() else 0.0
@@ -222,24 +150,27 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
 def log_adapter_model(adapter_dir: str, base: models.ModelSource, prompt_format: str, max_new_tokens: int,
                       example_prompt: str):
     """Log an AdapterModel pyfunc (adapter files only + base reference) into the active run."""
-    config = {"base_spec": base.spec, "base_path": base.path, "base_revision": base.revision,
-              "prompt_format": prompt_format, "max_new_tokens": max_new_tokens}
-    signature = infer_signature([example_prompt], ["reply"],
-                                params={"max_new_tokens": max_new_tokens})
+    settings = {**base_settings(base), "prompt_format": prompt_format, "max_new_tokens": max_new_tokens}
+    example_params = {"max_new_tokens": max_new_tokens}
     return mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT, python_model=AdapterModel(), artifacts={"adapter": adapter_dir}, model_config=config,
-        signature=signature, pip_requirements=PIP_REQUIREMENTS,
+        name=MODEL_ARTIFACT, python_model=AdapterModel(settings), artifacts={"adapter": adapter_dir},
+        signature=infer_signature([example_prompt], ["reply"], params=example_params),
+        input_example=([example_prompt], example_params), metadata=settings, code_paths=[PACKAGE_DIR],
+        pip_requirements=pinned([*MODEL_REQUIREMENTS, "peft", *models.requirements(base)]),
     )
 
 
 def log_classifier_model(model, tokenizer, max_length: int, example_text: str):
     """Log a ClassifierModel pyfunc (the fine-tuned weights + tokenizer) into the active run."""
+    settings = {"max_length": max_length}
+    outputs = Schema([ColSpec("long", "label"), ColSpec("string", "label_name"), ColSpec("double", "score"),
+                      *(ColSpec("double", f"prob_{k}") for k in range(model.config.num_labels))])
+    signature = ModelSignature(inputs=infer_signature([example_text]).inputs, outputs=outputs)
     with tracking.scratch_dir("classifier") as scratch:
         model.save_pretrained(scratch / "model")
         tokenizer.save_pretrained(scratch / "model")
-        signature = infer_signature([example_text],
-                                    pd.DataFrame({"label": [0], "score": [1.0]}))
         return mlflow.pyfunc.log_model(
-            name=MODEL_ARTIFACT, python_model=ClassifierModel(), artifacts={"model": str(scratch / "model")},
-            model_config={"max_length": max_length}, signature=signature, pip_requirements=PIP_REQUIREMENTS,
+            name=MODEL_ARTIFACT, python_model=ClassifierModel(settings), artifacts={"model": str(scratch / "model")},
+            signature=signature, input_example=[example_text], metadata=settings,
+            code_paths=[PACKAGE_DIR], pip_requirements=pinned(MODEL_REQUIREMENTS),
         )

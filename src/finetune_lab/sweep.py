@@ -41,6 +41,8 @@ class ChildSpec:
 
     rank: int
     seed: int
+    position: str = ""
+    """Its place in the sweep, like `[2/4]`, for the console."""
 
     @property
     def name(self) -> str:
@@ -53,7 +55,8 @@ class ChildSpec:
 
 def plan(config: SweepConfig) -> list[ChildSpec]:
     """Every child of the sweep, in the order they run: seed by seed, rank by rank."""
-    return [ChildSpec(rank, seed) for seed in config.seeds for rank in config.ranks]
+    grid = [(rank, seed) for seed in config.seeds for rank in config.ranks]
+    return [ChildSpec(rank, seed, f"[{k}/{len(grid)}]") for k, (rank, seed) in enumerate(grid, start=1)]
 
 
 @dataclass
@@ -149,12 +152,12 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
             mlflow.set_tags(work.marks)
             try:
                 fitted = causal_lm.fit(model, tokenizer, work.tokenized[TRAIN], work.tokenized[TEST], config,
-                                       spec.seed, outcome.run_id)
+                                       spec.seed, outcome.run_id, f"{spec.position} {spec.name}".strip())
             except health.TrainingCollapsed as dead:
                 outcome.metrics = dead.metrics
                 mlflow.log_metrics(dead.metrics)  # what the dead model measured, next to the reason
                 raise
-            metrics = {**fitted.metrics, "trainable_params": params["trainable_params"]}  # also a metric, for charts
+            metrics = {**fitted.metrics, "trainable_params": lora.trainable_params(model)}
             try:
                 metrics["adapter_size_bytes"] = lora.log_adapter(model, tokenizer)
                 mlflow.log_metrics(metrics)
@@ -270,14 +273,10 @@ def log_summary(children: list[ChildOutcome]) -> dict | None:
     for row in summary.itertuples():
         mlflow.log_metrics({"eval_loss_by_rank": row.eval_loss_mean, "train_loss_by_rank": row.train_loss_mean},
                            step=int(row.rank))
-    memory = "peak_cuda_mem_allocated_mb" if summary["peak_cuda_mem_allocated_mb_mean"].notna().any() else "peak_rss_mb"
-    plots.log_figure(
-        plots.metric_vs_x(summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss (last steps)"},
-                          "loss", "Loss vs LoRA rank (mean ± std over seeds)"),
-        contract.LOSS_VS_RANK_FIGURE,
-    )
-    plots.log_figure(plots.metric_vs_x(summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank"),
-                     contract.MEMORY_VS_RANK_FIGURE)
+    plots.log_figure(plots.loss_vs_rank(summary), contract.LOSS_VS_RANK_FIGURE)
+    memory = plots.memory_vs_rank(summary)
+    if memory is not None:
+        plots.log_figure(memory, contract.MEMORY_VS_RANK_FIGURE)
     plots.log_figure(plots.loss_curves({c.name: c.curve for c in children if c.status == FINISHED}),
                      contract.LOSS_CURVES_FIGURE)
     best = best_child(table, summary)
@@ -396,7 +395,7 @@ def run(config: SweepConfig) -> dict:
     """The whole sweep inside one parent run (with `resume`: inside the earlier parent, reopened, under a run of
     its own); return the parent's id, the best child and the tables."""
     kind = contract.RESUME if config.resume else contract.SWEEP
-    with tracking.experiment_run(kind, config.experiment, config.run_name):
+    with tracking.experiment_run(kind, config.experiment, config.run_name) as invocation:
         result = execute(config)
         return {"run_id": result["run_id"], "metrics": result["metrics"], "notes": result["notes"],
-                "ui": tracking.ui_hint()}
+                "ui": tracking.ui_hint(invocation.info.experiment_id)}

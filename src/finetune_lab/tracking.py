@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -32,12 +33,17 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context import registry as context_registry
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.uri import is_databricks_uri, is_http_uri
 
-from finetune_lab import signals
+from finetune_lab import console, signals
 from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, ERROR_TRACEBACK, KIND_TAG
 from finetune_lab.errors import MAX_LINE_CHARS, InputError, one_line, problem
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+UI_PORT = 5000
+# The experiment-kind tag the MLflow UI writes (no Python constant exists), and its model-training value.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 # Attempts at getting-or-creating an experiment that parallel launches may be creating at the same moment.
 EXPERIMENT_ATTEMPTS = 5
 
@@ -185,6 +191,7 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
     """The invocation's run, tagged with its `kind` (see `contract`): the one `mlflow run` created, or a new one
     in `experiment`. Within it SIGTERM and SIGINT end the open runs KILLED (`signals`)."""
     configure()
+    console.quiet_libraries()
     mlflow.enable_system_metrics_logging()
     # `mlflow run` created the run (and chose its experiment) before our process started. Take the id out of
     # the environment while we hold the run: start_run() would otherwise resume it for every nested child too.
@@ -200,6 +207,7 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
                 run = mlflow.start_run(run_name=run_name or None)
             with _failing_on_error(run) as active:
                 mlflow.set_tag(KIND_TAG, kind)
+                mark_model_training(run.info.experiment_id)
                 yield active
     finally:
         if launched_run_id:
@@ -234,6 +242,7 @@ def end_run_by_id(run_id: str, status: str, error: str) -> None:
 
 def configure_worker(tracking_uri: str) -> None:
     """In a worker process: log into the driver's tracking store, with system metrics like every run here."""
+    console.quiet_libraries()
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.enable_system_metrics_logging()
 
@@ -323,6 +332,35 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
         yield Path(path)
 
 
-def ui_hint() -> str:
+def mark_model_training(experiment_id: str) -> None:
+    """Tag the experiment as a model-training one (the tag the MLflow UI itself writes), unless it says otherwise.
+    The 3.17 UI picks its GenAI / Model training view from a global switch instead, which `ui_page`'s query sets."""
+    client = MlflowClient()
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+
+
+def ui_page(experiment_id: str) -> str:
+    """The experiment's runs in the UI's Model training view (the UI opens in its GenAI view otherwise)."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def mlflow_command() -> str:
+    """The `mlflow` executable next to this interpreter (relative to the working directory when inside it), so the
+    printed command works without activating the virtual environment."""
+    beside = Path(sys.executable).parent / "mlflow"
+    if not beside.is_file():
+        return "mlflow"
+    return os.path.relpath(beside) if beside.is_relative_to(Path.cwd()) else str(beside)
+
+
+def ui_hint(experiment_id: str) -> str:
+    """How to see the runs, as printed at the end of every entry point: a tracking server's own UI, or the command
+    that starts one on this machine's store, and the page to open."""
     uri = mlflow.get_tracking_uri()
-    return f"mlflow ui --backend-store-uri {uri}"
+    if is_databricks_uri(uri):
+        return "See the runs in your Databricks workspace (Experiments)."
+    if is_http_uri(uri):
+        return f"See the runs in the MLflow UI: {uri.rstrip('/')}/{ui_page(experiment_id)}"
+    return (f"See the runs in the MLflow UI: {mlflow_command()} ui --backend-store-uri {uri} --host 127.0.0.1 "
+            f"--port {UI_PORT}\n  then open http://127.0.0.1:{UI_PORT}/{ui_page(experiment_id)}")

@@ -22,9 +22,9 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from finetune_lab import tracking
+from finetune_lab import console, tracking
 from finetune_lab.config import TrainingConfig
 from finetune_lab.models import eval_mode
 from finetune_lab.packing import TokenBudgetBatchSampler
@@ -113,16 +113,20 @@ class TokenBudgetTrainer(Trainer):
 
 
 def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, config: TrainingConfig, seed: int,
-                 run_id: str, batch_tokens: int = 0, packed: bool = False, drop_last: bool = False) -> Trainer:
-    """The HF Trainer every experiment uses: the config's optimisation settings, and per-step metrics logged
-    into run `run_id`. `batch_tokens` > 0: batches by that token budget (`packed`: counted in real tokens)
-    instead of batch_size examples; `drop_last`: see `training_arguments`."""
+                 run_id: str, phase: str, batch_tokens: int = 0, packed: bool = False,
+                 drop_last: bool = False) -> Trainer:
+    """The HF Trainer every experiment uses: the config's optimisation settings, per-step metrics logged into run
+    `run_id`, and on the console the line `<phase>: training N steps` then a progress bar (no per-step dicts).
+    `batch_tokens` > 0: batches by that token budget (`packed`: counted in real tokens) instead of batch_size
+    examples; `drop_last`: see `training_arguments`."""
     settings = dict(model=model, args=training_arguments(output_dir, config, seed, drop_last),
                     train_dataset=train_dataset, processing_class=tokenizer, data_collator=collator,
-                    callbacks=[MlflowStepLogger(run_id)])
-    if batch_tokens:
-        return TokenBudgetTrainer(**settings, batch_tokens=batch_tokens, packed=packed)
-    return Trainer(**settings)
+                    callbacks=[MlflowStepLogger(run_id), PhaseLine(phase)])
+    trainer = TokenBudgetTrainer(**settings, batch_tokens=batch_tokens, packed=packed) if batch_tokens else \
+        Trainer(**settings)
+    if trainer.pop_callback(ProgressCallback) is not None:  # a notebook has its own progress widget instead
+        trainer.add_callback(QuietProgress)
+    return trainer
 
 
 def compiled_graphs() -> int:
@@ -147,6 +151,25 @@ def compiled(model: torch.nn.Module, max_length: int) -> Iterator[None]:
     model.compile(dynamic=False, backend=COMPILE_BACKEND)
     with torch._dynamo.config.patch(recompile_limit=math.ceil(max_length / BUCKET_TOKENS) + 1):
         yield
+
+
+class PhaseLine(TrainerCallback):
+    """Announces the training phase, with its real number of steps (known once training begins)."""
+
+    def __init__(self, phase: str):
+        self.phase = phase
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            console.say(f"{self.phase}: training {state.max_steps} steps")
+
+
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bar without the log dict it writes under the bar at every logging step (the values
+    go to MLflow)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 def step_metrics(entry: dict) -> dict[str, float]:

@@ -76,6 +76,7 @@ def test_classify_logs_everything_and_metrics_match_predictions(mlflow_run, clie
 
     matrix = download_json(client, run.info.run_id, "confusion_matrix.json", tmp_path)
     assert matrix["matrix"] == confusion_matrix(labels, predictions, labels=[0, 1]).tolist()
+    assert matrix["labels"] == ["negative", "positive"], "the embedded set's class names (data/sample/README.md)"
     report = download_json(client, run.info.run_id, "classification_report.json", tmp_path)
     assert report["accuracy"] == pytest.approx(metrics["accuracy"])
 

@@ -20,8 +20,7 @@ SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": "2,4", "seeds": "1,
          "max_length": 64, "learning_rate": 1e-3}
 CHILD_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "train_tokens_per_s", "train_runtime_s", "peak_rss_mb",
                  "adapter_size_bytes", "trainable_params"]
-CHILD_PARAMS = ["lora_r", "lora_alpha", "lora_scale", "target_modules", "seed", "trainable_params",
-                "trainable_percent"]
+CHILD_PARAMS = ["lora_r", "lora_alpha", "lora_scale", "target_modules", "seed", "trainable_percent"]
 
 
 def expected_trainable(model_path: str, rank: int) -> int:
@@ -55,7 +54,8 @@ def test_sweep_parent_children_metrics_and_summary(mlflow_run, client, tmp_path)
         rank = int(params["lora_r"])
         # default alpha_per_rank=2: alpha = 2r, the same scale 2 at every rank
         assert float(params["lora_alpha"]) == 2 * rank and float(params["lora_scale"]) == 2.0
-        assert int(params["trainable_params"]) == expected_trainable(parent.data.params["model_path"], rank)
+        assert metrics["trainable_params"] == expected_trainable(parent.data.params["model_path"], rank)
+        assert "trainable_params" not in params, "a metric only: the compare view lists it once"
         files = {Path(a.path).name for a in client.list_artifacts(child.info.run_id, "adapter")}
         assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
         assert "model.safetensors" not in files, "the adapter folder must not hold base weights"

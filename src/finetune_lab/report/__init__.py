@@ -39,4 +39,5 @@ def write_report(config: ReportConfig) -> dict:
                    "verdicts": sum(len(b.items) for b in blocks if isinstance(b, Bullets))}
         mlflow.log_metrics(summary)
         return {"run_id": active.info.run_id, "metrics": summary,
-                "notes": [f"report: {markdown.resolve()}", f"        {page.resolve()}"], "ui": tracking.ui_hint()}
+                "notes": [f"report: {markdown.resolve()}", f"        {page.resolve()}"],
+                "ui": tracking.ui_hint(active.info.experiment_id)}

@@ -43,10 +43,19 @@ class Table:
 
 
 @dataclass
-class Figures:
-    """Figures shown side by side: (caption, PNG bytes)."""
+class Figure:
+    caption: str
+    name: str
+    """What the figure is, for its file name (`loss_vs_rank-<sweep>`)."""
+    data: bytes
+    """PNG bytes."""
 
-    items: list[tuple[str, bytes]]
+
+@dataclass
+class Figures:
+    """Figures shown side by side."""
+
+    items: list[Figure]
 
 
 Block = Heading | Text | Bullets | Table | Figures
@@ -76,13 +85,25 @@ def cell(value) -> str:
     return value if isinstance(value, str) else number(value)
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 child run`, `2 child runs`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---------------------------------------------------------------------------------------------- markdown
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "figure"
+def _file_name(name: str, taken: set[str]) -> str:
+    """`name` as a file name (safe characters only), numbered if another figure has it already."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:80] or "figure"
+    candidate, n = f"{stem}.png", 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}-{n}.png"
+    taken.add(candidate)
+    return candidate
 
 
 def _md_escape(text: str) -> str:
@@ -111,7 +132,7 @@ def _md_table(columns: list[str], rows: list[list[str]]) -> str:
 
 def to_markdown(blocks: list[Block], images: Path) -> str:
     """Markdown; figures are written as PNG files into `images` (referenced relative to its parent)."""
-    parts, figure_number = [], 0
+    parts, taken = [], set()
     for block in blocks:
         if isinstance(block, Heading):
             parts.append("#" * block.level + " " + _md_inline(block.text))
@@ -123,13 +144,12 @@ def to_markdown(blocks: list[Block], images: Path) -> str:
             parts.append(_md_table(block.columns, block.rows))
         elif isinstance(block, Figures):
             links = []
-            for caption, data in block.items:
-                figure_number += 1
-                path = images / f"{figure_number:03d}-{_slug(caption)}.png"
-                path.write_bytes(data)
-                alt = caption.replace("[", "\\[").replace("]", "\\]")  # the cell escapes the rest
+            for figure in block.items:
+                path = images / _file_name(figure.name, taken)
+                path.write_bytes(figure.data)
+                alt = figure.caption.replace("[", "\\[").replace("]", "\\]")  # the cell escapes the rest
                 links.append(f"![{alt}]({images.name}/{path.name})")
-            parts.append(_md_table([c for c, _ in block.items], [links]))  # a row of images: side by side
+            parts.append(_md_table([f.caption for f in block.items], [links]))  # a row of images: side by side
     return "\n\n".join(parts) + "\n"
 
 
@@ -140,7 +160,8 @@ table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; white-space: nowrap; }
 .wide { overflow-x: auto; }
-.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; } figure { margin: 0; max-width: 100%; }
+img { max-width: 100%; height: auto; }
 figcaption { font-size: 0.85em; text-align: center; } li.verdict { margin: 0.2em 0; }
 """
 
@@ -168,9 +189,9 @@ def to_html(blocks: list[Block]) -> str:
             parts.append(f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
         elif isinstance(block, Figures):
             figures = "".join(
-                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
-                f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(caption)}</figcaption></figure>'
-                for caption, data in block.items)
+                f'<figure><img alt="{html.escape(f.caption)}" src="data:image/png;base64,'
+                f'{base64.b64encode(f.data).decode()}"><figcaption>{html.escape(f.caption)}</figcaption></figure>'
+                for f in block.items)
             parts.append(f'<div class="figures">{figures}</div>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>finetune-lab report</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -13,10 +13,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import contract, plots
-from finetune_lab.report.render import Block, Bullets, Figures, Heading, Table, Text, cell, number, png, short
+from finetune_lab.report.render import (Block, Bullets, Figure, Figures, Heading, Table, Text, cell, counted, number,
+                                        png, short)
 from finetune_lab.report.store import Artifacts, ExperimentRuns, kind_of, label, read_experiment
-from finetune_lab.report.verdicts import (PROVENANCE_PARAMS, config_label, differing_params, seed_groups,
-                                          verdicts)
+from finetune_lab.report.verdicts import (NOT_CONFIG_PARAMS, PROVENANCE_PARAMS, config_label, differing_params,
+                                          seed_groups, verdicts)
 
 
 def run_table(runs: list[Run], metrics: list[str], first_params: tuple[str, ...] = (),
@@ -25,7 +26,7 @@ def run_table(runs: list[Run], metrics: list[str], first_params: tuple[str, ...]
     logged, errors."""
     differing = differing_params(runs)
     params = [p for p in first_params if p in differing]
-    params += [p for p in differing if p not in PROVENANCE_PARAMS and p not in params and p not in hidden]
+    params += [p for p in differing if p not in NOT_CONFIG_PARAMS and p not in params and p not in hidden]
     shown = [m for m in metrics if any(m in r.data.metrics for r in runs)]
     with_error = any(contract.ERROR_TAG in r.data.tags for r in runs)
     columns = ["run", "run id", "status", *params, *shown, *(["error"] if with_error else [])]
@@ -59,7 +60,8 @@ def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]
         if matrix:
             figure = plots.confusion_figure(matrix)
             figure.axes[0].set_title(label(logged))
-            matrices.append((f"{label(logged)} ({logged.info.run_id[:8]})", png(figure)))
+            matrices.append(Figure(f"{label(logged)} ({logged.info.run_id[:8]})",
+                                   f"confusion_matrix-{label(logged)}", png(figure)))
     if matrices:
         blocks += [Text("Confusion matrices on each run's evaluation split:"), Figures(matrices)]
     finished = [r for r in runs if r.info.status == "FINISHED"]
@@ -82,22 +84,19 @@ def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
     tags = parent.data.tags
     blocks: list[Block] = [
         Heading(3, f"LoRA rank sweep {label(parent)} ({parent.info.run_id[:8]})"),
-        Text(f"{len(children)} child runs, status {parent.info.status}; best rank (lowest mean held-out loss): "
-             f"{tags.get('best_rank', 'n/a')}, best child run {tags.get('best_run_id', 'n/a')[:8]}."),
+        Text(f"{counted(len(children), 'child run')}, status {parent.info.status}; best rank (lowest mean held-out "
+             f"loss): {tags.get('best_rank', 'n/a')}, best child run {tags.get('best_run_id', 'n/a')[:8]}."),
     ]
     if not children:
         return blocks
     blocks += run_table(children, contract.SWEEP_CHILD_METRICS, first_params=("lora_r", "seed"))
     summary = rank_summary(parent, children, artifacts)
     if len(summary):
-        memory = next((m for m in contract.MEMORY_METRICS if summary.get(f"{m}_mean", pd.Series()).notna().any()),
-                      None)
-        figures = [("loss vs rank", png(plots.metric_vs_x(
-            summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss"}, "loss",
-            "Loss vs LoRA rank (mean ± std over seeds)")))]
-        if memory:
-            figures.append(("memory vs rank", png(plots.metric_vs_x(
-                summary, "rank", {memory: memory}, "MB", "Peak memory vs LoRA rank (mean ± std over seeds)"))))
+        sweep = label(parent)
+        figures = [Figure("loss vs rank", f"loss_vs_rank-{sweep}", png(plots.loss_vs_rank(summary)))]
+        memory = plots.memory_vs_rank(summary)
+        if memory is not None:
+            figures.append(Figure("memory vs rank", f"memory_vs_rank-{sweep}", png(memory)))
         blocks += [Text(f"Per rank, mean ± std over seeds (`{contract.RANK_SUMMARY}`):"),
                    summary_table(summary, "rank"), Figures(figures)]
     groups = seed_groups(children, lambda r: f"r{r.data.params.get('lora_r')}", "eval_loss")
@@ -129,7 +128,8 @@ def probe_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
         if compared:
             blocks += [Text("Before / after retraining (metrics of the runs):"),
                        *run_table(compared, contract.PROBE_METRICS)]
-    figures = [(name, data) for name in contract.PROBE_FIGURES if (data := artifacts.raw(parent, name)) is not None]
+    figures = [Figure(name.removesuffix(".png").replace("_", " "), f"{name.removesuffix('.png')}-{label(parent)}",
+                      data) for name in contract.PROBE_FIGURES if (data := artifacts.raw(parent, name)) is not None]
     if figures:
         blocks.append(Figures(figures))
     return blocks

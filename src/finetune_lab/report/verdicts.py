@@ -16,6 +16,9 @@ from mlflow.entities import Run
 # Params that identify where a run's inputs came from rather than how it was configured: they may differ with
 # the seed (a split's digest, a tiny model built per seed) or the checkout.
 PROVENANCE_PARAMS = {"model_path", "model_revision", "dataset_digest", "git_commit", "run_name", "experiment"}
+# Params that configure nothing the runs measured: what to do with the result, and the settings of a registered
+# model that earlier versions logged as params of its run.
+NOT_CONFIG_PARAMS = PROVENANCE_PARAMS | {"register_as", "base_spec", "base_path", "base_revision"}
 SEED_PARAMS = {"seed", "split_seed"}
 NOT_CONCLUSIVE = "single seed: not conclusive"
 
@@ -56,7 +59,7 @@ def differing_params(runs: list[Run]) -> list[str]:
 
 def config_label(runs: list[Run]) -> Callable[[Run], str]:
     """Label a run by the params that differ between `runs`, seeds and provenance left out."""
-    keys = [p for p in differing_params(runs) if p not in SEED_PARAMS | PROVENANCE_PARAMS]
+    keys = [p for p in differing_params(runs) if p not in SEED_PARAMS | NOT_CONFIG_PARAMS]
 
     def name(logged: Run) -> str:
         return ", ".join(f"{k}={logged.data.params.get(k, '')}" for k in keys) or "same config"
