@@ -28,7 +28,7 @@ INPUT_ERROR_EXIT = 2
 # Exit status for anything else that went wrong (the shell's 128 + N is used for death by signal N).
 FAILURE_EXIT = 1
 # What --help shows for each field type; click itself never converts (the config does, reporting every problem).
-METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", IntList: "INT,INT,..."}
+METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", bool: "true|false", IntList: "INT,INT,..."}
 
 
 def _experiment(target: str):
