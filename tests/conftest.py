@@ -44,6 +44,8 @@ def tracking_uri(tmp_path, monkeypatch, empty_store) -> str:
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # A new experiment's artifacts go to ./mlruns of the working directory: keep them out of the user's.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     # mlflow.set_experiment() in an in-process run exports this; a later `mlflow run --experiment-name` refuses it.
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
