@@ -2,8 +2,8 @@ from dataclasses import fields
 
 import pytest
 
-from finetune_lab.config import (ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig, as_params,
-                                 field_docs, from_strings)
+from finetune_lab.config import (BenchConfig, ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig,
+                                 as_params, field_docs, from_strings)
 
 
 def test_strings_are_coerced_to_field_types():
@@ -22,7 +22,8 @@ def test_every_problem_is_reported_once_and_names_its_field():
     assert named == ["batch_size", "colour", "epochs", "learning_rate", "max_length", "seed"]
 
 
-@pytest.mark.parametrize("config_class", [ClassifyConfig, SweepConfig, ProbeConfig, GenerateConfig, ReportConfig])
+@pytest.mark.parametrize("config_class",
+                         [ClassifyConfig, SweepConfig, ProbeConfig, GenerateConfig, ReportConfig, BenchConfig])
 def test_every_field_has_a_docstring(config_class):
     docs = field_docs(config_class)
     assert {f.name for f in fields(config_class)} == set(docs)
@@ -35,6 +36,14 @@ def test_integer_lists_are_parsed_once_into_tuples():
     assert as_params(config)["ranks"] == "4,8,16", "logged as the text it was given as"
     assert from_strings(ProbeConfig, {"repeats_sweep": ""}).repeats_list == (1,)
     assert from_strings(ProbeConfig, {"repeats_sweep": "0,4"}).repeats_list == (0, 4)
+
+
+@pytest.mark.parametrize("given, parsed, logged", [("true", True, "true"), ("False", False, "false"),
+                                                   ("yes", True, "true"), ("0", False, "false")])
+def test_booleans_are_logged_as_mlflow_run_logs_them(given, parsed, logged):
+    config = from_strings(BenchConfig, {"tiny": given})
+    assert config.tiny is parsed and config.problems() == []
+    assert as_params(config)["tiny"] == logged, "the MLproject's default and -P values are true / false"
 
 
 @pytest.mark.parametrize("raw, expected", [

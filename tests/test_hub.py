@@ -59,7 +59,8 @@ def test_an_unknown_id_is_one_request_and_one_line(online):
     assert model_problems == [
         "model: cannot load 'someone/typo-model': not a local folder, and not found on the Hugging Face Hub (or "
         "private: log in with `hf auth login`). Offline, use an alias (tiny, minilm-l6, smollm2-135m-instruct, "
-        "random:distilbert-base, random:smollm2-135m; fetch ahead with `python -m finetune_lab.models fetch`) or a local folder"]
+        "random:distilbert-base, random:smollm2-135m; fetch ahead with `python -m finetune_lab.models fetch`) or a "
+        "local folder"]
     assert data_problems == [
         "dataset: cannot load 'someone/typo-data': not a local file, and not found on the Hugging Face Hub (or "
         "private: log in with `hf auth login`); offline, pass a .csv/.jsonl/.json/.parquet path or `sample` / "

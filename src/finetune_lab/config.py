@@ -539,5 +539,14 @@ def from_strings(cls: type, raw: dict[str, Any]):
 
 
 def as_params(config) -> dict[str, Any]:
-    """Every field as MLflow logs it: lists of integers as the `4,8,16` text they were given as."""
-    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    """Every field as MLflow logs it, in the form it is given in: lists of integers as `4,8,16`, booleans as
+    `true` / `false` (as `mlflow run -P` logs them, so a run called directly compares equal)."""
+    return {k: _as_param(v) for k, v in dataclasses.asdict(config).items()}
+
+
+def _as_param(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value

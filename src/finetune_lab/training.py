@@ -1,6 +1,7 @@
 """The HF Trainer setup shared by every experiment: arguments, per-step MLflow logging, NaN guard, token-budget
-batches, compilation for static shapes, peak memory, throughput and step times, and evaluation in dataset order. The Trainer's own integrations stay off (`report_to="none"`): HF's
-MLflowCallback would end the run at train end, and every metric belongs in the run we own.
+batches, compilation for static shapes, peak memory, throughput and step times, and evaluation in dataset order.
+The Trainer's own integrations stay off (`report_to="none"`): HF's MLflowCallback would end the run at train end,
+and every metric belongs in the run we own.
 
 Helpers here return their metrics; the experiment logs them into its run. The one exception is the per-step
 logger, a Trainer callback, which is told the run it logs into."""
