@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import entrypoint, load_table
-from finetune_lab import spool, training
+from finetune_lab import training
 from finetune_lab.contract import RECOVERED_TAG
 
 ARGS = ["--model", "tiny", "--dataset", "sample_chat", "--ranks", "2,4", "--seeds", "1", "--max-steps", "6",
@@ -97,7 +97,8 @@ def test_an_outage_keeps_the_trained_adapter_and_resume_records_it(server, monke
     errors = re.findall(r"error: .*", outage.output)  # a progress bar may share the line
     assert len(errors) == 1 and "Traceback" not in outage.output
     parent_id = errors[0].split("-P resume=")[1].split("`")[0]
-    kept = spool.root() / parent_id / "r2-seed1"
+    # Where the README says: <FINETUNE_LAB_CACHE, by default ~/.cache/finetune_lab>/pending/<parent>/<child>
+    kept = Path(os.environ["FINETUNE_LAB_CACHE"]) / "pending" / parent_id / "r2-seed1"
     assert f"r2-seed1 finished training; its adapter is kept in {kept}" in errors[0]
     assert f"the tracking server {server.uri} is unreachable" in errors[0]
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {

@@ -44,7 +44,7 @@ from finetune_lab import causal_lm, classify, contract, lora, models, sweep, tra
 from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig, as_params
 from finetune_lab.contract import BASELINE, variant_name
 from finetune_lab.data import TEST, TRAIN
-from finetune_lab.errors import InputError, field_of, raise_if_any
+from finetune_lab.errors import InputError, field_of, one_line, raise_if_any
 from finetune_lab.prompts import IGNORE_INDEX
 
 CLASSIFY, LORA_SWEEP = "classify", "lora_sweep"
@@ -347,7 +347,7 @@ def run_variant(workload: Workload, variant: str, config: BenchConfig, peak_flop
             outcome.metrics["bench_attended_tokens"] = workload.attended
             mlflow.log_metrics(outcome.metrics)
     except Exception as error:  # noqa: BLE001 - OOM or anything: record it, bench the other variants
-        outcome.error = tracking.one_line(error)
+        outcome.error = one_line(error)
     return outcome
 
 

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 from finetune_lab import data as data_lib
 from finetune_lab import health, lora, models, prompts, tracking, training
 from finetune_lab.config import LoraTrainingConfig
-from finetune_lab.packing import PackedRows
 from finetune_lab.data import TRAIN
 from finetune_lab.errors import problem, raise_if_any
 from finetune_lab.metrics import perplexity
+from finetune_lab.packing import PackedRows
 from finetune_lab.prompts import IGNORE_INDEX
 
 

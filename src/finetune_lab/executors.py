@@ -30,7 +30,7 @@ import mlflow
 
 from finetune_lab import tracking
 from finetune_lab.config import SweepConfig
-from finetune_lab.errors import InputError, problem
+from finetune_lab.errors import InputError, one_line, problem
 
 RAY = "ray"
 
@@ -42,6 +42,8 @@ class Stopped(Exception):
     def __init__(self, outcomes: list, cause: BaseException):
         super().__init__(str(cause))
         self.outcomes, self.cause = outcomes, cause
+
+
 # Tracking URIs that a worker on another machine can reach; an `mlflow server` also proxies the artifacts.
 SERVER_SCHEMES = ("http", "https", "databricks")
 INSTALL_RAY = 'pip install -e ".[ray]" (or make install)'
@@ -182,9 +184,9 @@ def _hand_out(ray, workers: list, children: list) -> Iterator:
                 idle.append(worker)
             except RayTaskError as error:  # raised past the trainer (not an Exception); the worker lives on
                 idle.append(worker)
-                outcome = _failed(child, run_ids[child.name], tracking.one_line(error.cause or error))
+                outcome = _failed(child, run_ids[child.name], one_line(error.cause or error))
             except RayError as error:  # the worker died (killed, out of memory, node lost)
-                lost = f"died: {tracking.one_line(error)}"
+                lost = f"died: {one_line(error)}"
                 outcome = _failed(child, run_ids[child.name], f"its Ray worker {lost}")
             ended += 1
             print(f"[ray] {outcome.name} {outcome.status} ({ended}/{len(children)})", file=sys.stderr, flush=True)

@@ -37,9 +37,14 @@ CLASSIFIER, CAUSAL_LM = "classifier", "causal_lm"
 COMPLETE_MARKER = ".complete"
 
 
+def cache_home() -> Path:
+    """The project's files outside git (models, adapters kept during an outage); FINETUNE_LAB_CACHE overrides."""
+    return Path(os.environ.get("FINETUNE_LAB_CACHE", Path.home() / ".cache" / "finetune_lab"))
+
+
 def cache_root() -> Path:
-    """Where fetched and generated models live (outside git); FINETUNE_LAB_CACHE overrides."""
-    return Path(os.environ.get("FINETUNE_LAB_CACHE", Path.home() / ".cache" / "finetune_lab")) / "models"
+    """Where fetched and generated models live."""
+    return cache_home() / "models"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ RECORD = "record.json"
 
 
 def root() -> Path:
-    return models.cache_root() / "pending"
+    return models.cache_home() / "pending"
 
 
 def keep(parent_run_id: str, name: str, model, tokenizer, record: dict) -> Path:
