@@ -1,4 +1,4 @@
-# The set-up commands of the README: `make demo`, `make ui` and `make test`.
+# The set-up commands of the README: `make demo`, `make ui` and `make test`; CI runs `make lint test`.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: install demo ui test fetch-models clean
+.PHONY: install demo ui lint test fetch-models clean
 
 # torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,9 @@ ui: install
 	  *) echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"; \
 	     exec $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT);; \
 	esac
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 test: install
 	$(PY) -m pytest

@@ -1,4 +1,7 @@
-"""`retrain_probe` entry point: does one new example change the model? (see `python entrypoints/retrain_probe.py --help`)."""
+"""`retrain_probe` entry point: does one new example change the model?
+
+See `python entrypoints/retrain_probe.py --help`.
+"""
 
 from finetune_lab.cli import command
 from finetune_lab.config import ProbeConfig

@@ -22,6 +22,13 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items):
+    """Everything under tests/e2e launches real processes: the slow tier (`pytest -m "not slow"` skips it)."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory) -> Path:
     """Tiny models are rebuilt per session; offline models reuse the user's cache unless overridden."""

@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import entrypoint, runs_of
+
 from finetune_lab import bench
 from finetune_lab.config import BenchConfig
 

@@ -3,7 +3,6 @@
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-
 from conftest import entrypoint, runs_of
 
 

@@ -2,8 +2,17 @@ from dataclasses import fields
 
 import pytest
 
-from finetune_lab.config import (BenchConfig, ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig,
-                                 as_params, field_docs, from_strings)
+from finetune_lab.config import (
+    BenchConfig,
+    ClassifyConfig,
+    GenerateConfig,
+    ProbeConfig,
+    ReportConfig,
+    SweepConfig,
+    as_params,
+    field_docs,
+    from_strings,
+)
 
 
 def test_strings_are_coerced_to_field_types():

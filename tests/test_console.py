@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
+from conftest import REPO
 from transformers import AutoModel, AutoTokenizer
 
-from conftest import REPO
 from finetune_lab import models
 
 CHATTER = ["{'loss'", "'train_runtime'", "Warning", "warnings.warn", "system_metrics", "CloudPickle", "LOAD REPORT",

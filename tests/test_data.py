@@ -124,7 +124,8 @@ def test_texts_longer_than_max_length_can_use_are_cut_when_read(tmp_path, caplog
     assert problems == []
     assert loaded.splits[TRAIN]["text"] == [huge[:limit], "short one"], "only the long text is cut, to the limit"
     assert loaded.splits[TEST]["text"] == ["short two", "short three"]
-    assert loaded.truncated == f"1 text(s) of column 'text' cut to {limit} characters, all that max_length tokens can use"
+    assert loaded.truncated == (f"1 text(s) of column 'text' cut to {limit} characters, "
+                                "all that max_length tokens can use")
     assert loaded.truncated in caplog.text
     # The digest describes the rows as used, cut.
     import mlflow.data

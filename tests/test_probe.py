@@ -9,8 +9,8 @@ import datasets
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import entrypoint, runs_of
+
 from finetune_lab import causal_lm, lora, metrics, probe, prompts
 from finetune_lab.config import ProbeConfig
 from finetune_lab.contract import PROBE_COMPARISON_TABLE

@@ -1,14 +1,21 @@
 """The MLproject, pyproject.toml, python_env.yaml and conda.yaml agree with the code and each other."""
 
-import tomllib
 from dataclasses import fields
 
 import pytest
+import tomllib
 import yaml
-
 from conftest import REPO
-from finetune_lab.config import (BenchConfig, ClassifyConfig, GenerateConfig, ProbeConfig, ReportConfig, SweepConfig,
-                                 from_strings)
+
+from finetune_lab.config import (
+    BenchConfig,
+    ClassifyConfig,
+    GenerateConfig,
+    ProbeConfig,
+    ReportConfig,
+    SweepConfig,
+    from_strings,
+)
 
 ENTRY_POINTS = {"classify": ClassifyConfig, "lora_sweep": SweepConfig, "retrain_probe": ProbeConfig,
                 "generate": GenerateConfig, "report": ReportConfig, "bench": BenchConfig}

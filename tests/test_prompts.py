@@ -1,6 +1,7 @@
+from transformers import AutoModelForCausalLM
+
 from finetune_lab import models, prompts
 from finetune_lab.config import PROMPT_FORMATS
-from transformers import AutoModelForCausalLM
 
 
 def tokenizer():

@@ -15,10 +15,9 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import REPO, entrypoint, load_table
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
-
-from conftest import REPO, entrypoint, load_table
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import causal_lm, classify, lora, models, prompts, pyfunc_models, registry, sweep, tracking
@@ -77,7 +76,8 @@ with warnings.catch_warnings(record=True) as caught:
 import finetune_lab
 inner = model.unwrap_python_model()
 report = {"package": finetune_lab.__file__, "warnings": [str(w.message) for w in caught],
-          "modules": sorted(sys.modules), "predictions": predictions if isinstance(predictions, list) else predictions.to_dict("list")}
+          "modules": sorted(sys.modules),
+          "predictions": predictions if isinstance(predictions, list) else predictions.to_dict("list")}
 """
 ADAPTER_PROCESS = WITHOUT_FINETUNE_LAB + """
 from finetune_lab import prompts

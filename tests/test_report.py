@@ -14,14 +14,14 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
+from conftest import create_experiment, entrypoint, load_table, runs_of
 from mlflow.tracking import MlflowClient
 
-from conftest import create_experiment, entrypoint, load_table, runs_of
 from finetune_lab import classify, probe, report, sweep
+from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
 from finetune_lab.report import render, sections
 from finetune_lab.report.store import Artifacts
 from finetune_lab.report.verdicts import config_label
-from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
 
 TINY_CLASSIFY = dict(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=32, max_length=32,
                      batch_size=16, seed=7, experiment="classification")

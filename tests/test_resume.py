@@ -10,8 +10,8 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import entrypoint, load_table, runs_of
+
 from finetune_lab import lora, probe, prompts, sweep
 from finetune_lab.config import ProbeConfig, SweepConfig
 from finetune_lab.contract import KIND_TAG, RESUMED_TAG

@@ -8,8 +8,8 @@ import signal
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import entrypoint, load_table, runs_of
+
 from finetune_lab import signals
 
 SWEEP_ARGS = ["--model", "tiny", "--dataset", "sample_chat", "--ranks", "2,4,8", "--seeds", "3", "--max-steps", "4",

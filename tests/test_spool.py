@@ -20,9 +20,9 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
+from conftest import entrypoint, load_table
 from mlflow.tracking import MlflowClient
 
-from conftest import entrypoint, load_table
 from finetune_lab import training
 from finetune_lab.contract import RECOVERED_TAG
 

@@ -8,10 +8,10 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import entrypoint, runs_of
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import entrypoint, runs_of
 from finetune_lab import lora, models, prompts, sweep
 from finetune_lab.config import SweepConfig
 

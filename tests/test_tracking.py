@@ -5,8 +5,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
 from conftest import REPO
+
 from finetune_lab import tracking
 from finetune_lab.contract import KIND_TAG
 
@@ -122,8 +122,8 @@ def test_an_unexpected_error_is_one_line_for_the_user_and_a_traceback_on_the_run
     from pathlib import Path
 
     from click.testing import CliRunner
-
     from conftest import entrypoint, runs_of
+
     from finetune_lab import training
 
     def disk_full(trainer):

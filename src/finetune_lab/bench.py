@@ -37,8 +37,14 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, DataCollatorForSeq2Seq,
-                          DataCollatorWithPadding, Trainer, TrainingArguments)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
 
 from finetune_lab import causal_lm, classify, contract, lora, models, sweep, tracking, training
 from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig, as_params

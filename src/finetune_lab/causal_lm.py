@@ -4,8 +4,8 @@ held-out loss. The counterpart of `classify.prepare` for language models; the ad
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import datasets
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq

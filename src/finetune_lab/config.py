@@ -458,7 +458,7 @@ class BenchConfig(Config):
         names = [n.strip() for n in self.variants.split(",")]
         return sorted(names, key=lambda n: n != "baseline")
 
-    def effective(self) -> "BenchConfig":
+    def effective(self) -> BenchConfig:
         """The config as run: with `tiny`, the tiny preset over the sizes."""
         if not self.tiny:
             return self

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 # MLflow's log lines that advise or narrate rather than report (pyfunc logging with a Python object; the check of
 # the input example against the signature, which fails loudly if it fails).

@@ -24,7 +24,7 @@ def run(config: GenerateConfig) -> dict:
         except mlflow.exceptions.MlflowException as error:
             raise InputError([problem("model_uri", f"cannot load {config.model_uri!r} from the tracking store {store} "
                                                    f"(set MLFLOW_TRACKING_URI to the store that registered it): "
-                                                   f"{one_line(error)}")])
+                                                   f"{one_line(error)}")]) from error
         params = {"max_new_tokens": config.max_new_tokens} if config.max_new_tokens else None
         reply = loaded.predict([config.prompt], params=params)[0]
         mlflow.set_tag("reply", reply[:MAX_REPLY_TAG_CHARS])

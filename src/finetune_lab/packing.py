@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch.utils.data import Sampler

@@ -208,7 +208,8 @@ def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> p
     return table
 
 
-def run_stages(parent: mlflow.ActiveRun, config: ProbeConfig, prepared: causal_lm.Prepared) -> tuple[Stage, list[Stage]]:
+def run_stages(parent: mlflow.ActiveRun, config: ProbeConfig,
+               prepared: causal_lm.Prepared) -> tuple[Stage, list[Stage]]:
     """`before`, then one `after` per repeats value, as child runs of `parent`; stages the parent already finished
     with the same config and data (`resume`) are read back instead of trained again."""
     base, tokenizer = causal_lm.load_base(prepared.source)

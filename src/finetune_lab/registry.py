@@ -10,10 +10,11 @@ The pyfunc classes live in `pyfunc_models` (lean: it is what runs wherever a reg
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlflow
 import torch

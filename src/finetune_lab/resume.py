@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from typing import Iterator
+from collections.abc import Iterator
 
 import mlflow
 import yaml
@@ -25,8 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from finetune_lab import tracking
 from finetune_lab.config import as_params
-from finetune_lab.contract import (CONFIG_ARTIFACT, CONFIG_DIGEST_TAG, DATA_DIGEST_TAG, ERROR_TAG, KIND_TAG,
-                                   RESUMED_TAG)
+from finetune_lab.contract import CONFIG_ARTIFACT, CONFIG_DIGEST_TAG, DATA_DIGEST_TAG, ERROR_TAG, KIND_TAG, RESUMED_TAG
 from finetune_lab.data import LoadedData
 from finetune_lab.errors import InputError, problem
 

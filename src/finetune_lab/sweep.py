@@ -21,10 +21,22 @@ import pandas as pd
 import torch
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import (causal_lm, contract, executors, health, lora, models, plots, prompts, registry, resume, spool,
-                          tracking)
+from finetune_lab import (
+    causal_lm,
+    contract,
+    executors,
+    health,
+    lora,
+    models,
+    plots,
+    prompts,
+    registry,
+    resume,
+    spool,
+    tracking,
+    training,
+)
 from finetune_lab import data as data_lib
-from finetune_lab import training
 from finetune_lab.config import SweepConfig, as_params
 from finetune_lab.contract import ADAPTER_ARTIFACT, NOT_RUN, child_name
 from finetune_lab.data import TEST, TRAIN

@@ -13,9 +13,9 @@ import math
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import psutil
@@ -229,7 +229,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self._peak_rss = max(self._peak_rss, self._process.memory_info().rss)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if on_cuda():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

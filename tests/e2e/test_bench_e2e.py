@@ -10,9 +10,9 @@ import statistics
 
 import pytest
 import torch
+from conftest import load_table, runs_of
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import load_table, runs_of
 from finetune_lab import bench, contract
 
 VARIANTS = ["baseline", "project", "project_large"]

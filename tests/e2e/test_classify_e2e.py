@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from conftest import download_json, entrypoint, load_table, runs_of
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from conftest import download_json, entrypoint, load_table, runs_of
 from finetune_lab.data import SAMPLES
 
 TINY_SAMPLE = {"model": "tiny", "dataset": "sample", "max_length": 64, "learning_rate": 1e-3, "batch_size": 32}

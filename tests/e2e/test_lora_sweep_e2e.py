@@ -12,9 +12,8 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from conftest import load_table, mlflow_run_command, runs_of
+from transformers import AutoModelForCausalLM
 
 SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": "2,4", "seeds": "1,2", "max_steps": 6, "batch_size": 8,
          "max_length": 64, "learning_rate": 1e-3}

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import create_experiment, runs_of
+
 from finetune_lab import classify
 from finetune_lab.config import ClassifyConfig
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_table, runs_of
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from conftest import load_table, runs_of
 
 PROBE = {"model": "tiny", "dataset": "sample_chat", "repeats_sweep": "0,1,32", "max_steps": 20, "batch_size": 8,
          "max_length": 48, "learning_rate": 1e-2, "max_new_tokens": 10, "seed": 7}

@@ -13,11 +13,29 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import contract, plots
-from finetune_lab.report.render import (Block, Bullets, Figure, Figures, Heading, Table, Text, cell, counted, number,
-                                        png, short)
+from finetune_lab.report.render import (
+    Block,
+    Bullets,
+    Figure,
+    Figures,
+    Heading,
+    Table,
+    Text,
+    cell,
+    counted,
+    number,
+    png,
+    short,
+)
 from finetune_lab.report.store import Artifacts, ExperimentRuns, kind_of, label, read_experiment
-from finetune_lab.report.verdicts import (NOT_CONFIG_PARAMS, PROVENANCE_PARAMS, config_label, differing_params,
-                                          seed_groups, verdicts)
+from finetune_lab.report.verdicts import (
+    NOT_CONFIG_PARAMS,
+    PROVENANCE_PARAMS,
+    config_label,
+    differing_params,
+    seed_groups,
+    verdicts,
+)
 
 
 def run_table(runs: list[Run], metrics: list[str], first_params: tuple[str, ...] = (),

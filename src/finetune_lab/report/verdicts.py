@@ -9,7 +9,7 @@ conclusive".
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 from mlflow.entities import Run
 
