@@ -1,4 +1,4 @@
-"""`bench` entry point: training speed against the homework baseline (see `python entrypoints/bench.py --help`)."""
+"""`bench` entry point: training speed against the reference baseline (see `python entrypoints/bench.py --help`)."""
 
 from finetune_lab.cli import command
 from finetune_lab.config import BenchConfig

@@ -1,10 +1,10 @@
-"""`bench`: how fast the project trains, as a ratio against the homework it replaces, measured in one process on
+"""`bench`: how fast the project trains, as a ratio against the reference baseline, measured in one process on
 one device on the same data.
 
 Workloads: `classify` (sequence classification; default a full-size DistilBERT-base with random weights on texts
 of IMDB-like token lengths) and `lora_sweep` (a 4-rank LoRA sweep; default a full-size SmolLM2-135M with random
 weights on chat pairs of chat-like lengths). Variants, run one after another:
-- `baseline`: the homework. fp32 weights, eager attention, every batch padded to max_length, adamw_torch, fixed
+- `baseline`: the reference recipe. fp32 weights, eager attention, every batch padded to max_length, adamw_torch, fixed
   batches (16 / 8) in random order, held-out evaluation with `Trainer.evaluate`; LoRA on one base loaded once.
 - `project`: the entry point's own code path (`classify.execute`, `sweep.execute`) with its defaults.
 - `project_large`: the same with larger batches (`large_batch` examples; `large_batch_tokens` per LoRA batch).
@@ -225,8 +225,8 @@ def _tokenized(name: str, project, prepared) -> Workload:
 # ------------------------------------------------------------------------------------------- variants
 
 
-def homework_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> TrainingArguments:
-    """The homework's Trainer settings: fp32, adamw_torch, fixed batches in random order."""
+def reference_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> TrainingArguments:
+    """The reference recipe's Trainer settings: fp32, adamw_torch, fixed batches in random order."""
     return TrainingArguments(output_dir=str(output_dir), learning_rate=config.learning_rate,
                              max_steps=config.max_steps or -1, num_train_epochs=config.epochs,
                              per_device_train_batch_size=config.batch_size,
@@ -235,16 +235,16 @@ def homework_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> T
 
 
 def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, float]]:
-    """The homework on the workload: (training metrics, FLOPs per token) per training (per rank for LoRA)."""
+    """The reference recipe on the workload: (training metrics, FLOPs per token) per training (per rank for LoRA)."""
     config, source = workload.config, workload.prepared.source
-    homework = {"dtype": torch.float32, "attn_implementation": "eager"}
+    reference_settings = {"dtype": torch.float32, "attn_implementation": "eager"}
     tracking.log_params({"precision": "fp32", "attention": "eager", "padding": "max_length",
                          "optimizer": "adamw_torch", "batch_size": config.batch_size, "max_length": config.max_length,
                          "max_steps": config.max_steps, **models.source_params(source)})
-    arguments = homework_arguments(scratch, config, seed)
+    arguments = reference_arguments(scratch, config, seed)
     if workload.name == CLASSIFY:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source.path, num_labels=len(workload.prepared.classes), **homework)
+            source.path, num_labels=len(workload.prepared.classes), **reference_settings)
         model.config.pad_token_id = workload.tokenizer.pad_token_id
         collator = DataCollatorWithPadding(workload.tokenizer, padding="max_length", max_length=config.max_length)
         trainer = Trainer(model=model, args=arguments, train_dataset=workload.tokenized[TRAIN],
@@ -253,7 +253,7 @@ def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, f
         metrics = training.train(trainer)
         trainer.evaluate()
         return [(metrics, workload.flops_per_token())]
-    base = AutoModelForCausalLM.from_pretrained(source.path, **homework)
+    base = AutoModelForCausalLM.from_pretrained(source.path, **reference_settings)
     base.config.pad_token_id = workload.tokenizer.pad_token_id
     collator = DataCollatorForSeq2Seq(workload.tokenizer, padding="max_length", max_length=config.max_length,
                                       label_pad_token_id=IGNORE_INDEX)

@@ -168,9 +168,9 @@ class LoraTrainingConfig(TrainingConfig):
     output_column: str = "output"
     """Column holding the reply to learn."""
     prompt_format: str = "plain"
-    """`plain` = input + newline + output + EOS (the seed's text); `chat` = the tokenizer's chat template."""
+    """`plain` = input + newline + output + EOS (the original recipe's text); `chat` = the tokenizer's chat template."""
     loss_on: str = "all"
-    """`all` = loss on the whole text (the seed's); `output` = prompt tokens masked out of the loss."""
+    """`all` = loss on the whole text (the original recipe's); `output` = prompt tokens masked out of the loss."""
     lora_alpha: float = 0.0
     """Fixed LoRA alpha for every rank (scale alpha/r then shrinks as r grows); 0 = use `alpha_per_rank`."""
     alpha_per_rank: float = 2.0
@@ -381,13 +381,13 @@ def _check_names(problems: list[str], config, name: str, allowed: tuple[str, ...
 
 @dataclass
 class BenchConfig(Config):
-    """Training speed of the project against the homework baseline: the same workloads and data, named variants
+    """Training speed of the project against the reference baseline: the same workloads and data, named variants
     run one after another in one process on one device."""
 
     workloads: str = "classify,lora_sweep"
     """Comma list of workloads: `classify` (sequence classification), `lora_sweep` (a LoRA rank sweep)."""
     variants: str = "baseline,project,project_large"
-    """Comma list of variants: `baseline` (the homework: fp32, eager attention, padding to max length, adamw_torch),
+    """Comma list of variants: `baseline` (the reference: fp32, eager attention, padding to max length, adamw_torch),
     `project` (the entry point's own code path and defaults), `project_large` (the same with large_batch /
     large_batch_tokens), `dynamic_padding` (the project without compilation or packing)."""
     classify_model: str = "random:distilbert-base"
