@@ -1,4 +1,4 @@
-# The set-up commands of the README: `make demo`, `make ui` and `make test`; CI runs `make lint test`.
+# The set-up commands of the README: `make demo`, `make ui`, `make test` and `make test-fast`; CI runs `make lint test`.
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: install demo ui lint test fetch-models clean
+.PHONY: install demo ui lint test test-fast fetch-models clean
 
 # torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -39,8 +39,12 @@ ui: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Both tiers; `test-fast` leaves out the slow one (real `mlflow run` launches, servers, Ray).
 test: install
 	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db

@@ -23,9 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(items):
-    """Everything under tests/e2e launches real processes: the slow tier (`pytest -m "not slow"` skips it)."""
+    """The slow tier (`pytest -m "not slow"` skips it): everything under tests/e2e (real `mlflow run` launches) and
+    every test that starts Ray."""
     for item in items:
-        if "e2e" in item.path.parts:
+        if "e2e" in item.path.parts or "local_ray" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
 
 

@@ -98,8 +98,9 @@ def test_bad_input_through_mlflow_run_fails_the_run_with_every_problem(mlflow_ru
     assert "learning_rate" in run.data.tags["error"] and "label_column" in run.data.tags["error"]
 
 
-def test_seed_configurations_are_two_comparable_runs(client, monkeypatch):
-    """The course report's two experiments (lr 4e-5, then lr 4e-5 with 2 epochs) called directly, `experiment` honoured."""
+def test_course_report_configurations_are_two_comparable_runs(client, monkeypatch):
+    """The course report's two experiments (lr 4e-5, then lr 4e-5 with 2 epochs) called directly, `experiment`
+    honoured."""
     runner = CliRunner()
     base = ["--model", "tiny", "--dataset", "sample", "--max-train-samples", "64", "--max-eval-samples", "32",
             "--max-length", "32", "--experiment", "seed-repro", "--learning-rate", "4e-5"]
