@@ -24,9 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_collection_modifyitems(items):
     """The slow tier (`pytest -m "not slow"` skips it): everything under tests/e2e (real `mlflow run` launches) and
-    every test that starts Ray."""
+    every test that starts Ray or a tracking server."""
     for item in items:
-        if "e2e" in item.path.parts or "local_ray" in getattr(item, "fixturenames", ()):
+        if "e2e" in item.path.parts or {"local_ray", "server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

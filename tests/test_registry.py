@@ -111,6 +111,7 @@ def model_files(uri: str, tmp_path: Path) -> Path:
     return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model_files")))
 
 
+@pytest.mark.slow  # a fresh Python process loads the model, as serving does
 def test_registered_adapter_reloads_exactly_in_a_process_without_finetune_lab(client, in_memory, tmp_path,
                                                                              tracking_uri):
     with warnings.catch_warnings(record=True) as logged:
@@ -230,6 +231,7 @@ def test_a_failure_after_the_version_is_created_leaves_no_version_behind(client,
     assert client.search_registered_models(filter_string="name='never-registered'") == []
 
 
+@pytest.mark.slow  # a fresh Python process loads the model, as serving does
 def test_registered_classifier_predicts_what_the_run_logged_without_finetune_lab(client, tmp_path, tracking_uri):
     config = ClassifyConfig(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=24, max_length=32,
                             learning_rate=1e-3, experiment="registry", register_as="sentiment")
