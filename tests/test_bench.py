@@ -15,7 +15,7 @@ from finetune_lab.config import BenchConfig
 
 
 def test_synthetic_data_has_the_stated_lengths():
-    config = BenchConfig(train_examples=4000, eval_examples=1000)
+    config = BenchConfig(classify_examples=4000, lora_examples=4000, eval_examples=1000)
     texts = bench.synthetic_frame("classify", config)
     words = texts["text"].str.split().str.len() + 2  # [CLS] and [SEP]
     assert len(texts) == 5000 and texts["split"].value_counts().to_dict() == {"train": 4000, "test": 1000}
@@ -32,20 +32,49 @@ def test_synthetic_data_has_the_stated_lengths():
 def test_a_variant_sums_its_trainings_and_weighs_steady_speed_by_tokens():
     first = {"train_tokens": 1000.0, "train_examples": 10.0, "train_steps": 5.0, "train_runtime_s": 2.0,
              "train_step_ms_median": 300.0, "warmup_s": 0.5, "steady_tokens_per_s": 800.0, "peak_rss_mb": 900.0,
-             "compile_s": 0.4}
-    second = {"train_tokens": 3000.0, "train_examples": 30.0, "train_steps": 5.0, "train_runtime_s": 4.0,
-              "train_step_ms_median": 500.0, "warmup_s": 0.1, "steady_tokens_per_s": 1000.0, "peak_rss_mb": 950.0}
+             "compile_s": 0.4, "compile_graphs": 2.0, "logging_ms_per_step": 1.0}
+    second = {"train_tokens": 3000.0, "train_examples": 30.0, "train_steps": 15.0, "train_runtime_s": 4.0,
+              "train_step_ms_median": 500.0, "warmup_s": 0.1, "steady_tokens_per_s": 1000.0, "peak_rss_mb": 950.0,
+              "logging_ms_per_step": 3.0}
     summary = bench.summarise([(first, 6e6), (second, 8e6)], wall_s=10.0, peak_flops=1e12)
-    assert summary["bench_tokens"] == 4000 and summary["bench_examples"] == 40 and summary["bench_steps"] == 10
+    assert summary["bench_tokens"] == 4000 and summary["bench_examples"] == 40 and summary["bench_steps"] == 20
     assert summary["bench_tokens_per_s"] == pytest.approx(4000 / 6) and summary["bench_wall_tokens_per_s"] == 400
     steady_s = 1000 / 800 + 3000 / 1000  # each training's tokens at its own steady rate
     assert summary["bench_steady_tokens_per_s"] == pytest.approx(4000 / steady_s)
     assert summary["bench_flops_per_token"] == pytest.approx((6e6 * 1000 + 8e6 * 3000) / 4000)
     assert summary["bench_mfu"] == pytest.approx(summary["bench_flops_per_token"] * 4000 / steady_s / 1e12)
     assert summary["bench_step_ms_median"] == 400 and summary["bench_warmup_s"] == pytest.approx(0.6)
-    assert summary["bench_compile_s"] == 0.4 and summary["bench_peak_rss_mb"] == 950
+    assert summary["bench_compile_s"] == 0.4 and summary["bench_compile_graphs"] == 2
+    assert summary["bench_peak_rss_mb"] == 950
+    assert summary["bench_logging_ms_per_step"] == pytest.approx((1.0 * 5 + 3.0 * 15) / 20), "per step trained"
     assert "bench_peak_cuda_mem_allocated_mb" not in summary
+    unlogged = {k: v for k, v in first.items() if k != "logging_ms_per_step"}  # the baseline's
     assert "bench_mfu" not in bench.summarise([(first, 6e6)], 10.0, peak_flops=None)
+    assert "bench_logging_ms_per_step" not in bench.summarise([(unlogged, 6e6)], 10.0, peak_flops=None)
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 NVL", 835),
+                                          ("NVIDIA H200 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H100 PCIe", 756),
+                                          ("NVIDIA A100-SXM4-80GB", 312), ("Tesla T4", 65)])
+def test_peak_flops_are_known_for_the_cards_people_have(name, tflops):
+    assert bench.peak_flops(BenchConfig(), name) == (tflops * 1e12, "")
+    assert bench.peak_flops(BenchConfig(peak_tflops=100), name) == (100e12, ""), "the config's own figure wins"
+
+
+def test_an_unknown_card_gets_no_mfu_and_a_note_saying_why():
+    peak, note = bench.peak_flops(BenchConfig(), "NVIDIA GeForce RTX 4090")
+    assert peak is None and note.startswith("MFU left empty: no peak FLOP/s is known for NVIDIA GeForce RTX 4090")
+    assert "peak_tflops" in note and bench.peak_flops(BenchConfig(), "cpu")[0] is None
+    assert bench.table([], [note]).endswith(f"\n\n{note}\n")
+
+
+def test_every_variant_trains_every_example_or_the_config_is_refused():
+    """A compiled classifier drops an epoch's last, smaller batch: the examples must fill every batch size."""
+    assert bench.check(BenchConfig(classify_examples=1600, large_batch=64)) == []
+    assert bench.check(BenchConfig(classify_examples=1600, large_batch=48)) == [
+        "classify_examples: must be a multiple of 16 and 48 (the batch sizes), so that every variant trains every "
+        "example, got 1600"]
+    assert bench.check(BenchConfig(workloads="lora_sweep", classify_examples=1601)) == [], "classify is not run"
 
 
 def test_flops_per_token_follow_the_stated_formula():
@@ -66,14 +95,14 @@ def test_shown_numbers():
 def test_bad_bench_input_is_reported_all_at_once_before_any_weights(client, no_weights_loaded):
     outcome = CliRunner().invoke(entrypoint("bench").main, [
         "--experiment", "bad-bench", "--variants", "baseline,turbo", "--tiny", "maybe", "--peak-tflops", "-1",
-        "--large-batch-tokens", "100", "--classify-steps", "0"])
+        "--large-batch-tokens", "100", "--classify-examples", "0"])
     assert outcome.exit_code == 2, outcome.output
     errors = sorted(line for line in outcome.output.splitlines() if line.startswith("error: "))
     assert errors == [
-        "error: classify_steps: must be >= 1, got 0",
+        "error: classify_examples: must be >= 1, got 0",
         "error: peak_tflops: must be >= 0 (0 = known from the device name), got -1.0",
         "error: tiny: must be true or false, got 'maybe'",
-        "error: variants: must be a comma list of baseline, project, project_large, dynamic_padding, "
+        "error: variants: must be a comma list of baseline, project, project_large, dynamic_padding, compile_buckets, "
         "got 'baseline,turbo'",
     ]
     outcome = CliRunner().invoke(entrypoint("bench").main, [

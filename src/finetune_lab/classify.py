@@ -1,7 +1,8 @@
 """Experiment: fine-tune a sequence classifier, evaluate it on the held-out split, log everything.
 
 Recipe: prepare (validate config, data and model spec together; limit the splits) → tokenize once → train
-(compiled, on bucketed lengths, when `compile` says so) → predict the held-out split in its own order →
+(compiled when `compile` says so, for a symbolic sequence length or a few bucket lengths) → predict the held-out
+split in its own order →
 metrics, confusion matrix, report, predictions table.
 """
 
@@ -124,13 +125,12 @@ def _log_predictions(texts, labels, probabilities, label_names) -> None:
     mlflow.log_dict(metrics_lib.report(labels, predictions, label_names), contract.CLASSIFICATION_REPORT)
 
 
-def collators(tokenizer, config: ClassifyConfig) -> tuple[DataCollatorWithPadding, DataCollatorWithPadding]:
-    """(training, evaluation) collators. A compiled model trains on batches padded to multiples of
-    BUCKET_TOKENS (a few static shapes, so a few graphs); otherwise, and for the eager evaluation, padding is
-    dynamic (to a multiple of 8 on CUDA, for tensor cores)."""
+def collators(tokenizer, config: ClassifyConfig) -> tuple:
+    """(training, evaluation) collators. Padding is dynamic (to a multiple of 8 on CUDA, for tensor cores), except
+    for a model compiled for `buckets`, which trains on a few padded lengths (`training.BucketPadding`)."""
     dynamic = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if training.on_cuda() else None)
-    if training.switch(config.compile):
-        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=training.BUCKET_TOKENS), dynamic
+    if training.switch(config.compile) and config.compile_shapes == training.BUCKETS:
+        return training.BucketPadding(tokenizer, config.max_length), dynamic
     return dynamic, dynamic
 
 
@@ -161,7 +161,8 @@ def fit(config: ClassifyConfig, prepared: Prepared, run_id: str) -> Fitted:
     with tracking.scratch_dir("classify") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], train_collator, config,
                                         config.seed, run_id, "[1/2] classify", drop_last=compile_model)
-        with training.compiled(model, config.max_length) if compile_model else contextlib.nullcontext():
+        with (training.compiled(model, config.compile_shapes, config.max_length) if compile_model
+              else contextlib.nullcontext()):
             metrics = training.train(trainer)
     console.say(f"[2/2] classify: predicting the {len(tokenized[TEST])} held-out examples")
     # Row i of the logits is held-out example i: the predictions table pairs it with its own text.
@@ -222,7 +223,7 @@ def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check
     candidate = registry.Candidate(
         log=lambda: registry.log_classifier_model(model, tokenizer, config.max_length, check_texts[0]),
         check_texts=check_texts,
-        expected_logits=registry.reference_logits(model, tokenizer, check_texts, **truncation),
+        expected=registry.reference(model, tokenizer, check_texts, **truncation),
         eval_loss=eval_loss,
         eval_set_digest=prepared.data.eval_digest,
         tags={"run_id": run_id, "dataset_digest": prepared.data.digest, "base_model": prepared.source.spec},

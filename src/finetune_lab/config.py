@@ -104,6 +104,9 @@ def _check_resume(problems: list[str], config) -> None:
            "must be empty, `latest` or a parent run id (32 hexadecimal digits)")
 
 
+COMPILE_SHAPES = ("dynamic", "buckets")
+
+
 @dataclass
 class ClassifyConfig(TrainingConfig):
     """Fine-tune a sequence classifier and evaluate it on a held-out split."""
@@ -131,12 +134,16 @@ class ClassifyConfig(TrainingConfig):
     register_as: str = ""
     """Register the fine-tuned classifier under this model-registry name (empty = don't register)."""
     compile: str = "auto"
-    """torch.compile the model for training, with batches padded to multiples of 64 tokens (a few static shapes):
-    `auto` = on with CUDA, `on`, `off`."""
+    """torch.compile the model for training: `auto` = on with CUDA, `on`, `off`."""
+    compile_shapes: str = "dynamic"
+    """What a compiled model trains on: `dynamic` = one graph for every sequence length; `buckets` = batches padded
+    to 64, 128, 256... tokens up to max_length, one static graph each."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
         _check_switch(problems, self, "compile")
+        _check(problems, self, "compile_shapes", lambda v: v in COMPILE_SHAPES,
+               f"must be one of {', '.join(COMPILE_SHAPES)}")
         _check(problems, self, "max_train_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
         _check(problems, self, "max_eval_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
         names = self.label_name_list
@@ -313,6 +320,9 @@ class ProbeConfig(LoraTrainingConfig):
         return self.repeats_sweep or (self.new_example_repeats,)
 
 
+SERVING_DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class GenerateConfig(Config):
     """Load a registered adapter (or any pyfunc model URI) and answer a prompt."""
@@ -323,6 +333,9 @@ class GenerateConfig(Config):
     """The prompt to answer."""
     max_new_tokens: int = 0
     """Tokens to generate (0 = the setting logged with the model)."""
+    device: str = ""
+    """Where the model loads: `cpu`, `cuda`, `auto` (the GPU when there is one); empty = FINETUNE_LAB_DEVICE, else
+    auto."""
     experiment: str = "generate"
     """MLflow experiment when called directly (under `mlflow run`, `--experiment-name` decides)."""
     run_name: str = ""
@@ -333,6 +346,8 @@ class GenerateConfig(Config):
         _check(problems, self, "model_uri", lambda v: bool(v.strip()), "is required, e.g. models:/NAME@champion")
         _check(problems, self, "prompt", lambda v: bool(v.strip()), "must not be empty")
         _check(problems, self, "max_new_tokens", lambda v: v >= 0, "must be >= 0 (0 = the logged setting)")
+        _check(problems, self, "device", lambda v: v in ("", *SERVING_DEVICES),
+               f"must be empty (= FINETUNE_LAB_DEVICE, else auto) or one of {', '.join(SERVING_DEVICES)}")
         _check_experiment(problems, self)
         return problems
 
@@ -364,7 +379,7 @@ class ReportConfig(Config):
 
 
 BENCH_WORKLOADS = ("classify", "lora_sweep")
-BENCH_VARIANTS = ("baseline", "project", "project_large", "dynamic_padding")
+BENCH_VARIANTS = ("baseline", "project", "project_large", "dynamic_padding", "compile_buckets")
 SYNTHETIC = "synthetic"
 
 
@@ -387,9 +402,10 @@ class BenchConfig(Config):
     workloads: str = "classify,lora_sweep"
     """Comma list of workloads: `classify` (sequence classification), `lora_sweep` (a LoRA rank sweep)."""
     variants: str = "baseline,project,project_large"
-    """Comma list of variants: `baseline` (the reference: fp32, eager attention, padding to max length, adamw_torch),
-    `project` (the entry point's own code path and defaults), `project_large` (the same with large_batch /
-    large_batch_tokens), `dynamic_padding` (the project without compilation or packing)."""
+    """Comma list of variants: `baseline` (the reference: fp32, eager attention, padding to max length,
+    adamw_torch), `project` (the entry point's own code path and defaults), `project_large` (the same with
+    large_batch / large_batch_tokens), `dynamic_padding` (the project without compilation or packing),
+    `compile_buckets` (`classify` compiled for bucket lengths instead of a symbolic one)."""
     classify_model: str = "random:distilbert-base"
     """Model of the `classify` workload: `random:distilbert-base` (full size, random weights) or any model spec."""
     classify_dataset: str = SYNTHETIC
@@ -400,14 +416,14 @@ class BenchConfig(Config):
     lora_dataset: str = SYNTHETIC
     """`synthetic` (chat pairs of token lengths: lognormal, median 40, sigma 0.6, in [8, 256]) or any dataset spec
     with `input` and `output` columns."""
-    train_examples: int = 8192
-    """Training examples (synthetic: made; otherwise the first after shuffling, for `classify`)."""
+    classify_examples: int = 1600
+    """Training examples of `classify`, each trained once by every variant (the same work: 100 steps of 16, 25 of
+    64); a multiple of 16 and of large_batch. Synthetic: made; otherwise the first after shuffling."""
+    lora_examples: int = 1024
+    """Training examples of `lora_sweep`, each trained once per rank by every variant (the same work: 128 steps of
+    8 per rank). Synthetic: made; otherwise the first after shuffling."""
     eval_examples: int = 512
     """Held-out examples (synthetic: made; otherwise the first after shuffling, for `classify`)."""
-    classify_steps: int = 100
-    """Optimizer steps of every `classify` variant."""
-    lora_steps: int = 30
-    """Optimizer steps per rank of every `lora_sweep` variant."""
     classify_max_length: int = 512
     """Truncation length of `classify`; the baseline pads to it."""
     lora_max_length: int = 256
@@ -418,14 +434,14 @@ class BenchConfig(Config):
     """LoRA target modules (comma list, or `all-linear`)."""
     large_batch: int = 64
     """Examples per batch of `classify` in `project_large`."""
-    large_batch_tokens: int = 16384
+    large_batch_tokens: int = 8192
     """Token budget per batch of `lora_sweep` in `project_large`."""
     peak_tflops: float = 0.0
-    """The device's peak dense bf16 TFLOP/s for MFU; 0 = known from the device name (H100/H200, A100), else no
-    MFU."""
+    """The device's peak dense TFLOP/s in its training precision, for MFU; 0 = known from the device name (H100,
+    H200, A100, T4), else no MFU."""
     tiny: bool = False
-    """A seconds-long CPU run for tests: tiny models, 64 training examples, 3 / 2 steps, short lengths (these
-    override the fields above)."""
+    """A seconds-long CPU run for tests: tiny models, 64 / 32 training examples, short lengths (these override the
+    fields above)."""
     output: str = ""
     """Also write the markdown table to this file (empty = print and log it only)."""
     seed: int = 42
@@ -441,7 +457,7 @@ class BenchConfig(Config):
         _check_names(problems, self, "variants", BENCH_VARIANTS)
         for name in ("classify_model", "classify_dataset", "lora_model", "lora_dataset", "target_modules"):
             _check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
-        for name in ("train_examples", "eval_examples", "classify_steps", "lora_steps", "large_batch"):
+        for name in ("classify_examples", "lora_examples", "eval_examples", "large_batch"):
             _check(problems, self, name, lambda v: v >= 1, "must be >= 1")
         _check_int_list(problems, self, "ranks", minimum=1)
         _check(problems, self, "peak_tflops", lambda v: v >= 0, "must be >= 0 (0 = known from the device name)")
@@ -462,8 +478,8 @@ class BenchConfig(Config):
         """The config as run: with `tiny`, the tiny preset over the sizes."""
         if not self.tiny:
             return self
-        return dataclasses.replace(self, classify_model="tiny", lora_model="tiny", train_examples=64, eval_examples=16,
-                                   classify_steps=3, lora_steps=2, classify_max_length=64, lora_max_length=48,
+        return dataclasses.replace(self, classify_model="tiny", lora_model="tiny", classify_examples=64,
+                                   lora_examples=32, eval_examples=16, classify_max_length=64, lora_max_length=48,
                                    large_batch=32, large_batch_tokens=512)
 
 

@@ -3,9 +3,11 @@ of its own that records the prompt and the reply."""
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 
-from finetune_lab import contract, tracking
+from finetune_lab import contract, device, tracking
 from finetune_lab.config import GenerateConfig, as_params
 from finetune_lab.errors import InputError, one_line, problem, raise_if_any
 
@@ -17,10 +19,17 @@ def run(config: GenerateConfig) -> dict:
     with tracking.experiment_run(contract.GENERATE, config.experiment, config.run_name) as active:
         tracking.log_config(as_params(config))
         raise_if_any(config.problems())
+        setting = config.device or os.environ.get(device.DEVICE_ENV, "")
+        try:
+            on = device.choose(setting, device.detect())
+        except ValueError as error:
+            raise InputError([problem("device", str(error))]) from error
+        tracking.log_params({"serving_device": on})
         # A registry name means something only in the store that registered it: say which one was read.
         store = mlflow.get_tracking_uri()
         try:
-            loaded = mlflow.pyfunc.load_model(config.model_uri)
+            with device.serving_on(on):
+                loaded = mlflow.pyfunc.load_model(config.model_uri)
         except mlflow.exceptions.MlflowException as error:
             raise InputError([problem("model_uri", f"cannot load {config.model_uri!r} from the tracking store {store} "
                                                    f"(set MLFLOW_TRACKING_URI to the store that registered it): "
@@ -30,6 +39,6 @@ def run(config: GenerateConfig) -> dict:
         mlflow.set_tag("reply", reply[:MAX_REPLY_TAG_CHARS])
         mlflow.log_text(f"prompt: {config.prompt}\nreply: {reply}\n", "reply.txt")
         return {"run_id": active.info.run_id, "metrics": {},
-                "notes": [f"model:  {config.model_uri} from the tracking store {store}", f"prompt: {config.prompt}",
-                          f"reply:  {reply}"],
+                "notes": [f"model:  {config.model_uri} from the tracking store {store}, on {on}",
+                          f"prompt: {config.prompt}", f"reply:  {reply}"],
                 "ui": tracking.ui_hint(active.info.experiment_id)}

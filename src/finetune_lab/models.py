@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import torch
 
-from finetune_lab import hub
+from finetune_lab import device, hub
 from finetune_lab.errors import problem
 
 TINY = "tiny"
@@ -335,12 +335,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 def model_kwargs(frozen_base: bool) -> dict:
-    """SDPA attention on CUDA, and bf16 weights for a frozen base (LoRA); trained weights stay float32,
-    the Trainer's bf16 autocast gives them the speed without losing the optimizer's precision."""
-    if not torch.cuda.is_available():
+    """SDPA attention on CUDA, and a frozen base (LoRA) stored in the training precision (`device.frozen_dtype`:
+    bf16, or fp16 on a GPU without bf16); trained weights stay float32, the Trainer's autocast gives them the speed
+    without losing the optimizer's precision."""
+    capabilities = device.detect()
+    if not capabilities.cuda:
         return {"dtype": torch.float32}
-    low_precision = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"dtype": low_precision if frozen_base else torch.float32, "attn_implementation": "sdpa"}
+    return {"dtype": device.frozen_dtype(capabilities) if frozen_base else torch.float32, "attn_implementation": "sdpa"}
 
 
 def load_tokenizer(source: ModelSource):

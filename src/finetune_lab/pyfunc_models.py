@@ -3,7 +3,8 @@
 A registered model carries this package's code with it (`code_paths`) and is unpickled by reference to these
 classes, so this module is what runs wherever the model goes: `mlflow models serve`, a Docker image, a notebook
 without finetune-lab installed. Its imports stay lean on purpose: mlflow, torch, transformers / peft (inside
-`load_context`), pandas, and the package modules that need nothing more (`models`, `prompts`, `hub`, `errors`).
+`load_context`), pandas, and the package modules that need nothing more (`models`, `prompts`, `hub`, `errors`,
+`device`).
 Neither the experiments' own dependencies (datasets, matplotlib, rouge-score) nor the package's experiment modules
 are imported on load (tests/test_registry.py checks it).
 
@@ -12,6 +13,9 @@ are imported on load (tests/test_registry.py checks it).
   exist only on the machine that made them). The transformers flavour is not used for adapters: it was seen to
   reload a PEFT model onto the wrong base weights without a word.
 - `ClassifierModel`: a fine-tuned sequence classifier; predicts a label, its name and per-class probabilities.
+
+Both load onto the GPU when there is one, in the dtype they were trained in (an adapter's base: bf16, or fp16 on a
+GPU without bf16; a classifier's weights: fp32); FINETUNE_LAB_DEVICE=cpu|cuda forces the device (`device`).
 
 Settings live on the instance (pickled with it), not in `model_config`, which MLflow would also log as params of
 the run that logs the model.
@@ -26,7 +30,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from finetune_lab import models, prompts
+from finetune_lab import device, models, prompts
 
 
 class BaseModelMissing(RuntimeError):
@@ -43,24 +47,33 @@ def prompt_list(model_input: Any) -> list[str]:
     return [str(x) for x in model_input]
 
 
-def base_settings(source: models.ModelSource) -> dict:
+def base_settings(source: models.ModelSource, dtype: torch.dtype) -> dict:
     """How a registered adapter names its base model: its identity (alias, Hub id, or for a local base its folder)
-    and revision, and whether it is local (a folder that exists only on the machine that logged the adapter)."""
+    and revision, whether it is local (a folder that exists only on the machine that logged the adapter), and the
+    dtype it was trained on."""
     return {"base_model": models.identity(source), "base_revision": source.revision,
-            "base_is_local": models.is_local(source)}
+            "base_is_local": models.is_local(source), "base_dtype": device.dtype_name(dtype)}
 
 
-def load_base(settings: dict):
-    """The base model a registered adapter names (see `base_settings`)."""
+def base_dtype(settings: dict, on: str) -> torch.dtype:
+    """The dtype the adapter's base was trained in; adapters registered before it was recorded: the frozen-base
+    dtype of the device they load on."""
+    if "base_dtype" in settings:
+        return device.dtype_of(settings["base_dtype"])
+    return device.frozen_dtype(device.detect()) if on == "cuda" else torch.float32
+
+
+def load_base(settings: dict, on: str):
+    """The base model a registered adapter names (see `base_settings`), on device `on` in its trained dtype."""
     from transformers import AutoModelForCausalLM
 
     name, revision = settings["base_model"], settings["base_revision"]
-    kwargs = models.model_kwargs(frozen_base=True)
+    kwargs = {"dtype": base_dtype(settings, on)}
     if name in models.OFFLINE_MODELS:
         source, problems = models.resolve(name, models.CAUSAL_LM)
         if problems:
             raise BaseModelMissing(problems[0])
-        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source.path, **kwargs).to(on)
     if settings["base_is_local"]:
         if not Path(name, "config.json").is_file():
             raise BaseModelMissing(
@@ -68,8 +81,8 @@ def load_base(settings: dict):
                 f"`tiny` and local-folder bases exist only where they were made (adapters on an offline alias or a "
                 f"Hub model load anywhere)"
             )
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(name, revision=revision or None, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs).to(on)
+    return AutoModelForCausalLM.from_pretrained(name, revision=revision or None, **kwargs).to(on)
 
 
 class AdapterModel(mlflow.pyfunc.PythonModel):
@@ -84,7 +97,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
 
         adapter_dir = context.artifacts["adapter"]
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-        self.model = PeftModel.from_pretrained(load_base(self.settings), adapter_dir).eval()
+        self.model = PeftModel.from_pretrained(load_base(self.settings, device.serving_device()), adapter_dir).eval()
 
     def logits(self, text: str) -> torch.Tensor:
         with torch.no_grad():
@@ -111,7 +124,9 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
-        self.model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"]).eval()
+        dtype = device.dtype_of(self.settings.get("dtype", "float32"))
+        self.model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], dtype=dtype)
+        self.model = self.model.to(device.serving_device()).eval()
 
     def logits(self, text: str) -> torch.Tensor:
         with torch.no_grad():

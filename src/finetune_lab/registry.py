@@ -4,8 +4,9 @@ The pyfunc classes live in `pyfunc_models` (lean: it is what runs wherever a reg
 - `log_adapter_model` / `log_classifier_model`: log them so that they travel: this package's code goes with the
   model (`code_paths`), the requirements are pinned to the versions used (never `finetune-lab`: an unrelated
   project of that name is on PyPI), and a signature plus an input example describe the call.
-- `register_verified`: log → reload from the logged URI → compare logits with the in-memory model →
-  only then register, tag, and move the `champion` alias if the new version is better on the same eval set.
+- `register_verified`: log → reload from the logged URI on the device and in the dtype the in-memory model ran in
+  → compare logits (exactly on a CPU, within rounding of the dtype on a GPU: `device.reload_tolerance`) → only
+  then register, tag, and move the `champion` alias if the new version is better on the same eval set.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
-from finetune_lab import console, models, tracking, training
+from finetune_lab import console, device, models, tracking
 from finetune_lab.contract import MODEL_ARTIFACT
 from finetune_lab.pyfunc_models import AdapterModel, ClassifierModel, base_settings
 
@@ -46,11 +47,24 @@ def pinned(packages) -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in packages]
 
 
-def reference_logits(model, tokenizer, texts: list[str], **tokenizer_kwargs) -> list[torch.Tensor]:
-    """Logits of the in-memory model, to check a reload against (eval mode: no dropout)."""
+@dataclass
+class Reference:
+    """Logits of a model in memory, to check its reload against, and where they were computed."""
+
+    logits: list[torch.Tensor]
+    device: str
+    """`cpu` or `cuda`: the reload is made there too."""
+    dtype: torch.dtype
+    """The dtype of the model's weights outside the trained parts (an adapter's frozen base; a classifier's)."""
+
+
+def reference(model, tokenizer, texts: list[str], **tokenizer_kwargs) -> Reference:
+    """Logits of the in-memory model (eval mode: no dropout), as a registered model computes them (`pyfunc_models`:
+    no autocast, the weights' own dtype)."""
     with models.eval_mode(model):
-        return [model(**tokenizer(t, return_tensors="pt", **tokenizer_kwargs).to(model.device)).logits.float().cpu()
-                for t in texts]
+        logits = [model(**tokenizer(t, return_tensors="pt", **tokenizer_kwargs).to(model.device)).logits.float().cpu()
+                  for t in texts]
+    return Reference(logits, model.device.type, model.get_input_embeddings().weight.dtype)
 
 
 @dataclass
@@ -60,19 +74,26 @@ class Candidate:
     log: Callable[[], Any]
     """Logs the pyfunc model into the active run; returns its ModelInfo."""
     check_texts: list[str]
-    expected_logits: list[torch.Tensor]
+    expected: Reference
     eval_loss: float
     eval_set_digest: str
     tags: dict[str, str]
 
 
-def _verify(model_uri: str, candidate: Candidate) -> float:
-    """Reload from the logged URI and return the largest logit difference to the in-memory model."""
+def _verify(model_uri: str, candidate: Candidate) -> tuple[float, float]:
+    """Reload from the logged URI (on the device the in-memory model ran on: see `register_verified`); return the
+    largest logit difference to it and the tolerance for its dtype. RegistrationError if the reload is not like
+    for like."""
+    expected = candidate.expected
     reloaded = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    worst = 0.0
-    for text, expected in zip(candidate.check_texts, candidate.expected_logits):
-        worst = max(worst, (reloaded.logits(text) - expected).abs().max().item())
-    return worst
+    where = (reloaded.model.device.type, reloaded.model.get_input_embeddings().weight.dtype)
+    if where != (expected.device, expected.dtype):
+        raise RegistrationError(f"reloaded on {where[0]} in {where[1]}, trained on {expected.device} in "
+                                f"{expected.dtype}: the check would not compare like with like; not registered")
+    worst = max((reloaded.logits(text) - logits).abs().max().item()
+                for text, logits in zip(candidate.check_texts, expected.logits))
+    magnitude = max(logits.abs().max().item() for logits in expected.logits)
+    return worst, device.reload_tolerance(expected.dtype, expected.device, magnitude)
 
 
 def _champion(client: MlflowClient, name: str):
@@ -115,20 +136,23 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
     model, if this call created it and it is left empty) when anything after that fails.
     """
     console.say(f"registering in {name!r}: log the model, reload it, compare its logits with the trained model's")
-    info = candidate.log()
-    # bf16 matmuls on CUDA may differ in the last bits between two loads; on CPU the reload must be exact.
-    tolerance = 1e-2 if training.on_cuda() else 0.0
-    difference = _verify(info.model_uri, candidate)
+    with device.serving_on(candidate.expected.device):  # MLflow loads the model to check its input example too
+        info = candidate.log()
+        difference, tolerance = _verify(info.model_uri, candidate)
     client = MlflowClient()
     client.log_metric(run_id, "registry_reload_max_logit_diff", difference)
+    client.log_metric(run_id, "registry_reload_tolerance", tolerance)
     if difference > tolerance:
         raise RegistrationError(
-            f"reloaded model differs from the in-memory one (max |logit diff| {difference:.3g}); not registered"
+            f"reloaded model differs from the in-memory one (max |logit diff| {difference:.3g} > {tolerance:.3g} "
+            f"allowed on {candidate.expected.device} in {candidate.expected.dtype}); not registered"
         )
     champion = _champion(client, name)
     move, decision = _champion_decision(champion, candidate)
     tags = {**candidate.tags, "eval_loss": repr(candidate.eval_loss), "eval_set_digest": candidate.eval_set_digest,
-            "reload_max_logit_diff": repr(difference), "champion_decision": decision}
+            "reload_max_logit_diff": repr(difference), "reload_tolerance": repr(tolerance),
+            "reload_device": f"{candidate.expected.device} {device.dtype_name(candidate.expected.dtype)}",
+            "champion_decision": decision}
     created_model = _ensure_registered_model(client, name)
     version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
                                           model_id=info.model_id).version
@@ -148,10 +172,11 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
             "model_uri": f"models:/{name}/{version}"}
 
 
-def log_adapter_model(adapter_dir: str, base: models.ModelSource, prompt_format: str, max_new_tokens: int,
-                      example_prompt: str):
-    """Log an AdapterModel pyfunc (adapter files only + base reference) into the active run."""
-    settings = {**base_settings(base), "prompt_format": prompt_format, "max_new_tokens": max_new_tokens}
+def log_adapter_model(adapter_dir: str, base: models.ModelSource, base_dtype: torch.dtype, prompt_format: str,
+                      max_new_tokens: int, example_prompt: str):
+    """Log an AdapterModel pyfunc (adapter files only + base reference, and the dtype the base was trained in) into
+    the active run."""
+    settings = {**base_settings(base, base_dtype), "prompt_format": prompt_format, "max_new_tokens": max_new_tokens}
     example_params = {"max_new_tokens": max_new_tokens}
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT, python_model=AdapterModel(settings), artifacts={"adapter": adapter_dir},
@@ -162,8 +187,9 @@ def log_adapter_model(adapter_dir: str, base: models.ModelSource, prompt_format:
 
 
 def log_classifier_model(model, tokenizer, max_length: int, example_text: str):
-    """Log a ClassifierModel pyfunc (the fine-tuned weights + tokenizer) into the active run."""
-    settings = {"max_length": max_length}
+    """Log a ClassifierModel pyfunc (the fine-tuned weights + tokenizer, loaded back in their dtype) into the active
+    run."""
+    settings = {"max_length": max_length, "dtype": device.dtype_name(model.dtype)}
     outputs = Schema([ColSpec("long", "label"), ColSpec("string", "label_name"), ColSpec("double", "score"),
                       *(ColSpec("double", f"prob_{k}") for k in range(model.config.num_labels))])
     signature = ModelSignature(inputs=infer_signature([example_text]).inputs, outputs=outputs)

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import datasets
 import mlflow
 import pandas as pd
-import torch
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import (
     causal_lm,
     contract,
+    device,
     executors,
     health,
     lora,
@@ -80,7 +80,7 @@ class ChildOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     curve: list[tuple[int, float]] = field(default_factory=list)
     error: str = ""
-    reference_logits: list[torch.Tensor] = field(default_factory=list)
+    reference: registry.Reference | None = None
     """The trained model's logits on the registry's check texts (only when registering, and trained now)."""
     reused: bool = False
     """Finished by an earlier attempt of the parent (`resume`), not trained now."""
@@ -177,7 +177,7 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
                 if not (tracking.offline() or tracking.unreachable(error)):
                     raise
                 raise _keep_locally(trainer, spec, model, params, metrics, fitted, error) from error
-            outcome.reference_logits = registry.reference_logits(model, tokenizer, work.check_texts)
+            outcome.reference = registry.reference(model, tokenizer, work.check_texts)
             outcome.metrics, outcome.curve = {**metrics, "train_loss": fitted.train_loss}, fitted.curve
         outcome.status = FINISHED
         return outcome
@@ -305,23 +305,23 @@ def registry_check_texts(prepared: causal_lm.Prepared, tokenizer, config: SweepC
 
 def register_best(workload: Workload, tokenizer, prepared: causal_lm.Prepared, best: ChildOutcome) -> dict:
     """Register the best child's adapter (adapter files + base reference) after a verified reload. A child whose
-    trained model is not in memory (trained by an earlier attempt, or by a worker process) is checked against its
-    logged adapter on the base."""
+    trained model is not in memory (trained by an earlier attempt), or was on a device this process does not have
+    (a GPU worker of a CPU driver), is checked against its logged adapter on the base, on this process's device."""
     config = workload.config
     with tracking.scratch_dir("register") as scratch:
         adapter_dir = mlflow.artifacts.download_artifacts(
             run_id=best.run_id, artifact_path=ADAPTER_ARTIFACT, dst_path=str(scratch)
         )
-        expected = best.reference_logits
-        if not expected:
+        expected = best.reference
+        if expected is None or expected.device != device.training_device():
             base, _ = causal_lm.load_base(prepared.source)
             with lora.loaded(base, adapter_dir) as model:
-                expected = registry.reference_logits(model, tokenizer, workload.check_texts)
+                expected = registry.reference(model, tokenizer, workload.check_texts)
         candidate = registry.Candidate(
-            log=lambda: registry.log_adapter_model(adapter_dir, prepared.source, config.prompt_format,
+            log=lambda: registry.log_adapter_model(adapter_dir, prepared.source, expected.dtype, config.prompt_format,
                                                    registry.DEFAULT_MAX_NEW_TOKENS, PROBE_PROMPT),
             check_texts=workload.check_texts,
-            expected_logits=expected,
+            expected=expected,
             eval_loss=best.metrics["eval_loss"],
             eval_set_digest=prepared.data.eval_digest,
             tags={"rank": str(best.rank), "seed": str(best.seed), "run_id": best.run_id,

@@ -9,11 +9,13 @@ logger, a Trainer callback, which is told the run it logs into."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import statistics
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +25,9 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
-from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithPadding, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
-from finetune_lab import console, tracking
+from finetune_lab import console, device, tracking
 from finetune_lab.config import TrainingConfig
 from finetune_lab.models import eval_mode
 from finetune_lab.packing import TokenBudgetBatchSampler
@@ -35,10 +37,13 @@ from finetune_lab.prompts import IGNORE_INDEX
 LOSS_CURVE_POINTS = 100
 # MLflow's limit on the metrics of one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
-# A compiled model is trained on batches padded to a multiple of this many tokens: one graph per bucket.
-BUCKET_TOKENS = 64
+# The shapes a compiled classifier trains on (`ClassifyConfig.compile_shapes`), and the shortest bucket.
+DYNAMIC, BUCKETS = "dynamic", "buckets"
+SMALLEST_BUCKET = 64
 # torch.compile's backend for `compiled`; tests use "eager" (seconds on CPU instead of minutes).
 COMPILE_BACKEND = "inductor"
+
+warnings_log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,11 +51,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def on_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def bf16() -> bool:
-    return on_cuda() and torch.cuda.is_bf16_supported()
+    return device.detect().cuda
 
 
 def switch(value: str) -> bool:
@@ -64,10 +65,12 @@ def eval_batch_size(config: TrainingConfig) -> int:
     return config.batch_size * (4 if on_cuda() else 2)
 
 
-def training_arguments(output_dir: Path, config: TrainingConfig, seed: int, drop_last: bool = False
-                       ) -> TrainingArguments:
-    """`drop_last`: drop each epoch's last, smaller batch (a compiled model then sees one batch size)."""
-    cuda = on_cuda()
+def training_arguments(output_dir: Path, config: TrainingConfig, seed: int, drop_last: bool = False,
+                       capabilities: device.Capabilities | None = None) -> TrainingArguments:
+    """`drop_last`: drop each epoch's last, smaller batch (a compiled model then sees one batch size). The
+    precision follows the device's `capabilities` (this process's by default): see `device.precision`."""
+    capabilities = capabilities or device.detect()
+    cuda = capabilities.cuda
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=config.learning_rate,
@@ -77,7 +80,7 @@ def training_arguments(output_dir: Path, config: TrainingConfig, seed: int, drop
         per_device_eval_batch_size=eval_batch_size(config),
         seed=seed,
         data_seed=seed,
-        bf16=bf16(),
+        **device.trainer_precision(capabilities),
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         train_sampling_strategy="group_by_length",
         # `train` counts real tokens from the batches themselves; the Trainer's count would synchronise the GPU
@@ -137,20 +140,52 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def bucket_lengths(max_length: int) -> list[int]:
+    """The padded lengths of `buckets`: powers of two from SMALLEST_BUCKET, then max_length (64, 128, 256, 512)."""
+    lengths, length = [], SMALLEST_BUCKET
+    while length < max_length:
+        lengths.append(length)
+        length *= 2
+    return [*lengths, max_length]
+
+
+class BucketPadding:
+    """Collator: the batch padded to the shortest bucket length that holds its longest example."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.pad_to = {length: DataCollatorWithPadding(tokenizer, padding="max_length", max_length=length)
+                       for length in bucket_lengths(max_length)}
+
+    def __call__(self, features: list[dict]) -> dict:
+        longest = max(len(feature["input_ids"]) for feature in features)
+        return self.pad_to[next(length for length in self.pad_to if length >= longest)](features)
+
+
+def graph_budget(shapes: str, max_length: int) -> int:
+    """The graphs a compiled training may build: one with a symbolic sequence length (`dynamic`), or one per bucket
+    length (`buckets`)."""
+    return 1 if shapes == DYNAMIC else len(bucket_lengths(max_length))
+
+
 @contextlib.contextmanager
-def compiled(model: torch.nn.Module, max_length: int) -> Iterator[None]:
-    """Compile `model` in place for static shapes, for training on batches padded to multiples of
-    BUCKET_TOKENS and of one batch size: one graph per bucket, all allowed within the block. Compilation caches
-    are cleared first, so the run compiles (and its `compile_s` counts) every graph it uses. Evaluation runs the
-    model eagerly (`evaluating`)."""
+def compiled(model: torch.nn.Module, shapes: str, max_length: int) -> Iterator[None]:
+    """Compile `model` in place for training on batches of one size: `dynamic` = one graph whose sequence length is
+    symbolic (any padding), `buckets` = a static graph per bucket length (`BucketPadding`). Within the block about
+    `graph_budget` graphs are built for a frame (beyond it, torch runs it eagerly). Compilation state is reset
+    first, so the run compiles (and its `compile_s` counts) every graph it uses. Evaluation runs the model eagerly
+    (`evaluating`)."""
     import torch._dynamo
 
     torch.compiler.reset()
     if model.config.problem_type is None and getattr(model.config, "num_labels", 0) > 1:
-        # The first forward would set it, and the compiled graph would guard on it: one graph more per bucket.
+        # The first forward would set it, and the compiled graph would guard on it: one graph more.
         model.config.problem_type = "single_label_classification"
-    model.compile(dynamic=False, backend=COMPILE_BACKEND)
-    with torch._dynamo.config.patch(recompile_limit=math.ceil(max_length / BUCKET_TOKENS) + 1):
+    # dynamic=True: the batch size is symbolic too, which costs nothing here (one batch size) and saves the static
+    # first graph that automatic dynamic shapes (dynamic=None) would build before the symbolic one.
+    model.compile(dynamic=shapes == DYNAMIC, backend=COMPILE_BACKEND)
+    # One recompile of slack: inductor may specialise a graph once more than the eager backend does (on a CPU, over
+    # lengths 40 to 512, dynamic=True built two graphs with inductor and one with the eager backend).
+    with torch._dynamo.config.patch(recompile_limit=graph_budget(shapes, max_length) + 1):
         yield
 
 
@@ -182,22 +217,35 @@ def step_metrics(entry: dict) -> dict[str, float]:
     return values
 
 
-def log_steps(client: MlflowClient, run_id: str, entries: list[dict]) -> None:
-    """Trainer log entries (with their `step`) as per-step metrics of run `run_id`."""
+def log_steps(client: MlflowClient, run_id: str, entries: list[dict], synchronous: bool = True) -> list[Future]:
+    """Trainer log entries (with their `step`) as per-step metrics of run `run_id`. `synchronous=False`: handed to
+    MLflow's asynchronous logging (a background thread writes them); returns what to wait for."""
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, int(e["step"])) for e in entries for k, v in step_metrics(e).items()]
+    pending = []
     for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
+        operations = client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH],
+                                      synchronous=synchronous)
+        if operations is not None:
+            pending += operations._operation_futures  # RunOperations offers wait() only: no done(), no cause
+    return pending
 
 
 class MlflowStepLogger(TrainerCallback):
-    """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`; stops on a non-finite loss. If the tracking
-    server stays unreachable past MLflow's retries, training goes on unlogged (the Trainer keeps every step in its
-    log history) and the experiment decides what to keep."""
+    """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`, off the training loop: each step's metrics are
+    handed to MLflow's asynchronous logging, whose thread writes them while training goes on, and `flush` waits
+    until every step is stored (at the end of training, also after a failure or a signal). `seconds` is the time
+    the training loop spent on it. Stops training on a non-finite loss. If the tracking server stays unreachable
+    past MLflow's retries, training goes on unlogged (the Trainer keeps every step in its log history) and the
+    experiment decides what to keep."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = MlflowClient()
+        self.pending: list[Future] = []
+        self.sent: set[int] = set()
+        """Steps handed over."""
+        self.seconds = 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -205,14 +253,40 @@ class MlflowStepLogger(TrainerCallback):
         loss = float(logs["loss"])
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"training loss became {loss} at step {state.global_step}")
-        if tracking.offline():
-            return
+        started = time.perf_counter()
         try:
-            log_steps(self.client, self.run_id, [{**logs, "step": state.global_step}])
-        except Exception as error:  # noqa: BLE001 - only an unreachable server is survivable here
-            if not tracking.unreachable(error):
-                raise
-            tracking.go_offline(error)
+            self._settle(wait=False)
+            self._send([{**logs, "step": state.global_step}])
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _send(self, entries: list[dict]) -> None:
+        if entries and not tracking.offline():
+            self.pending += log_steps(self.client, self.run_id, entries, synchronous=False)
+            self.sent.update(int(entry["step"]) for entry in entries)
+
+    def _settle(self, wait: bool) -> None:
+        """Forget the writes that are done (with `wait`: all of them, once done). A failed one: an unreachable
+        server takes this process offline (the writes still queued then fail at once), anything else is raised."""
+        still = []
+        for future in self.pending:
+            if not wait and not future.done():
+                still.append(future)
+            elif (error := future.exception()) is not None:
+                if not tracking.unreachable(error):
+                    raise error
+                tracking.go_offline(error)
+        self.pending = still
+
+    def flush(self, entries: list[dict]) -> None:
+        """Return once every step is stored: those of `entries` (the Trainer's step log) never handed over (a signal
+        interrupted the loop between a step and its logging) are handed over now, then every write is waited for."""
+        started = time.perf_counter()
+        try:
+            self._send([entry for entry in entries if int(entry["step"]) not in self.sent])
+            self._settle(wait=True)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 class PeakMemory:
@@ -320,20 +394,44 @@ def throughput(runtime: float, steps: list[StepTime], batches: list[tuple[int, i
 
 def train(trainer: Trainer) -> dict[str, float]:
     """Train; return throughput, step-time and peak-memory metrics (see `throughput`; with compilation also
-    `compiled_graphs`). Works on any Trainer: it counts the batches through the Trainer's own collator."""
+    `compile_graphs`; with a step logger `logging_ms_per_step`, what logging cost the training loop per step).
+    Works on any Trainer: it counts the batches through the Trainer's own collator. The step logger is flushed
+    however training ends; a signal is told how far training got."""
     counter, timer, graphs = BatchCounter(trainer.data_collator), StepTimer(), compiled_graphs()
+    logger = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MlflowStepLogger)), None)
     trainer.data_collator = counter
     trainer.add_callback(timer)
     try:
         with PeakMemory() as memory:
             output = trainer.train()
+    except BaseException as error:
+        _flush_after(error, trainer, logger)
+        raise
     finally:
         trainer.data_collator = counter.collate
         trainer.remove_callback(timer)
     metrics = {**throughput(output.metrics["train_runtime"], timer.steps, counter.batches), **memory.metrics}
+    if logger is not None:
+        logger.flush(step_log(trainer))
+        metrics["logging_ms_per_step"] = 1000 * logger.seconds / max(1, len(timer.steps))
     if "compile_s" in metrics:
-        metrics["compiled_graphs"] = float(compiled_graphs() - graphs)
+        metrics["compile_graphs"] = float(compiled_graphs() - graphs)
     return metrics
+
+
+def _flush_after(error: BaseException, trainer: Trainer, logger: MlflowStepLogger | None) -> None:
+    """Training ended with `error`: store its step metrics anyway (the error matters more than a failure to), and
+    after a signal say up to which step they go."""
+    steps = step_log(trainer)
+    if logger is not None:
+        try:
+            logger.flush(steps)
+        except Exception as failure:  # noqa: BLE001 - the error that ended training goes first
+            warnings_log.warning("step metrics could not all be logged: %s", failure)
+    if isinstance(error, KeyboardInterrupt):
+        last = int(steps[-1]["step"]) if steps else 0
+        console.say(f"training stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; its step "
+                    f"metrics are logged up to step {last}")
 
 
 def step_log(trainer: Trainer) -> list[dict]:
@@ -343,10 +441,10 @@ def step_log(trainer: Trainer) -> list[dict]:
 
 @contextlib.contextmanager
 def evaluating(model) -> Iterator[None]:
-    """Eval mode under inference mode, bf16 autocast on CUDA (as the Trainer trains), and eager execution even
-    for a model compiled for training (its graphs fit the training batches, not these)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16()) if on_cuda() else contextlib.nullcontext()
-    with eval_mode(model), torch.inference_mode(), autocast, torch.compiler.set_stance("force_eager"):
+    """Eval mode under inference mode, autocast on CUDA as the Trainer trains (`device.precision`), and eager
+    execution even for a model compiled for training (its graphs fit the training batches, not these)."""
+    with eval_mode(model), torch.inference_mode(), device.autocast(device.detect()), \
+            torch.compiler.set_stance("force_eager"):
         yield
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import signal
 import subprocess
 import time
@@ -114,7 +115,8 @@ def wait_for(condition, timeout_s: float, what: str):
 
 def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(client, tmp_path):
     """`kill <pid>` of the entry point that `mlflow run` started, while its second child trains: the child ends
-    KILLED, the parent summarises what finished; MLflow's wrapper then overwrites the parent's KILLED with FAILED
+    KILLED with the metrics of every step it trained (they are written asynchronously: flushed on the way out),
+    the parent summarises what finished; MLflow's wrapper then overwrites the parent's KILLED with FAILED
     (mlflow 3.17.2), but our `error` tag stays."""
     params = {**SWEEP, "ranks": "2,4,8", "seeds": "1", "max_steps": 40}
     command, env = mlflow_run_command(client, tmp_path, "lora_sweep", params, "sigterm-e2e")
@@ -132,6 +134,7 @@ def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(
         training_child = wait_for(second_child_training, 600, "the second child to train")
         (entry_point,) = [p for p in psutil.Process(launched.pid).children(recursive=True)
                           if any(part.endswith("lora_sweep.py") for part in p.cmdline())]
+        killed_at_ms = int(time.time() * 1000)
         entry_point.send_signal(signal.SIGTERM)
         output, _ = launched.communicate(timeout=300)
     finally:
@@ -147,6 +150,14 @@ def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(
     assert parent.data.tags["error"] == "terminated by SIGTERM"
     killed = client.get_run(training_child.info.run_id)
     assert killed.info.status == "KILLED" and killed.data.tags["error"] == "terminated by SIGTERM"
+    stopped = re.search(r"training stopped at step (\d+) of 40; its step metrics are logged up to step (\d+)", output)
+    assert stopped, output[-3000:]
+    reached, logged = int(stopped[1]), int(stopped[2])
+    seen_at_kill = max(m.step for m in client.get_metric_history(training_child.info.run_id, "train_loss")
+                       if m.timestamp <= killed_at_ms)
+    assert reached - 1 <= logged <= reached and logged >= seen_at_kill, (reached, logged, seen_at_kill)
+    history = client.get_metric_history(training_child.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, logged + 1)), "every step up to the kill, once"
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
     assert len(table) == 3 and "FINISHED" in set(table["status"]) and "KILLED" in set(table["status"])
     assert parent.data.tags["best_run_id"] in set(table[table["status"] == "FINISHED"]["run_id"])

@@ -1,0 +1,104 @@
+"""Device and precision as functions of what the device can do (T4-, A100-, H100-like answers on a CPU machine),
+and the registry's reload check on the path a GPU takes, with the device chosen explicitly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import entrypoint
+from transformers import AutoModelForCausalLM
+
+from finetune_lab import causal_lm, device, lora, models, registry, tracking, training
+from finetune_lab.config import ClassifyConfig, SweepConfig
+
+T4 = device.Capabilities("Tesla T4", (7, 5))
+A100 = device.Capabilities("NVIDIA A100-SXM4-80GB", (8, 0))
+H100 = device.Capabilities("NVIDIA H100 80GB HBM3", (9, 0))
+
+
+@pytest.mark.parametrize("capabilities, chosen, trainer, frozen", [
+    (T4, "fp16", {"bf16": False, "fp16": True}, torch.float16),  # no bf16: fp16 autocast + loss scaling
+    (A100, "bf16", {"bf16": True, "fp16": False}, torch.bfloat16),
+    (H100, "bf16", {"bf16": True, "fp16": False}, torch.bfloat16),
+    (device.CPU, "fp32", {"bf16": False, "fp16": False}, torch.float32),
+])
+def test_precision_follows_the_device_capabilities(capabilities, chosen, trainer, frozen):
+    assert device.precision(capabilities) == chosen
+    assert device.trainer_precision(capabilities) == trainer
+    assert device.frozen_dtype(capabilities) == frozen
+
+
+def test_a_t4_trains_with_fp16_autocast_and_loss_scaling(tmp_path):
+    """The Trainer's arguments for a GPU without bf16 (constructible on a CPU; bf16=True is not)."""
+    arguments = training.training_arguments(tmp_path, ClassifyConfig(), 0, capabilities=T4)
+    assert arguments.fp16 and not arguments.bf16 and arguments.optim == "adamw_torch_fused"
+    here = training.training_arguments(tmp_path, ClassifyConfig(), 0)
+    assert not here.fp16 and not here.bf16 and here.optim == "adamw_torch"
+
+
+def test_the_device_setting_is_checked_against_the_device():
+    assert device.choose("", device.CPU) == "cpu" == device.choose("auto", device.CPU)
+    assert device.choose("auto", H100) == "cuda" and device.choose("CPU", H100) == "cpu"
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        device.choose("cuda", device.CPU)
+    with pytest.raises(ValueError, match="must be one of auto, cpu, cuda, got 'gpu'"):
+        device.choose("gpu", H100)
+
+
+def test_reload_tolerance_is_exact_on_cpu_and_a_rounding_of_the_dtype_on_cuda():
+    assert device.reload_tolerance(torch.bfloat16, "cpu", 30.0) == 0.0
+    bf16 = device.reload_tolerance(torch.bfloat16, "cuda", 20.0)
+    assert bf16 == pytest.approx(device.RELOAD_ULPS * 2**-7 * 20.0)  # two bf16 roundings of a logit of 20
+    assert bf16 > 1e-2, "a fixed 1e-2 would refuse a correct bf16 adapter"
+    assert device.reload_tolerance(torch.float16, "cuda", 20.0) == pytest.approx(device.RELOAD_ULPS * 2**-10 * 20)
+    assert device.reload_tolerance(torch.float32, "cuda", 0.5) == pytest.approx(device.RELOAD_ULPS * 2**-23)
+
+
+def test_generate_refuses_a_gpu_it_does_not_have_in_one_line(client):
+    outcome = CliRunner().invoke(entrypoint("generate").main, ["--model-uri", "models:/x/1", "--device", "cuda"])
+    assert outcome.exit_code == 2 and "Traceback" not in outcome.output, outcome.output
+    assert "error: device: FINETUNE_LAB_DEVICE=cuda, but no CUDA GPU is visible" in outcome.output
+    outcome = CliRunner().invoke(entrypoint("generate").main, ["--model-uri", "models:/x/1", "--device", "tpu"])
+    assert "error: device: must be empty (= FINETUNE_LAB_DEVICE, else auto) or one of auto, cpu, cuda" in outcome.output
+
+
+def test_an_adapter_on_a_bf16_base_registers_and_reloads_in_bf16_on_the_chosen_device(client, tmp_path, monkeypatch):
+    """What a GPU run does, on a CPU: the base in bf16 (as trained on a GPU with bf16), the reference logits and
+    the reload on one device (chosen explicitly), in the same dtype; exact on a CPU. FINETUNE_LAB_DEVICE=cuda on a
+    machine without a GPU is one clear error."""
+    source = models.tiny(models.CAUSAL_LM, ["hello there", "general kenobi"] * 10, seed=1)
+    base = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.bfloat16)  # as `load_base` does on a GPU
+    tokenizer = causal_lm.load_tokenizer(source)
+    texts = ["hello there", "general kenobi"]
+    with tracking.experiment_run("test", "bf16-registry") as run:
+        with lora.adapter(base, SweepConfig(), rank=2, seed=0) as adapted:
+            with torch.no_grad():  # a trained adapter: B is no longer zero
+                for name, weight in adapted.named_parameters():
+                    if "lora_B" in name:
+                        weight.normal_(std=0.5)
+            lora.log_adapter(adapted, tokenizer)
+            expected = registry.reference(adapted, tokenizer, texts)
+        assert (expected.device, expected.dtype) == ("cpu", torch.bfloat16)
+        adapter_dir = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
+                                                          dst_path=str(tmp_path))
+        candidate = registry.Candidate(
+            log=lambda: registry.log_adapter_model(adapter_dir, source, expected.dtype, "plain", 4, texts[0]),
+            check_texts=texts, expected=expected, eval_loss=1.0, eval_set_digest="d", tags={})
+        monkeypatch.setenv(device.DEVICE_ENV, "cuda")  # what the check must not follow: it reloads where it trained
+        result = registry.register_verified("bf16-adapter", candidate, run.info.run_id)
+    version = client.get_model_version("bf16-adapter", result["version"])
+    assert version.tags["reload_device"] == "cpu bfloat16"
+    assert float(version.tags["reload_max_logit_diff"]) == 0.0 == float(version.tags["reload_tolerance"])
+
+    with pytest.raises(ValueError, match="FINETUNE_LAB_DEVICE=cuda, but no CUDA GPU is visible"):
+        mlflow.pyfunc.load_model(result["model_uri"])
+    monkeypatch.setenv(device.DEVICE_ENV, "cpu")
+    served = mlflow.pyfunc.load_model(result["model_uri"]).unwrap_python_model().model
+    assert served.device.type == "cpu" and served.get_input_embeddings().weight.dtype == torch.bfloat16
+    lora_weights = {p.dtype for n, p in served.named_parameters() if "lora_" in n}
+    assert lora_weights == {torch.float32}, "the adapter's own weights stay fp32, as trained"
+    assert Path(adapter_dir, "adapter_config.json").is_file()
