@@ -32,10 +32,10 @@ def test_synthetic_data_has_the_stated_lengths():
 def test_a_variant_sums_its_trainings_and_weighs_steady_speed_by_tokens():
     first = {"train_tokens": 1000.0, "train_examples": 10.0, "train_steps": 5.0, "train_runtime_s": 2.0,
              "train_step_ms_median": 300.0, "warmup_s": 0.5, "steady_tokens_per_s": 800.0, "peak_rss_mb": 900.0,
-             "compile_s": 0.4, "compile_graphs": 2.0, "logging_ms_per_step": 1.0}
+             "compile_s": 0.4, "compile_graphs": 2.0, "logging_ms_per_step": 1.0, "logging_flush_s": 0.02}
     second = {"train_tokens": 3000.0, "train_examples": 30.0, "train_steps": 15.0, "train_runtime_s": 4.0,
               "train_step_ms_median": 500.0, "warmup_s": 0.1, "steady_tokens_per_s": 1000.0, "peak_rss_mb": 950.0,
-              "logging_ms_per_step": 3.0}
+              "logging_ms_per_step": 3.0, "logging_flush_s": 0.03}
     summary = bench.summarise([(first, 6e6), (second, 8e6)], wall_s=10.0, peak_flops=1e12)
     assert summary["bench_tokens"] == 4000 and summary["bench_examples"] == 40 and summary["bench_steps"] == 20
     assert summary["bench_tokens_per_s"] == pytest.approx(4000 / 6) and summary["bench_wall_tokens_per_s"] == 400
@@ -47,8 +47,9 @@ def test_a_variant_sums_its_trainings_and_weighs_steady_speed_by_tokens():
     assert summary["bench_compile_s"] == 0.4 and summary["bench_compile_graphs"] == 2
     assert summary["bench_peak_rss_mb"] == 950
     assert summary["bench_logging_ms_per_step"] == pytest.approx((1.0 * 5 + 3.0 * 15) / 20), "per step trained"
+    assert summary["bench_logging_flush_s"] == pytest.approx(0.05)
     assert "bench_peak_cuda_mem_allocated_mb" not in summary
-    unlogged = {k: v for k, v in first.items() if k != "logging_ms_per_step"}  # the baseline's
+    unlogged = {k: v for k, v in first.items() if not k.startswith("logging_")}  # the baseline's
     assert "bench_mfu" not in bench.summarise([(first, 6e6)], 10.0, peak_flops=None)
     assert "bench_logging_ms_per_step" not in bench.summarise([(unlogged, 6e6)], 10.0, peak_flops=None)
 

@@ -330,6 +330,7 @@ def summarise(trainings: list[tuple[dict, float]], wall_s: float, peak_flops: fl
     if all("logging_ms_per_step" in m for m in metrics):  # the baseline logs no step metrics
         summary["bench_logging_ms_per_step"] = sum(m["logging_ms_per_step"] * m["train_steps"]
                                                    for m in metrics) / summary["bench_steps"]
+        summary["bench_logging_flush_s"] = sum(m["logging_flush_s"] for m in metrics)
     for name in ("peak_rss_mb", "peak_cuda_mem_allocated_mb", "peak_cuda_mem_reserved_mb"):
         if any(name in m for m in metrics):
             summary[f"bench_{name}"] = max(m[name] for m in metrics if name in m)

@@ -235,9 +235,9 @@ class MlflowStepLogger(TrainerCallback):
     """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`, off the training loop: each step's metrics are
     handed to MLflow's asynchronous logging, whose thread writes them while training goes on, and `flush` waits
     until every step is stored (at the end of training, also after a failure or a signal). `seconds` is the time
-    the training loop spent on it. Stops training on a non-finite loss. If the tracking server stays unreachable
-    past MLflow's retries, training goes on unlogged (the Trainer keeps every step in its log history) and the
-    experiment decides what to keep."""
+    the training loop spent handing steps over, `flush_seconds` the time spent waiting in `flush`. Stops training on
+    a non-finite loss. If the tracking server stays unreachable past MLflow's retries, training goes on unlogged
+    (the Trainer keeps every step in its log history) and the experiment decides what to keep."""
 
     def __init__(self, run_id: str):
         self.run_id = run_id
@@ -246,6 +246,7 @@ class MlflowStepLogger(TrainerCallback):
         self.sent: set[int] = set()
         """Steps handed over."""
         self.seconds = 0.0
+        self.flush_seconds = 0.0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
@@ -286,7 +287,7 @@ class MlflowStepLogger(TrainerCallback):
             self._send([entry for entry in entries if int(entry["step"]) not in self.sent])
             self._settle(wait=True)
         finally:
-            self.seconds += time.perf_counter() - started
+            self.flush_seconds += time.perf_counter() - started
 
 
 class PeakMemory:
@@ -394,7 +395,8 @@ def throughput(runtime: float, steps: list[StepTime], batches: list[tuple[int, i
 
 def train(trainer: Trainer) -> dict[str, float]:
     """Train; return throughput, step-time and peak-memory metrics (see `throughput`; with compilation also
-    `compile_graphs`; with a step logger `logging_ms_per_step`, what logging cost the training loop per step).
+    `compile_graphs`; with a step logger `logging_ms_per_step`, what handing the step metrics over cost the
+    training loop per step, and `logging_flush_s`, the wait for them to be stored after the last step).
     Works on any Trainer: it counts the batches through the Trainer's own collator. The step logger is flushed
     however training ends; a signal is told how far training got."""
     counter, timer, graphs = BatchCounter(trainer.data_collator), StepTimer(), compiled_graphs()
@@ -414,6 +416,7 @@ def train(trainer: Trainer) -> dict[str, float]:
     if logger is not None:
         logger.flush(step_log(trainer))
         metrics["logging_ms_per_step"] = 1000 * logger.seconds / max(1, len(timer.steps))
+        metrics["logging_flush_s"] = logger.flush_seconds
     if "compile_s" in metrics:
         metrics["compile_graphs"] = float(compiled_graphs() - graphs)
     return metrics

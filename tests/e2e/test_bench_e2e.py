@@ -71,6 +71,7 @@ def test_bench_logs_consistent_variants_and_prints_their_table(mlflow_run, clien
         # Logging the steps costs the project's training loop something; the baseline logs no step metrics.
         assert "bench_logging_ms_per_step" not in metrics[f"{workload}:baseline"]
         assert all(metrics[f"{workload}:{v}"]["bench_logging_ms_per_step"] > 0 for v in VARIANTS[1:])
+        assert all(metrics[f"{workload}:{v}"]["bench_logging_flush_s"] >= 0 for v in VARIANTS[1:])
     # classify: 64 examples in 4 steps of 16 (2 of 32 in project_large); the synthetic texts are 32 to 64 tokens.
     for variant, batch in (("baseline", 16), ("project", 16), ("project_large", 32)):
         logged = metrics[f"classify:{variant}"]
