@@ -39,12 +39,14 @@ ui: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-# Both tiers; `test-fast` leaves out the slow one (real `mlflow run` launches, servers, Ray).
+# Both tiers, on two processes (pytest-xdist); `test-fast` leaves out the slow one (real `mlflow run` launches,
+# servers, Ray). The tests that start Ray share one process (conftest.py).
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db

@@ -24,10 +24,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_collection_modifyitems(items):
     """The slow tier (`pytest -m "not slow"` skips it): everything under tests/e2e (real `mlflow run` launches) and
-    every test that starts Ray or a tracking server."""
+    every test that starts Ray or a tracking server. With `-n 2 --dist loadgroup` (`make test`), the tests that start
+    Ray run one after another on one worker: two Ray instances on two cores only slow each other down, and a test
+    that counts leftover Ray processes must not see another test's."""
     for item in items:
         if "e2e" in item.path.parts or {"local_ray", "server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if "ray" in item.path.name or "local_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 from transformers import AutoModel, AutoTokenizer
 
@@ -24,6 +25,7 @@ def run_entry(name: str, args: list[str], tracking_uri: str, cwd) -> str:
     return finished.stdout + finished.stderr
 
 
+@pytest.mark.slow  # the entry point in a process of its own, as `mlflow run` starts it
 def test_a_sweep_prints_one_line_per_child_and_its_progress_bar(tracking_uri, tmp_path):
     output = run_entry("lora_sweep", ["--model", "tiny", "--dataset", "sample_chat", "--ranks", "2,4", "--seeds", "1",
                                       "--max-steps", "3", "--max-length", "32", "--register-as", "quiet"],
