@@ -6,14 +6,14 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: install demo ui lint test test-fast fetch-models clean
+.PHONY: install demo ui server lint test test-fast fetch-models clean
 
 # torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q -e ".[dev,ray,server]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,6 +35,11 @@ ui: install
 	  *) echo "MLflow UI on http://127.0.0.1:$(UI_PORT) (Ctrl-C stops it)"; \
 	     exec $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_TRACKING_URI)" --host 127.0.0.1 --port $(UI_PORT);; \
 	esac
+
+# The team's tracking server (docs/team.md): PostgreSQL, proxied artifacts, accounts; options as SERVER_ARGS,
+# e.g. make server SERVER_ARGS="--host 0.0.0.0 --allowed-hosts mlflow.lab.example". Ctrl-C stops it.
+server: install
+	$(PY) -m finetune_lab.server $(SERVER_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -228,3 +228,25 @@ def sigterm_at_second_child(monkeypatch) -> Trigger:
 
     monkeypatch.setattr(training.MlflowStepLogger, "on_log", on_log)
     return trigger
+
+
+@pytest.fixture(scope="session")
+def team_server():
+    """One team's tracking server (`finetune_lab.server`: PostgreSQL, proxied artifacts, accounts) for the session's
+    tests, each with accounts and experiments of its own; stopped, and whatever it started killed, at the end. Its
+    folder is not under pytest's: PostgreSQL runs as another user (when tests run as root) and a later pytest
+    session makes pytest's folders private again."""
+    import tempfile
+
+    from team_server import TeamServer
+
+    folder = Path(tempfile.mkdtemp(prefix="finetune_lab_team_"))
+    server = TeamServer(folder / "server")
+    server.data_dir.mkdir()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        server.kill_everything()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -61,7 +61,8 @@ def command(config_cls: type, run: str, name: str) -> click.Command:
             click.echo(f"error: {one_line(error)} (full traceback: {keep_traceback(error)}, and in the failed "
                        f"run's artifact {ERROR_TRACEBACK})", err=True)
             sys.exit(FAILURE_EXIT)
-        print_summary(result)
+        if result is not None:  # the tracking server returns nothing when stopped
+            print_summary(result)
 
     params = [
         click.Option(

@@ -483,6 +483,46 @@ class BenchConfig(Config):
                                    large_batch=32, large_batch_tokens=512)
 
 
+@dataclass
+class ServerConfig(Config):
+    """A team's MLflow tracking server: runs in PostgreSQL, artifacts proxied, accounts with MLflow's basic-auth."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 = every one; then also set allowed_hosts)."""
+    port: int = 5000
+    """Port to listen on."""
+    data_dir: str = "server"
+    """Folder of the server's own PostgreSQL data, artifacts and auth configuration (kept across restarts)."""
+    database_url: str = ""
+    """An existing PostgreSQL database instead of the server's own: postgresql://user@host/db (password: PGPASSWORD)."""
+    admin_username: str = "admin"
+    """The administrator account, created on the first start."""
+    admin_password_file: str = ""
+    """File with the administrator's password (empty = <data_dir>/admin_password); MLFLOW_AUTH_ADMIN_PASSWORD wins."""
+    default_permission: str = "READ"
+    """What every account may do in an experiment it was not granted (READ, EDIT, MANAGE or NO_PERMISSIONS)."""
+    allowed_hosts: str = ""
+    """Host names the server answers to, comma list (empty = MLflow's default: localhost and private addresses)."""
+    workers: int = 4
+    """Server worker processes."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        _check(problems, self, "host", lambda v: bool(v.strip()), "must not be empty")
+        _check(problems, self, "port", lambda v: 1 <= v <= 65535, "must be a port number 1..65535")
+        _check(problems, self, "data_dir", lambda v: bool(v.strip()), "must not be empty")
+        _check(problems, self, "database_url", lambda v: not v or re.match(r"postgres(ql)?(\+psycopg)?://", v),
+               "must be empty (the server's own PostgreSQL) or a postgresql:// URL")
+        _check(problems, self, "admin_username", lambda v: bool(v.strip()), "must not be empty")
+        _check(problems, self, "default_permission", lambda v: v in PERMISSIONS,
+               f"must be one of {', '.join(PERMISSIONS)}")
+        _check(problems, self, "workers", lambda v: v >= 1, "must be >= 1")
+        return problems
+
+
+PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring written under each dataclass field (a subclass's own docs win)."""
     docs: dict[str, str] = {}

@@ -91,11 +91,12 @@ def run_children(config: SweepConfig, make_trainer: Callable[[], Callable], chil
 class ChildWorker:
     """The body of one Ray actor: the driver's tracking store, one trainer (base loaded once), children in turn."""
 
-    def __init__(self, make_trainer: Callable[[], Callable], tracking_uri: str, threads: int):
+    def __init__(self, make_trainer: Callable[[], Callable], tracking_uri: str, credentials: dict[str, str],
+                 threads: int):
         import torch
 
         torch.set_num_threads(threads)  # its CPUs, whatever OMP_NUM_THREADS the worker inherited
-        tracking.configure_worker(tracking_uri)
+        tracking.configure_worker(tracking_uri, credentials)
         self.trainer = make_trainer()
 
     def ready(self) -> bool:
@@ -152,7 +153,9 @@ def _start_workers(ray, config: SweepConfig, make_trainer, children: int) -> lis
     worker = ray.remote(ChildWorker).options(num_cpus=config.cpus_per_worker, num_gpus=1 if gpus else 0,
                                              max_restarts=0)
     shared = ray.put(make_trainer)  # sent to the object store once, read by every worker
-    return [worker.remote(shared, mlflow.get_tracking_uri(), config.cpus_per_worker) for _ in range(count)]
+    # The credentials travel as an argument, not in a runtime_env, which Ray shows in its dashboard and state API.
+    return [worker.remote(shared, mlflow.get_tracking_uri(), tracking.credentials(), config.cpus_per_worker)
+            for _ in range(count)]
 
 
 def _hand_out(ray, workers: list, children: list) -> Iterator:

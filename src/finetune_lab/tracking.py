@@ -33,7 +33,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context import registry as context_registry
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_USER
 from mlflow.utils.uri import is_databricks_uri, is_http_uri
 
 from finetune_lab import console, signals
@@ -115,6 +115,38 @@ def _online_at_first() -> Iterator[None]:
             else:
                 os.environ[name] = value
         _Offline.error, _Offline.saved = "", {}
+
+
+# ---------------------------------------------------------------------------------------------- accounts
+def credentials() -> dict[str, str]:
+    """This process's credentials for a tracking server with accounts (MLflow basic-auth): from the environment
+    or ~/.mlflow/credentials, as MLflow reads them; as environment variables, for a worker process elsewhere."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    found = read_mlflow_creds()
+    given = {"MLFLOW_TRACKING_USERNAME": found.username, "MLFLOW_TRACKING_PASSWORD": found.password,
+             "MLFLOW_TRACKING_TOKEN": os.environ.get("MLFLOW_TRACKING_TOKEN")}
+    return {name: value for name, value in given.items() if value}
+
+
+@contextlib.contextmanager
+def _refused_access(experiment: str) -> Iterator[None]:
+    """A tracking server that refuses the credentials, or a write into `experiment`, as one line for the user
+    (`InputError`), raised before anything is created (the first requests are the ones refused)."""
+    try:
+        yield
+    except MlflowException as error:
+        uri, user = mlflow.get_tracking_uri(), credentials().get("MLFLOW_TRACKING_USERNAME", "")
+        if error.error_code == "UNAUTHENTICATED":
+            who = f"user {user!r} with this MLFLOW_TRACKING_PASSWORD" if user else "a request without credentials"
+            raise InputError([problem("MLFLOW_TRACKING_USERNAME", f"the tracking server {uri} refuses {who}: set "
+                                      "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account's "
+                                      "(its administrator makes one)")]) from None
+        if error.error_code == "PERMISSION_DENIED":
+            raise InputError([problem("experiment", f"user {user!r} may not write into experiment {experiment!r} on "
+                                      f"{uri}: ask its owner or the server's administrator for EDIT permission, or "
+                                      "choose another experiment")]) from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -199,13 +231,20 @@ def experiment_run(kind: str, experiment: str, run_name: str = "") -> Iterator[m
     launched_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         with signals.terminating(), _online_at_first():
+            with _refused_access(experiment):
+                if launched_run_id:
+                    run = mlflow.start_run(run_id=launched_run_id)
+                else:
+                    mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
+                    run = mlflow.start_run(run_name=run_name or None)
             if launched_run_id:
-                run = mlflow.start_run(run_id=launched_run_id)
                 if run_name:
-                    mlflow.set_tag("mlflow.runName", run_name)
-            else:
-                mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
-                run = mlflow.start_run(run_name=run_name or None)
+                    mlflow.set_tag(MLFLOW_RUN_NAME, run_name)
+                # `mlflow run` tags its run with the login of this machine; a run made here (and its children)
+                # is tagged with the tracking server's account, as MLflow does: the same user on both
+                account = credentials().get("MLFLOW_TRACKING_USERNAME")
+                if account:
+                    mlflow.set_tag(MLFLOW_USER, account)
             with _failing_on_error(run) as active:
                 mlflow.set_tag(KIND_TAG, kind)
                 mark_model_training(run.info.experiment_id)
@@ -241,9 +280,11 @@ def end_run_by_id(run_id: str, status: str, error: str) -> None:
     client.set_terminated(run_id, status)
 
 
-def configure_worker(tracking_uri: str) -> None:
-    """In a worker process: log into the driver's tracking store, with system metrics like every run here."""
+def configure_worker(tracking_uri: str, credentials: dict[str, str]) -> None:
+    """In a worker process: log into the driver's tracking store as the driver's user (`credentials`), with system
+    metrics like every run here."""
     console.quiet_libraries()
+    os.environ.update(credentials)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.enable_system_metrics_logging()
 
