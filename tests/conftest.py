@@ -28,9 +28,11 @@ def pytest_collection_modifyitems(items):
     Ray run one after another on one worker: two Ray instances on two cores only slow each other down, and a test
     that counts leftover Ray processes must not see another test's."""
     for item in items:
-        if "e2e" in item.path.parts or {"local_ray", "server"} & set(getattr(item, "fixturenames", ())):
+        if "e2e" in item.path.parts or {"local_ray", "server", "team_server"} & set(
+                getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if "ray" in item.path.name or "local_ray" in getattr(item, "fixturenames", ()):
+        # the team's tracking server (a session fixture) is started once for the tests that share that worker
+        if "ray" in item.path.name or {"local_ray", "team_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("ray"))
 
 
