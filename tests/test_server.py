@@ -64,7 +64,7 @@ def test_the_auth_configuration_is_private_and_holds_no_password(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     text = path.read_text()
     assert "default_permission = NO_PERMISSIONS" in text and "database_uri = postgresql+psycopg://u@h/mlflow" in text
-    assert "admin_password" not in text
+    assert "admin_password" not in text and "auth_cache_ttl_seconds = 60" in text
 
 
 def test_a_database_url_gets_the_psycopg_driver():

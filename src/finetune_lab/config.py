@@ -505,6 +505,8 @@ class ServerConfig(Config):
     """Host names the server answers to, comma list (empty = MLflow's default: localhost and private addresses)."""
     workers: int = 4
     """Server worker processes."""
+    auth_cache_s: int = 60
+    """Seconds a server worker trusts a checked password (0 = hash it on every request, as MLflow does by default)."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -517,6 +519,7 @@ class ServerConfig(Config):
         _check(problems, self, "default_permission", lambda v: v in PERMISSIONS,
                f"must be one of {', '.join(PERMISSIONS)}")
         _check(problems, self, "workers", lambda v: v >= 1, "must be >= 1")
+        _check(problems, self, "auth_cache_s", lambda v: v >= 0, "must be >= 0 (0 = no cache)")
         return problems
 
 
