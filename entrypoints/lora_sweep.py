@@ -3,7 +3,7 @@
 from finetune_lab.cli import command
 from finetune_lab.config import SweepConfig
 
-main = command(SweepConfig, "finetune_lab.sweep:run", name="lora_sweep")
+main = command(SweepConfig, "finetune_lab.lora_sweep:run", name="lora_sweep")
 
 if __name__ == "__main__":
     main()

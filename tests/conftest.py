@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -106,6 +107,53 @@ def mlflow_run_command(client: MlflowClient, tmp_path: Path, entry: str, params:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}
     env["PATH"] = path
     return command, env
+
+
+@dataclass
+class Launched:
+    """An entry point launched once with `mlflow run` into a store of its own, for the tests of a module that only
+    read what it logged."""
+
+    result: subprocess.CompletedProcess
+    uri: str
+    client: MlflowClient
+    folder: Path
+    experiment: str
+
+    def runs(self):
+        return runs_of(self.client, self.experiment)
+
+
+def launch_in_own_store(folder: Path, empty_store: Path, entry: str, params: dict, experiment: str) -> Launched:
+    """`mlflow run` of `entry` into a sqlite store in `folder` (a module-scoped fixture's: the function-scoped
+    `tracking_uri` cannot serve one)."""
+    shutil.copy(empty_store, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    command, env = mlflow_run_command(client, folder, entry, params, experiment)
+    env["MLFLOW_TRACKING_URI"] = uri
+    env.pop("MLFLOW_RUN_ID", None)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env, timeout=900)
+    return Launched(result, uri, client, folder, experiment)
+
+
+def assert_metrics_match_predictions(metrics: dict, table) -> None:
+    """The headline metrics of a classification run, recomputed independently from its logged predictions table."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
+
+    labels, predictions = table["label"].to_numpy(), table["prediction"].to_numpy()
+    probabilities = table[["prob_0", "prob_1"]].to_numpy()
+    assert np.array_equal(predictions, probabilities.argmax(axis=1))
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary", zero_division=0)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predictions), abs=1e-9)
+    assert metrics["precision"] == pytest.approx(precision, abs=1e-9)
+    assert metrics["recall"] == pytest.approx(recall, abs=1e-9)
+    assert metrics["f1"] == pytest.approx(f1, abs=1e-9)
+    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]), abs=1e-6)
+    own_label = probabilities[np.arange(len(labels)), labels]
+    assert metrics["eval_loss"] == pytest.approx(-np.log(own_label).mean(), rel=1e-6)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import pytest
 from finetune_lab.config import (
     BenchConfig,
     ClassifyConfig,
+    ClassifySweepConfig,
     GenerateConfig,
     ProbeConfig,
     ReportConfig,
@@ -32,7 +33,8 @@ def test_every_problem_is_reported_once_and_names_its_field():
 
 
 @pytest.mark.parametrize("config_class",
-                         [ClassifyConfig, SweepConfig, ProbeConfig, GenerateConfig, ReportConfig, BenchConfig])
+                         [ClassifyConfig, ClassifySweepConfig, SweepConfig, ProbeConfig, GenerateConfig, ReportConfig,
+                          BenchConfig])
 def test_every_field_has_a_docstring(config_class):
     docs = field_docs(config_class)
     assert {f.name for f in fields(config_class)} == set(docs)
@@ -94,3 +96,22 @@ def test_speed_switches_and_token_budget():
     assert from_strings(ProbeConfig, {"batch_tokens": "-1"}).problems()[0].startswith("batch_tokens: must be 0")
     assert from_strings(SweepConfig, {"packing": "on", "batch_tokens": "16384"}).problems() == []
     assert from_strings(ClassifyConfig, {"compile": "off"}).problems() == []
+
+
+def test_shared_fields_are_declared_once_and_keep_each_entry_points_default():
+    shared = {"experiment", "run_name", "register_as", "resume", "seeds", "executor", "workers", "cpus_per_worker"}
+    for name in shared:
+        declared = [k for k in ClassifySweepConfig.__mro__ if name in vars(k).get("__annotations__", {})]
+        assert len([k for k in declared if k.__name__ in ("Tracked", "Registering", "Resumable", "Sweeping")]) == 1
+    assert [c().experiment for c in (ClassifyConfig, ClassifySweepConfig, SweepConfig, ProbeConfig)] == [
+        "classification", "classify_sweep", "lora_sweep", "retrain_probe"]
+    assert field_docs(ClassifyConfig)["experiment"] == field_docs(BenchConfig)["experiment"]
+
+
+def test_float_lists_are_parsed_and_logged_as_given():
+    config = from_strings(ClassifySweepConfig, {"learning_rates": "2e-5, 4e-5", "epochs": "1,2.5"})
+    assert config.learning_rates == (2e-5, 4e-5) and config.epochs == (1.0, 2.5) and config.problems() == []
+    assert as_params(config)["learning_rates"] == "2e-05,4e-05"
+    child = config.child(4e-5, 2.5, 3, "lr4e-05-ep2.5-seed3")
+    assert (child.learning_rate, child.epochs, child.seed, child.register_as) == (4e-5, 2.5, 3, "")
+    assert child.model == config.model and child.problems() == []

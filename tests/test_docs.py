@@ -26,7 +26,7 @@ def test_the_parameter_page_is_what_the_code_says():
 def test_the_parameter_page_lists_every_option_of_every_entry_point():
     module = parameters_doc()
     page = module.PAGE.read_text()
-    for name in ("classify", "lora_sweep", "retrain_probe", "generate", "report", "bench"):
+    for name in ("classify", "classify_sweep", "lora_sweep", "retrain_probe", "generate", "report", "bench"):
         for param in module.entry_point_command(name).params:
             assert f"| `{param.name}` |" in page.split(f"## `{name}`")[1].split("\n## ")[0], (name, param.name)
 

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import entrypoint, load_table, ray_left_behind, ray_processes, runs_of
 from test_sweep import tiny_sweep
 
-from finetune_lab import causal_lm, executors, models, sweep
+from finetune_lab import causal_lm, executors, lora_sweep, models
 
 REMOTE_REJECTED = ("error: executor: the Ray cluster at RAY_ADDRESS={address} cannot reach the local tracking store "
                    "{uri}: run `mlflow server --backend-store-uri <database> --artifacts-destination <store>` and "
@@ -124,8 +124,8 @@ def test_the_workload_travels_with_its_rows_not_cache_file_paths(tmp_path):
     datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5]]}).save_to_disk(tmp_path / "saved")
     from_files = datasets.load_from_disk(str(tmp_path / "saved"))
     assert from_files.cache_files
-    workload = sweep.Workload(tiny_sweep(), models.ModelSource("tiny", "/nowhere", ""),
-                              datasets.DatasetDict({"train": from_files}), [], {}, "")
+    workload = lora_sweep.Workload(tiny_sweep(), models.ModelSource("tiny", "/nowhere", ""),
+                                   datasets.DatasetDict({"train": from_files}), [], {}, "")
     sent = pickle.dumps(workload)
     shutil.rmtree(tmp_path / "saved")
     received = pickle.loads(sent)
@@ -150,7 +150,7 @@ def test_a_worker_that_dies_fails_only_its_child(client, local_ray, tmp_path):
     watcher = threading.Thread(target=kill_a_training_worker, daemon=True)
     watcher.start()
     try:
-        result = sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="dies"))
+        result = lora_sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="dies"))
     finally:
         stop.set()
         watcher.join()
@@ -183,7 +183,7 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
     monkeypatch.setattr(causal_lm, "tokenize", then_remove_the_base)
     with pytest.raises(RuntimeError, match=r"all 2 child runs failed; first error: no Ray worker left to train it "
                                            r"\(the last one could not start: OSError"):
-        sweep.run(tiny_sweep(ranks=(2,), seeds=(1, 2), executor="ray", workers=2, experiment="nostart"))
+        lora_sweep.run(tiny_sweep(ranks=(2,), seeds=(1, 2), executor="ray", workers=2, experiment="nostart"))
     runs = runs_of(client, "nostart")
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
@@ -196,21 +196,20 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
 def test_children_still_training_when_the_sweep_stops_end_killed(client, local_ray):
     """The caller stops after the first outcome (an interrupt, an error): the child the other worker was
     training ends KILLED with its `error` tag, the children not handed out get no run, and Ray is shut down."""
-    import functools
 
     import mlflow
 
     # Long enough children that the second worker (its process started after the first's) is training when the
     # first child ends.
     config = tiny_sweep(seeds=(1, 2), executor="ray", workers=2, max_steps=30)
-    planned = sweep.plan(config)
+    planned = lora_sweep.plan(config)
     mlflow.set_experiment("stopped")
     with mlflow.start_run() as parent:
         prepared = causal_lm.prepare(config, config.ranks, config.seeds[0])
         tokenizer = causal_lm.load_tokenizer(prepared.source)
-        workload = sweep.Workload(config, prepared.source, causal_lm.tokenize(prepared.data.splits, tokenizer, config),
-                                  [], {}, parent.info.run_id)
-        outcomes = executors.run_children(config, functools.partial(sweep.ChildTrainer, workload), planned)
+        tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
+        workload = lora_sweep.Workload(config, prepared.source, tokenized, [], {}, parent.info.run_id)
+        outcomes = executors.run_children(config, workload.make_trainer, planned)
         first = next(outcomes)
         outcomes.close()
     children = {r.info.run_name: r for r in runs_of(client, "stopped") if r.info.run_id != parent.info.run_id}
@@ -238,7 +237,7 @@ def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(c
 
     monkeypatch.setattr(tracking, "create_child_run", signal_at_the_third)
     with pytest.raises(signals.Terminated):
-        sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="ray-sigterm"))
+        lora_sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="ray-sigterm"))
     runs = runs_of(client, "ray-sigterm")
     assert not [r for r in runs if r.info.status == "RUNNING"], "no run may stay RUNNING"
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

@@ -8,7 +8,7 @@ import math
 import pytest
 from conftest import load_table, runs_of
 
-from finetune_lab import health, sweep
+from finetune_lab import health, lora_sweep
 from finetune_lab.config import SweepConfig
 
 UNIFORM = math.log(1024)  # the tiny Llama's vocabulary
@@ -52,7 +52,7 @@ def test_a_collapsed_sweep_fails_every_child_and_registers_nothing(client, tmp_p
                          max_length=48, learning_rate=1e6, experiment="collapse", register_as="dead-adapter")
     with pytest.raises(RuntimeError, match="all 2 child runs failed; first error: TrainingCollapsed: training "
                                            "collapsed"):
-        sweep.run(config)
+        lora_sweep.run(config)
     runs = runs_of(client, "collapse")
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]

@@ -75,3 +75,38 @@ def test_the_legend_hides_no_line_and_the_control_stays_on_the_axis():
 def test_the_similarity_figure_is_not_zoomed():
     figure = probe.similarity_figure(probe_table(0.40, [0.40, 0.41, 0.42]))
     assert figure.axes[0].get_ylim() == (0, 1)
+
+
+def methods_summary() -> pd.DataFrame:
+    frame = pd.DataFrame({"method": ["dora", "dora", "lora", "lora"], "rank": [4, 8, 4, 8], "seeds": [2] * 4})
+    for name, values in {"eval_loss": [2.0, 1.9, 2.1, 2.0], "peak_rss_mb": [900.0, 910.0, 800.0, 805.0],
+                         "train_step_ms_median": [120.0, 125.0, 100.0, 101.0], "trainable_params": [5, 9, 4, 8],
+                         "adapter_size_bytes": [50, 90, 40, 80], "train_loss": [2.2, 2.1, 2.3, 2.2]}.items():
+        frame[f"{name}_mean"], frame[f"{name}_std"] = values, [0.01] * 4
+    return frame
+
+
+def test_methods_are_lines_of_their_own_against_the_rank():
+    figure = plots.methods_by_rank(methods_summary())
+    panels = [axes for axes in figure.axes if axes.get_title()]
+    assert [axes.get_title() for axes in panels] == ["held-out loss", "peak RSS of the whole process (MB)",
+                                                     "median step time (ms)", "trainable parameters",
+                                                     "adapter size (bytes)"]
+    for axes in panels:
+        assert [list(line.get_xdata()) for line in axes.get_lines() if line.get_marker() == "o"] == [[4, 8], [4, 8]]
+    assert sorted(t.get_text() for t in figure.legends[0].get_texts()) == ["held-out loss, dora",
+                                                                          "held-out loss, lora"]
+    loss = plots.loss_vs_rank(methods_summary())
+    assert sorted(t.get_text() for t in loss.legends[0].get_texts()) == ["held-out loss, dora", "held-out loss, lora"]
+
+
+def test_metrics_by_configuration_show_every_seed_and_the_mean():
+    table = pd.DataFrame({"configuration": ["a", "b", "a", "b"], "accuracy": [0.8, 0.9, 0.7, 0.95]})
+    figure = plots.metrics_by_configuration(table, "configuration", {"accuracy": "accuracy"}, "n=2 seeds")
+    axes = figure.axes[0]
+    points = sorted(tuple(p) for c in axes.collections if hasattr(c, "get_offsets") for p in c.get_offsets()
+                    if len(c.get_offsets()) == 2)
+    assert points == [(0.0, 0.7), (0.0, 0.8), (1.0, 0.9), (1.0, 0.95)]
+    means = [line.get_ydata()[0] for line in axes.get_lines() if line.get_marker() == "D"]
+    assert means == pytest.approx([0.75, 0.925])
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["a", "b"]

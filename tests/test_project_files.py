@@ -10,6 +10,7 @@ from conftest import REPO
 from finetune_lab.config import (
     BenchConfig,
     ClassifyConfig,
+    ClassifySweepConfig,
     GenerateConfig,
     ProbeConfig,
     ReportConfig,
@@ -17,8 +18,8 @@ from finetune_lab.config import (
     from_strings,
 )
 
-ENTRY_POINTS = {"classify": ClassifyConfig, "lora_sweep": SweepConfig, "retrain_probe": ProbeConfig,
-                "generate": GenerateConfig, "report": ReportConfig, "bench": BenchConfig}
+ENTRY_POINTS = {"classify": ClassifyConfig, "classify_sweep": ClassifySweepConfig, "lora_sweep": SweepConfig,
+                "retrain_probe": ProbeConfig, "generate": GenerateConfig, "report": ReportConfig, "bench": BenchConfig}
 
 
 def dependencies():

@@ -21,7 +21,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from finetune_lab import causal_lm, classify, lora, models, prompts, pyfunc_models, registry, sweep, tracking
+from finetune_lab import causal_lm, classify, lora, lora_sweep, models, prompts, pyfunc_models, registry, tracking
 from finetune_lab.config import ClassifyConfig, SweepConfig
 
 PROMPT = "Hello, how are you?"
@@ -117,7 +117,7 @@ def test_registered_adapter_reloads_exactly_in_a_process_without_finetune_lab(cl
                                                                              tracking_uri):
     with warnings.catch_warnings(record=True) as logged:
         warnings.simplefilter("always")
-        result = sweep.run(tiny_sweep())
+        result = lora_sweep.run(tiny_sweep())
     assert not [str(w.message) for w in logged if "input example" in str(w.message) or "type hint" in str(w.message)]
     parent = client.get_run(result["run_id"])
     champion = client.get_model_version_by_alias(NAME, registry.CHAMPION)
@@ -171,9 +171,9 @@ def test_registered_adapter_reloads_exactly_in_a_process_without_finetune_lab(cl
 
 
 def test_champion_moves_only_on_improvement(client):
-    sweep.run(tiny_sweep(max_steps=2, learning_rate=1e-3))
-    sweep.run(tiny_sweep(max_steps=12))
-    sweep.run(tiny_sweep(max_steps=1, learning_rate=1e-4))
+    lora_sweep.run(tiny_sweep(max_steps=2, learning_rate=1e-3))
+    lora_sweep.run(tiny_sweep(max_steps=12))
+    lora_sweep.run(tiny_sweep(max_steps=1, learning_rate=1e-4))
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{NAME}'")}
     assert sorted(versions) == ["1", "2", "3"]
     loss = {k: float(v.tags["eval_loss"]) for k, v in versions.items()}
@@ -199,7 +199,7 @@ def test_champion_stays_when_the_eval_set_differs(client):
 def test_failed_reload_check_registers_nothing(client, monkeypatch):
     monkeypatch.setattr(registry, "_verify", lambda uri, candidate: (0.5, 0.0))
     with pytest.raises(registry.RegistrationError, match="not registered"):
-        sweep.run(tiny_sweep(ranks=(2,)))
+        lora_sweep.run(tiny_sweep(ranks=(2,)))
     assert client.search_model_versions(f"name='{NAME}'") == []
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("registry").experiment_id])
                  if "mlflow.parentRunId" not in r.data.tags]
@@ -209,7 +209,7 @@ def test_failed_reload_check_registers_nothing(client, monkeypatch):
 def test_a_failure_after_the_version_is_created_leaves_no_version_behind(client, monkeypatch):
     """Registration is all or nothing: a version (created with its tags in one call) is deleted again when a later
     step fails, the champion alias goes back where it was, and a registered model this call created goes too."""
-    sweep.run(tiny_sweep(ranks=(2,), max_steps=2, learning_rate=1e-3))
+    lora_sweep.run(tiny_sweep(ranks=(2,), max_steps=2, learning_rate=1e-3))
     original = MlflowClient.log_batch
 
     def fail_on_the_registration_tags(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
@@ -219,7 +219,7 @@ def test_a_failure_after_the_version_is_created_leaves_no_version_behind(client,
 
     monkeypatch.setattr(MlflowClient, "log_batch", fail_on_the_registration_tags)
     with pytest.raises(RuntimeError, match="injected failure"):
-        sweep.run(tiny_sweep(ranks=(2,), max_steps=12))  # a lower loss: the alias moves, then the failure
+        lora_sweep.run(tiny_sweep(ranks=(2,), max_steps=12))  # a lower loss: the alias moves, then the failure
     assert [(str(v.version), v.status) for v in client.search_model_versions(f"name='{NAME}'")] == [("1", "READY")]
     assert str(client.get_model_version_by_alias(NAME, registry.CHAMPION).version) == "1"
     failed = [r for r in client.search_runs([client.get_experiment_by_name("registry").experiment_id])
@@ -228,7 +228,7 @@ def test_a_failure_after_the_version_is_created_leaves_no_version_behind(client,
     assert "registered_model" not in failed[0].data.tags
 
     with pytest.raises(RuntimeError, match="injected failure"):
-        sweep.run(tiny_sweep(ranks=(2,), max_steps=2, register_as="never-registered"))
+        lora_sweep.run(tiny_sweep(ranks=(2,), max_steps=2, register_as="never-registered"))
     assert client.search_registered_models(filter_string="name='never-registered'") == []
 
 

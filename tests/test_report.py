@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import create_experiment, entrypoint, load_table, runs_of
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import classify, probe, report, sweep
+from finetune_lab import classify, lora_sweep, probe, report
 from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
 from finetune_lab.report import render, sections
 from finetune_lab.report.store import Artifacts, read_experiment
@@ -64,7 +64,7 @@ def store(tmp_path_factory) -> Store:
             create_experiment(client, name, root)
         for learning_rate in (1e-3, 5e-3):
             classify.run(ClassifyConfig(**TINY_CLASSIFY, learning_rate=learning_rate))
-        sweeps = {name: sweep.run(SweepConfig(**TINY_SWEEP, seeds=seeds, run_name=name))["run_id"]
+        sweeps = {name: lora_sweep.run(SweepConfig(**TINY_SWEEP, seeds=seeds, run_name=name))["run_id"]
                   for name, seeds in (("two-seeds", (1, 2)), ("one-seed", (3,)))}
         probe_run_id = probe.run(ProbeConfig(**TINY_PROBE))["run_id"]
         output = root / "out"

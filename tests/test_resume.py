@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from conftest import entrypoint, load_table, runs_of
 
-from finetune_lab import lora, probe, prompts, sweep
+from finetune_lab import lora, lora_sweep, probe, prompts
 from finetune_lab.config import ProbeConfig, SweepConfig
 from finetune_lab.contract import KIND_TAG, RESUMED_TAG
 from finetune_lab.data import SAMPLES
@@ -95,9 +95,9 @@ def test_a_reused_child_registers_after_its_logged_adapter_is_checked(client, mo
     monkeypatch.setattr(lora, "log_adapter", capture)
     config = SweepConfig(model="tiny", dataset="sample_chat", ranks=(2,), seeds=(3,), max_steps=4, batch_size=8,
                          max_length=48, learning_rate=1e-2, experiment="resume-register")
-    first = sweep.run(config)
+    first = lora_sweep.run(config)
     (child_id,) = in_memory
-    second = sweep.run(SweepConfig(**{**config.__dict__, "resume": first["run_id"], "register_as": "resumed"}))
+    second = lora_sweep.run(SweepConfig(**{**config.__dict__, "resume": first["run_id"], "register_as": "resumed"}))
     assert second["run_id"] == first["run_id"] and len(in_memory) == 1, "nothing was trained again"
     version = client.get_model_version_by_alias("resumed", "champion")
     assert version.tags["run_id"] == child_id and float(version.tags["reload_max_logit_diff"]) == 0.0

@@ -1,10 +1,12 @@
-"""The sweep in-process: adapters reload exactly, a failing child leaves the others finished, bad input."""
+"""The sweep machinery on plain tables (plan, best child, verdicts), and the LoRA sweep in-process: adapters reload
+exactly, a failing child leaves the others finished, bad input."""
 
 from __future__ import annotations
 
 import math
 
 import mlflow
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -12,10 +14,40 @@ from conftest import entrypoint, runs_of
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from finetune_lab import lora, models, prompts, sweep
+from finetune_lab import contract, lora, lora_sweep, models, prompts, sweep
 from finetune_lab.config import SweepConfig
 
 PROBE = "Hello, how are you?\n"
+
+
+def test_the_plan_runs_seed_by_seed_through_every_configuration():
+    planned = sweep.plan([("a", {"lr": 1}), ("b", {"lr": 2})], (7, 8))
+    assert [(p.name, p.position, p.settings) for p in planned] == [
+        ("a-seed7", "[1/4]", {"lr": 1}), ("b-seed7", "[2/4]", {"lr": 2}), ("a-seed8", "[3/4]", {"lr": 1}),
+        ("b-seed8", "[4/4]", {"lr": 2})]
+    assert lora_sweep.plan(SweepConfig(methods="lora,dora", ranks=(4,), seeds=(1,)))[1].name == "dora-r4-seed1"
+
+
+def children_table() -> pd.DataFrame:
+    rows = [("lora", 4, 1, 2.0, "FINISHED"), ("lora", 4, 2, 2.2, "FINISHED"), ("dora", 4, 1, 1.0, "FINISHED"),
+            ("dora", 4, 2, 1.1, "FINISHED"), ("dora", 4, 3, 0.1, "FAILED"), ("pissa", 4, 1, 1.05, "FINISHED")]
+    return pd.DataFrame(rows, columns=["method", "rank", "seed", "eval_loss", "status"]).assign(
+        run_id=lambda t: [f"run{k}" for k in range(len(t))])
+
+
+def test_the_best_child_is_the_best_finished_seed_of_the_best_configuration():
+    design, table = lora_sweep.DESIGN, children_table()
+    summary = contract.summarise(table, design.axes, ["eval_loss"])
+    assert summary.set_index("method").loc["dora", "seeds"] == 2, "the failed seed is not averaged"
+    assert sweep.best_child(table, summary, design)["run_id"] == "run2", "a failed child is never best"
+
+
+def test_verdicts_compare_methods_at_equal_rank_runner_up_first():
+    lines = sweep.verdict_lines(children_table(), lora_sweep.DESIGN)
+    assert lines[0].startswith("rank 4: method=pissa vs method=dora") and lines[0].endswith(
+        "single seed: not conclusive")
+    assert lines[1].startswith("rank 4: method=lora vs method=dora: eval_loss 2.1 vs 1.05")
+    assert lines[1].endswith("dora is better")
 
 
 def tiny_sweep(**overrides) -> SweepConfig:
@@ -35,7 +67,7 @@ def test_logged_adapters_reload_with_the_in_memory_logits(client, monkeypatch, t
         return original(model, tokenizer, *args, **kwargs)
 
     monkeypatch.setattr(lora, "log_adapter", remember_logits)
-    result = sweep.run(tiny_sweep())
+    result = lora_sweep.run(tiny_sweep())
     parent = client.get_run(result["run_id"])
     assert len(in_memory) == 2
     for run_id, expected in in_memory.items():
@@ -55,14 +87,14 @@ def test_logged_adapters_reload_with_the_in_memory_logits(client, monkeypatch, t
 def test_a_child_with_nan_loss_fails_alone(client, monkeypatch):
     original = lora.attach
 
-    def poison_rank_4(base, config, rank, seed):
-        model = original(base, config, rank, seed)
+    def poison_rank_4(base, config, rank, seed, **method):
+        model = original(base, config, rank, seed, **method)
         if rank == 4:  # a diverged adapter: NaN weights give a NaN loss through the real training path
             next(p for n, p in model.named_parameters() if "lora_A" in n).data.fill_(math.nan)
         return model
 
     monkeypatch.setattr(lora, "attach", poison_rank_4)
-    result = sweep.run(tiny_sweep(ranks=(2, 4, 8)))
+    result = lora_sweep.run(tiny_sweep(ranks=(2, 4, 8)))
     runs = {r.info.run_id: r for r in runs_of(client, "sweep-unit")}
     parent = runs[result["run_id"]]
     children = {int(r.data.params["lora_r"]): r for r in runs.values() if r.info.run_id != result["run_id"]}
@@ -80,8 +112,8 @@ def test_the_loss_covers_exactly_the_tokens_loss_on_says(client, monkeypatch, lo
     seen = []
     original = lora.attach
 
-    def record_labels(base, config, rank, seed):
-        model = original(base, config, rank, seed)
+    def record_labels(base, config, rank, seed, **method):
+        model = original(base, config, rank, seed, **method)
 
         def hook(module, args, kwargs):
             if module.training:
@@ -91,7 +123,7 @@ def test_the_loss_covers_exactly_the_tokens_loss_on_says(client, monkeypatch, lo
         return model
 
     monkeypatch.setattr(lora, "attach", record_labels)
-    result = sweep.run(tiny_sweep(ranks=(2,), loss_on=loss_on))
+    result = lora_sweep.run(tiny_sweep(ranks=(2,), loss_on=loss_on))
     tokenizer = models.load(models.ModelSource("tiny", client.get_run(result["run_id"]).data.params["model_path"],
                                                ""), AutoModelForCausalLM)[1]
     assert len(seen) == 4  # max_steps
@@ -123,6 +155,9 @@ def test_the_loss_covers_exactly_the_tokens_loss_on_says(client, monkeypatch, lo
         (["--output-column", "input", "--input-column", "nope"], "error: input_column: column 'nope' not in"),
         (["--seeds", "1,1"], "error: seeds: lists 1 more than once"),
         (["--loss-on", "prompt"], "error: loss_on: must be one of output, all"),
+        (["--methods", "lora,qlora"], "error: methods: must be a comma list of lora, dora, rslora, pissa, olora, "
+                                      "got 'lora,qlora'"),
+        (["--methods", "dora,dora"], "error: methods: lists dora more than once"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, args, expected):
@@ -130,6 +165,16 @@ def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, 
                                  ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "bad", *args])
     assert outcome.exit_code == 2, outcome.output
     assert expected in outcome.output
+
+
+def test_a_method_the_installed_peft_lacks_is_one_line(client, no_weights_loaded, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    monkeypatch.delattr(LoraLayer, "olora_init")
+    outcome = CliRunner().invoke(entrypoint("lora_sweep").main,
+                                 ["--model", "tiny", "--dataset", "sample_chat", "--methods", "lora,olora"])
+    assert outcome.exit_code == 2, outcome.output
+    assert "error: methods: olora not supported by the installed peft" in outcome.output
 
 
 def test_empty_outputs_are_reported(client, tmp_path):
@@ -145,4 +190,4 @@ def test_called_in_process_the_config_is_still_validated(client):
     from finetune_lab.errors import InputError
 
     with pytest.raises(InputError, match="ranks: lists 4 more than once"):
-        sweep.run(tiny_sweep(ranks=(4, 4)))
+        lora_sweep.run(tiny_sweep(ranks=(4, 4)))

@@ -9,7 +9,7 @@ time for that work:
 - `baseline`: the reference recipe. fp32 weights, eager attention, every batch padded to max_length, adamw_torch, fixed
   batches (16 / 8) in random order, held-out evaluation with `Trainer.evaluate`, no per-step metrics; LoRA on one
   base loaded once.
-- `project`: the entry point's own code path (`classify.execute`, `sweep.execute`) with its defaults.
+- `project`: the entry point's own code path (`classify.execute`, `lora_sweep.execute`) with its defaults.
 - `project_large`: the same with larger batches (`large_batch` examples; `large_batch_tokens` per LoRA batch).
 - `dynamic_padding`: the project without compilation or packing (what it was before them).
 - `compile_buckets`: `classify` compiled for a few bucket lengths instead of one symbolic length.
@@ -53,7 +53,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from finetune_lab import causal_lm, classify, contract, device, lora, models, sweep, tracking, training
+from finetune_lab import causal_lm, classify, contract, device, lora, lora_sweep, models, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig, as_params
 from finetune_lab.contract import BASELINE, variant_name
@@ -297,7 +297,7 @@ def project(workload: Workload, config: ClassifyConfig | SweepConfig) -> list[tu
     """The entry point's own path, run inside the variant's run (a sweep's children nest under it)."""
     if workload.name == CLASSIFY:
         return [(classify.execute(config)["training"], workload.flops_per_token())]
-    children = sweep.execute(config)["children"]
+    children = lora_sweep.execute(config)["children"]
     failed = [c for c in children if c.status != "FINISHED"]
     if failed:
         raise RuntimeError(f"{len(failed)} of the sweep's {len(children)} children failed; first: "

@@ -29,10 +29,11 @@ class Prepared:
 
 
 def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_param: str = "ranks",
-            found: Sequence[str] = ()) -> Prepared:
-    """Load and check data, model spec and architecture; raise InputError with every problem, config's included.
-    Rank problems are reported under `rank_param`, the parameter that set them; `found` are problems the caller
-    found already (e.g. with the environment), reported together with these."""
+            found: Sequence[str] = (), methods: Sequence[str] = ()) -> Prepared:
+    """Load and check data, model spec and architecture (and the LoRA `methods` against peft and the model); raise
+    InputError with every problem, config's included. Rank problems are reported under `rank_param`, the parameter
+    that set them; `found` are problems the caller found already (e.g. with the environment), reported together with
+    these."""
     problems = [*config.problems(), *found]
     data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction,
                                          max_text_chars=data_lib.text_limit(config.max_length))
@@ -59,6 +60,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
         problems += models.check_max_length(source, config.max_length)
         skeleton = models.skeleton(source, AutoModelForCausalLM)
         problems += lora.check_architecture(skeleton, config, ranks, rank_param)
+        problems += lora.check_methods(skeleton, methods)
     raise_if_any(problems)
     return Prepared(data, source)
 

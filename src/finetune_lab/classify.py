@@ -149,7 +149,7 @@ class Fitted:
     """Row i: held-out example i."""
 
 
-def fit(config: ClassifyConfig, prepared: Prepared, run_id: str) -> Fitted:
+def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "classify") -> Fitted:
     """Load the model, tokenize once, train (compiled when `compile` says so; per-step metrics into run `run_id`)
     and predict the held-out split in its own order."""
     model, tokenizer = load_model(prepared, config.seed)
@@ -160,21 +160,19 @@ def fit(config: ClassifyConfig, prepared: Prepared, run_id: str) -> Fitted:
     compile_model = training.switch(config.compile)
     with tracking.scratch_dir("classify") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], train_collator, config,
-                                        config.seed, run_id, "[1/2] classify", drop_last=compile_model)
+                                        config.seed, run_id, f"[1/2] {name}", drop_last=compile_model)
         with (training.compiled(model, config.compile_shapes, config.max_length) if compile_model
               else contextlib.nullcontext()):
             metrics = training.train(trainer)
-    console.say(f"[2/2] classify: predicting the {len(tokenized[TEST])} held-out examples")
+    console.say(f"[2/2] {name}: predicting the {len(tokenized[TEST])} held-out examples")
     # Row i of the logits is held-out example i: the predictions table pairs it with its own text.
     logits = training.predict_logits(model, tokenized[TEST], eval_collator, training.eval_batch_size(config))
     return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits)
 
 
-def execute(config: ClassifyConfig) -> dict:
-    """The experiment inside the active run: validate, train, evaluate and log everything; return the headline
-    metrics, the training metrics and notes."""
-    tracking.log_config(as_params(config))
-    prepared = prepare(config)
+def log_sources(prepared: Prepared) -> None:
+    """Where the model and data came from, the environment, and the data as used (digests, inputs), on the active
+    run."""
     tracking.log_params(
         {
             **models.source_params(prepared.source),
@@ -186,7 +184,25 @@ def execute(config: ClassifyConfig) -> dict:
         }
     )
     data_lib.log_inputs(prepared.data)
-    fitted = fit(config, prepared, mlflow.active_run().info.run_id)
+
+
+@dataclass
+class Trained:
+    """A classifier trained and evaluated in the active run."""
+
+    fitted: Fitted
+    headline: dict[str, float]
+    """Accuracy, precision, recall, F1, ROC-AUC and eval loss on the held-out split."""
+    texts: list[str]
+    """The held-out texts, in the order of the predictions."""
+
+
+def train_and_log(config: ClassifyConfig, prepared: Prepared, name: str = "classify") -> Trained:
+    """Train and evaluate into the active run: training metrics, headline metrics, predictions table, confusion
+    matrix and report (`name`: what the console calls it). A collapsed classifier (a uniform guess after broken
+    training) raises health.TrainingCollapsed after its record is logged, so that its run ends FAILED and it is
+    never registered."""
+    fitted = fit(config, prepared, mlflow.active_run().info.run_id, name)
     mlflow.log_metrics(fitted.metrics)
     labels = np.asarray(fitted.tokenized[TEST]["labels"])
     probabilities = metrics_lib.softmax(fitted.logits)
@@ -197,14 +213,23 @@ def execute(config: ClassifyConfig) -> dict:
     mlflow.log_metrics(headline)
     texts = prepared.data.splits[TEST][config.text_column]
     _log_predictions(texts, labels, probabilities, prepared.label_names)
-    # A collapsed classifier (a uniform guess after broken training) ends FAILED and is never registered.
     health.check(fitted.steps, headline["eval_loss"], len(prepared.classes), headline)
+    return Trained(fitted, headline, list(texts))
+
+
+def execute(config: ClassifyConfig) -> dict:
+    """The experiment inside the active run: validate, train, evaluate and log everything; return the headline
+    metrics, the training metrics and notes."""
+    tracking.log_config(as_params(config))
+    prepared = prepare(config)
+    log_sources(prepared)
+    trained = train_and_log(config, prepared)
     notes = []
     if config.register_as:
-        with torch.compiler.set_stance("force_eager"):  # the reload check compares eager logits
-            result = register(config, prepared, fitted.model, fitted.tokenizer, texts[:3], headline["eval_loss"])
+        result = register(config, prepared, trained.fitted.model, trained.fitted.tokenizer, trained.texts[:3],
+                          trained.headline["eval_loss"])
         notes.append(f"registered {result['model_uri']} (champion {result['decision']})")
-    return {"metrics": headline, "training": fitted.metrics, "notes": notes}
+    return {"metrics": trained.headline, "training": trained.fitted.metrics, "notes": notes}
 
 
 def run(config: ClassifyConfig) -> dict:
@@ -215,17 +240,25 @@ def run(config: ClassifyConfig) -> dict:
                 "ui": tracking.ui_hint(active.info.experiment_id)}
 
 
+def eager_reference(model, tokenizer, texts: list[str], max_length: int) -> registry.Reference:
+    """The classifier's logits on `texts` as the registry's reload check computes them (eager, truncated)."""
+    with torch.compiler.set_stance("force_eager"):  # a compiled model's graphs would differ in the last bits
+        return registry.reference(model, tokenizer, texts, truncation=True, max_length=max_length)
+
+
 def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check_texts: list[str],
-             eval_loss: float) -> dict:
-    """Register the fine-tuned classifier after checking that its reload gives the same logits."""
-    truncation = {"truncation": True, "max_length": config.max_length}
+             eval_loss: float, trained_in: str = "", expected: registry.Reference | None = None) -> dict:
+    """Register the fine-tuned classifier (logged into the active run) after checking that its reload gives the same
+    logits as `expected` (default: the model's own). `trained_in`: the run that trained it (default: the active
+    run)."""
     run_id = mlflow.active_run().info.run_id
     candidate = registry.Candidate(
         log=lambda: registry.log_classifier_model(model, tokenizer, config.max_length, check_texts[0]),
         check_texts=check_texts,
-        expected=registry.reference(model, tokenizer, check_texts, **truncation),
+        expected=expected or eager_reference(model, tokenizer, check_texts, config.max_length),
         eval_loss=eval_loss,
         eval_set_digest=prepared.data.eval_digest,
-        tags={"run_id": run_id, "dataset_digest": prepared.data.digest, "base_model": prepared.source.spec},
+        tags={"run_id": trained_in or run_id, "dataset_digest": prepared.data.digest,
+              "base_model": prepared.source.spec},
     )
     return registry.register_verified(config.register_as, candidate, run_id)

@@ -19,7 +19,7 @@ from typing import get_type_hints
 
 import click
 
-from finetune_lab.config import IntList, as_params, field_docs, from_strings
+from finetune_lab.config import FloatList, IntList, as_params, field_docs, from_strings
 from finetune_lab.errors import InputError, one_line
 from finetune_lab.signals import Terminated
 
@@ -28,7 +28,8 @@ INPUT_ERROR_EXIT = 2
 # Exit status for anything else that went wrong (the shell's 128 + N is used for death by signal N).
 FAILURE_EXIT = 1
 # What --help shows for each field type; click itself never converts (the config does, reporting every problem).
-METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", bool: "true|false", IntList: "INT,INT,..."}
+METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", bool: "true|false", IntList: "INT,INT,...",
+            FloatList: "FLOAT,FLOAT,..."}
 
 
 def _experiment(target: str):

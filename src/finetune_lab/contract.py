@@ -10,6 +10,7 @@ import pandas as pd
 KIND_TAG = "finetune_lab.kind"
 CLASSIFICATION, SWEEP, PROBE, GENERATE, REPORT, BENCH = ("classification", "sweep", "probe", "generate", "report",
                                                          "bench")
+CLASSIFY_SWEEP = "classify_sweep"
 # The invocation that resumed an earlier parent run (`resume=...`); the parent it resumed is in RESUMED_TAG.
 RESUME = "resume"
 RESUMED_TAG = "finetune_lab.resumed_run_id"
@@ -37,41 +38,60 @@ CLASSIFICATION_REPORT = "classification_report.json"
 CLASSIFY_METRICS = ["accuracy", "precision", "recall", "f1", "roc_auc", "eval_loss", *MEMORY_METRICS,
                     "train_runtime_s"]
 
+# ---------------------------------------------------------------------------------------------- classify_sweep
+CONFIGURATION_SUMMARY = "configuration_summary.json"
+METRICS_BY_CONFIGURATION_FIGURE = "metrics_by_configuration.png"
+BEST_CONFUSION_FIGURE = "best_confusion_matrix.png"
+BEST_CONFUSION_MATRIX = "best_confusion_matrix.json"
+# Averaged over seeds per configuration; with the speed and memory columns, the comparison table's columns.
+CLASSIFY_SWEEP_SUMMARY_METRICS = ["accuracy", "precision", "recall", "f1", "roc_auc", "eval_loss"]
+CLASSIFY_SWEEP_TABLE_METRICS = [*CLASSIFY_SWEEP_SUMMARY_METRICS, "train_loss", *MEMORY_METRICS,
+                                "train_samples_per_s", "train_runtime_s"]
+
 # ---------------------------------------------------------------------------------------------- sweep
 COMPARISON_TABLE = "comparison_table.json"
 RANK_SUMMARY = "rank_summary.json"
 LOSS_VS_RANK_FIGURE = "loss_vs_rank.png"
 MEMORY_VS_RANK_FIGURE = "memory_vs_rank.png"
 LOSS_CURVES_FIGURE = "loss_curves.png"
-# Columns of the comparison table, in order; memory columns absent on CPU stay empty.
+METHODS_FIGURE = "methods_by_rank.png"
+# Columns of the comparison table after the method and rank, in order; memory columns absent on CPU stay empty.
 SWEEP_TABLE_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb",
                        "peak_cuda_mem_reserved_mb", "peak_rss_mb", "train_tokens_per_s", "train_runtime_s",
-                       "trainable_params", "adapter_size_bytes"]
-# Averaged over seeds per rank in `rank_summary.json`.
+                       "train_step_ms_median", "trainable_params", "adapter_size_bytes"]
+# Averaged over seeds per method and rank in `rank_summary.json`.
 SUMMARY_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_allocated_mb", "peak_rss_mb",
-                   "train_tokens_per_s"]
+                   "train_tokens_per_s", "train_step_ms_median", "trainable_params", "adapter_size_bytes"]
 # Shown per child run in the report.
 SWEEP_CHILD_METRICS = ["train_loss", "eval_loss", "eval_perplexity", *MEMORY_METRICS, "train_tokens_per_s",
                        "train_runtime_s"]
 SWEEP_PARENT_METRICS = ["best_rank", "best_eval_loss", "failed_children", "sweep_wall_s", "child_train_s_sum"]
 
 
-# The status, in the comparison table, of a planned child that never started (the sweep was stopped first).
+# The LoRA method of the rank sweep as it was before there were methods.
+DEFAULT_LORA_METHOD = "lora"
+
+
+def lora_label(method: str, rank: int) -> str:
+    """A LoRA configuration's name in child-run names and the report: `r8` for plain LoRA, `dora-r8`."""
+    return f"r{rank}" if method == DEFAULT_LORA_METHOD else f"{method}-r{rank}"
+
+
+# The status of a run that ended well, and, in the comparison table, of a planned child that never started (the
+# sweep was stopped first).
+FINISHED = "FINISHED"
 NOT_RUN = "NOT_RUN"
 
 
-def child_name(rank: int, seed: int) -> str:
-    """The run name of a sweep child."""
-    return f"r{rank}-seed{seed}"
-
-
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """`rank_summary.json`: per rank, mean and std over the seeds that finished (std empty for a single seed).
-    `table` has one row per child with `rank`, `status` and the SUMMARY_METRICS."""
-    finished = table[table["status"] == "FINISHED"]
-    grouped = finished.groupby("rank")[SUMMARY_METRICS]
+def summarise(table: pd.DataFrame, by: list[str] | tuple[str, ...] = ("rank",),
+              metrics: list[str] = SUMMARY_METRICS) -> pd.DataFrame:
+    """A sweep's summary (`rank_summary.json`, `configuration_summary.json`): per configuration (the columns `by`),
+    the number of seeds that finished, and the mean and std over them of each of `metrics` (std empty for a single
+    seed). `table` has one row per child with the columns `by`, `status` and the metrics."""
+    finished = table[table["status"] == FINISHED]
+    grouped = finished.groupby(list(by))[metrics]
     summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=1).add_suffix("_std"))
-    summary.insert(0, "seeds", finished.groupby("rank").size())
+    summary.insert(0, "seeds", finished.groupby(list(by)).size())
     return summary.reset_index()
 
 

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import mlflow
 
 from finetune_lab import tracking
-from finetune_lab.config import SweepConfig
+from finetune_lab.config import Sweeping
 from finetune_lab.errors import InputError, one_line, problem
 
 RAY = "ray"
@@ -50,7 +50,7 @@ SERVER_SCHEMES = ("http", "https", "databricks")
 INSTALL_RAY = 'pip install -e ".[ray]" (or make install)'
 
 
-def problems(config: SweepConfig) -> list[str]:
+def problems(config: Sweeping) -> list[str]:
     """What stops `config.executor` on this machine, found before any model is loaded."""
     if config.executor != RAY:
         return []
@@ -76,7 +76,7 @@ def cluster_address() -> str:
     return "" if address == "local" else address
 
 
-def run_children(config: SweepConfig, make_trainer: Callable[[], Callable], children: list) -> Iterator:
+def run_children(config: Sweeping, make_trainer: Callable[[], Callable], children: list) -> Iterator:
     """Each child's outcome as it ends, trained where `config.executor` says."""
     if not children:
         return
@@ -119,7 +119,7 @@ def worker_capacity(nodes: list[dict[str, Any]], cpus_per_worker: int) -> tuple[
     return capacity, gpus
 
 
-def _ray_children(config: SweepConfig, make_trainer, children: list) -> Iterator:
+def _ray_children(config: Sweeping, make_trainer, children: list) -> Iterator:
     import ray  # the optional extra; `problems` checked that it is installed
 
     address = cluster_address()
@@ -141,7 +141,7 @@ def _ray_children(config: SweepConfig, make_trainer, children: list) -> Iterator
         ray.shutdown()
 
 
-def _start_workers(ray, config: SweepConfig, make_trainer, children: int) -> list:
+def _start_workers(ray, config: Sweeping, make_trainer, children: int) -> list:
     capacity, gpus = worker_capacity(ray.nodes(), config.cpus_per_worker)
     need = f"{config.cpus_per_worker} CPU{'s' if config.cpus_per_worker > 1 else ''}" + (" and 1 GPU" if gpus else "")
     if capacity == 0:

@@ -1,9 +1,20 @@
-"""The LoRA adapter lifecycle on a frozen causal LM: checks against the architecture, attach / detach on one base
-model, a copy of its state and its restoration, its params, and the adapter folder as an artifact."""
+"""The LoRA adapter lifecycle on a frozen causal LM: checks against the architecture and the installed peft, attach /
+detach on one base model (for every LoRA variant: `METHOD_SETTINGS`), a copy of its state and its restoration, its
+params, and the adapter folder as an artifact.
+
+PiSSA and OLoRA initialise the adapter from the base weights and subtract that part from them: while such an
+adapter is attached the base holds residual weights. `adapter` puts the base's own weights back afterwards, and
+`log_adapter` saves such an adapter converted to a plain LoRA adapter of twice the rank (peft's conversion) that
+applies to the untouched base, like every other adapter of the sweep (a registered adapter is reloaded on the base
+as published)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +29,42 @@ from finetune_lab.contract import ADAPTER_ARTIFACT
 from finetune_lab.errors import problem
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Each method's settings of peft's LoraConfig (the names of `config.LORA_METHODS`).
+METHOD_SETTINGS = {
+    "lora": {},
+    "dora": {"use_dora": True},
+    "rslora": {"use_rslora": True},
+    "pissa": {"init_lora_weights": "pissa"},
+    "olora": {"init_lora_weights": "olora"},
+}
+# Methods whose initialisation changes the base weights (see the module's docstring).
+MUTATE_BASE = ("pissa", "olora")
+# The layer initialiser each of those needs in the installed peft.
+INITIALISERS = {"pissa": "pissa_init", "olora": "olora_init"}
+# Weight types peft's PiSSA / OLoRA initialisers decompose.
+DECOMPOSABLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_methods(skeleton: torch.nn.Module, methods: list[str]) -> list[str]:
+    """Whether the installed peft has each method, and the model's weights suit it (a weightless skeleton is enough);
+    reported under `methods`."""
+    import peft
+    from peft.tuners.lora import LoraLayer
+
+    options = {f.name for f in dataclasses.fields(LoraConfig)}
+    missing = [m for m in methods
+               if any(option not in options for option in METHOD_SETTINGS[m])
+               or (m in INITIALISERS and not hasattr(LoraLayer, INITIALISERS[m]))]
+    problems = []
+    if missing:
+        problems.append(problem("methods", f"{', '.join(missing)} not supported by the installed peft "
+                                           f"{peft.__version__}: pip install -U peft"))
+    dtype = next(skeleton.parameters()).dtype
+    decomposed = [m for m in methods if m in MUTATE_BASE and m not in missing]
+    if decomposed and dtype not in DECOMPOSABLE:
+        problems.append(problem("methods", f"{', '.join(decomposed)} decompose the base weights, which this model "
+                                           f"holds as {dtype}: choose lora, dora or rslora"))
+    return problems
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -50,8 +97,10 @@ def check_architecture(skeleton: torch.nn.Module, config: LoraTrainingConfig, ra
     return problems
 
 
-def attach(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: int) -> PeftModel:
-    """A fresh adapter on `base`, initialised from `seed` (B = 0, so the first forward equals the base's)."""
+def attach(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: int, method: str = "lora"
+           ) -> PeftModel:
+    """A fresh adapter of `method` on `base`, initialised from `seed`; the first forward equals the base's (B = 0,
+    or, for PiSSA / OLoRA, base weights that the adapter's part was subtracted from)."""
     set_seed(seed)
     lora_config = LoraConfig(
         r=rank,
@@ -59,8 +108,16 @@ def attach(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: i
         lora_dropout=config.lora_dropout,
         target_modules=config.target_module_list,
         task_type="CAUSAL_LM",
+        **METHOD_SETTINGS[method],
     )
     return get_peft_model(base, lora_config)
+
+
+def method_of(model: PeftModel) -> str:
+    """The method of the adapter `model` carries (its LoraConfig read back)."""
+    settings = model.peft_config["default"]
+    return next((m for m, options in METHOD_SETTINGS.items()
+                 if options and all(getattr(settings, k) == v for k, v in options.items())), "lora")
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -89,9 +146,11 @@ def lora_params(model: PeftModel, config: LoraTrainingConfig, rank: int, seed: i
     return {
         "lora_r": rank,
         "lora_alpha": alpha,
-        "lora_scale": alpha / rank,
+        # rank-stabilised LoRA scales the update by alpha / sqrt(r) instead of alpha / r
+        "lora_scale": alpha / math.sqrt(rank) if model.peft_config["default"].use_rslora else alpha / rank,
         "alpha_mode": "fixed" if config.lora_alpha > 0 else f"alpha_per_rank={config.alpha_per_rank}",
         "target_modules": ",".join(sorted(model.peft_config["default"].target_modules)),
+        "lora_method": method_of(model),
         "seed": seed,
         "trainable_percent": round(100.0 * trainable / total, 4),
     }
@@ -101,29 +160,71 @@ def trainable_params(model: PeftModel) -> int:
     return model.get_nb_trainable_parameters()[0]
 
 
-def log_adapter(model: PeftModel, tokenizer, artifact_path: str = ADAPTER_ARTIFACT) -> int:
-    """Log the adapter folder (config + weights, no base weights) and the tokenizer into the active run; return
-    the weights' size in bytes."""
+def log_adapter(model: PeftModel, tokenizer, artifact_path: str = ADAPTER_ARTIFACT, keep_in: Path | None = None
+                ) -> int:
+    """Log the adapter folder (config + weights, no base weights; PiSSA / OLoRA converted to apply to the untouched
+    base) and the tokenizer into the active run; return the weights' size in bytes. `keep_in`: a folder that keeps
+    a copy of what was logged."""
     with tracking.scratch_dir("adapter") as scratch:
-        folder = Path(scratch) / artifact_path
+        folder = (keep_in or Path(scratch)) / artifact_path
         # Only linear layers are ever targeted and the vocabulary is never resized: no embeddings to save (and no
         # lookup of the base's config by its name, which is an alias or a Hub id, not a folder).
-        model.save_pretrained(folder, save_embedding_layers=False)
+        with warnings.catch_warnings():
+            # The conversion loads the initial adapter next to the trained one, and peft warns against mixing
+            # PiSSA / OLoRA with other adapters: the conversion is what undoes that mix.
+            warnings.filterwarnings("ignore", message=".*changes the base weights of the model")
+            model.save_pretrained(folder, save_embedding_layers=False,
+                                  path_initial_model_for_weight_conversion=getattr(model, "initial_adapter", None))
         tokenizer.save_pretrained(folder)
         mlflow.log_artifacts(str(folder), artifact_path)
         return (folder / ADAPTER_WEIGHTS).stat().st_size
 
 
 @contextlib.contextmanager
-def adapter(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: int) -> Iterator[PeftModel]:
-    """A fresh adapter for the block; afterwards `base` is the untouched frozen model again."""
-    model = attach(base, config, rank, seed)
+def adapter(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: int, method: str = "lora"
+            ) -> Iterator[PeftModel]:
+    """A fresh adapter of `method` for the block; afterwards `base` is the untouched frozen model again."""
+    with _base_kept(base, method) as initial_adapter:
+        model = attach(base, config, rank, seed, method=method)
+        try:
+            if initial_adapter:
+                _save_initial(model, initial_adapter)
+            yield model
+        finally:
+            detach(model)
+            if training.on_cuda():
+                torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _base_kept(base: torch.nn.Module, method: str) -> Iterator[str]:
+    """For a method that changes the base weights: a copy of the linear layers' weights, put back at the end, and a
+    folder for the adapter as initialised (yielded; "" for the other methods)."""
+    if method not in MUTATE_BASE:
+        yield ""
+        return
+    kept = {name: module.weight.detach().clone() for name, module in base.named_modules()
+            if isinstance(module, torch.nn.Linear)}
     try:
-        yield model
+        with tempfile.TemporaryDirectory(prefix="finetune_lab_initial_") as folder:
+            yield str(Path(folder) / "initial")
     finally:
-        detach(model)
-        if training.on_cuda():
-            torch.cuda.empty_cache()
+        with torch.no_grad():
+            for name, module in base.named_modules():
+                if name in kept:
+                    module.weight.copy_(kept[name])
+
+
+def _save_initial(model: PeftModel, folder: str) -> None:
+    """The adapter as initialised, saved for peft's conversion to a plain LoRA adapter (`log_adapter`); its config
+    says a plain initialisation, as that conversion requires."""
+    settings = model.peft_config["default"]
+    method_init, settings.init_lora_weights = settings.init_lora_weights, True
+    try:
+        model.save_pretrained(folder, save_embedding_layers=False)
+    finally:
+        settings.init_lora_weights = method_init
+    model.initial_adapter = folder
 
 
 @contextlib.contextmanager

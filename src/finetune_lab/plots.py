@@ -37,25 +37,14 @@ def _legend_outside(figure: plt.Figure, axes, columns: int = 2) -> None:
 
 def metric_vs_x(summary: pd.DataFrame, x: str, series: dict[str, str], ylabel: str, title: str,
                 log_x: bool = True, baselines: dict[str, tuple[float, str]] | None = None,
-                ylim: tuple[float | None, float | None] | None = None) -> plt.Figure:
+                ylim: tuple[float | None, float | None] | None = None, group: str = "") -> plt.Figure:
     """One line with error bars (mean ± std, 0 where a single value) per metric of `series` (metric → legend label)
-    against column `x`; `baselines` (metric → (value, legend label)) adds a dashed line of the same colour."""
+    against column `x` (and per value of column `group`, when it takes several); `baselines` (metric → (value,
+    legend label)) adds a dashed line of the same colour."""
     figure, axes = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     for metric, label in series.items():
-        if f"{metric}_mean" in summary and summary[f"{metric}_mean"].notna().any():
-            std = summary[f"{metric}_std"] if f"{metric}_std" in summary else pd.Series(0.0, index=summary.index)
-            line = axes.errorbar(summary[x], summary[f"{metric}_mean"], yerr=std.fillna(0.0), marker="o",
-                                 capsize=4, label=label)
-            if baselines and metric in baselines:
-                value, baseline_label = baselines[metric]
-                axes.axhline(value, linestyle="--", color=line[0].get_color(), label=baseline_label)
-    if log_x:  # powers of two (ranks, copies) evenly spaced; symlog keeps a 0 (a control) on the axis
-        if (summary[x] > 0).all():
-            axes.set_xscale("log", base=2)
-        else:
-            axes.set_xscale("symlog", base=2, linthresh=1)
-    axes.set_xticks(list(summary[x]), [str(v) for v in summary[x]])
-    axes.set_xlabel(x)
+        _lines(axes, summary, x, metric, label, group, baselines)
+    _x_axis(axes, summary, x, log_x)
     axes.set_ylabel(ylabel)
     if ylim:
         axes.set_ylim(*ylim)
@@ -63,6 +52,38 @@ def metric_vs_x(summary: pd.DataFrame, x: str, series: dict[str, str], ylabel: s
     axes.grid(alpha=0.3)
     _legend_outside(figure, axes)
     return figure
+
+
+def _groups(summary: pd.DataFrame, group: str) -> list[tuple[str, pd.DataFrame]]:
+    """The summary's rows per value of column `group` (one unnamed group when it has one value or is absent)."""
+    if not group or group not in summary or summary[group].nunique() <= 1:
+        return [("", summary)]
+    return [(str(value), rows) for value, rows in summary.groupby(group, sort=False)]
+
+
+def _lines(axes, summary: pd.DataFrame, x: str, metric: str, label: str, group: str = "",
+           baselines: dict[str, tuple[float, str]] | None = None) -> None:
+    """Mean ± std of `metric` against `x`, a line per group."""
+    if f"{metric}_mean" not in summary or not summary[f"{metric}_mean"].notna().any():
+        return
+    for name, rows in _groups(summary, group):
+        std = rows[f"{metric}_std"] if f"{metric}_std" in rows else pd.Series(0.0, index=rows.index)
+        line = axes.errorbar(rows[x], rows[f"{metric}_mean"], yerr=std.fillna(0.0), marker="o", capsize=4,
+                             label=f"{label}, {name}" if name else label)
+        if baselines and metric in baselines:
+            value, baseline_label = baselines[metric]
+            axes.axhline(value, linestyle="--", color=line[0].get_color(), label=baseline_label)
+
+
+def _x_axis(axes, summary: pd.DataFrame, x: str, log_x: bool) -> None:
+    if log_x:  # powers of two (ranks, copies) evenly spaced; symlog keeps a 0 (a control) on the axis
+        if (summary[x] > 0).all():
+            axes.set_xscale("log", base=2)
+        else:
+            axes.set_xscale("symlog", base=2, linthresh=1)
+    ticks = sorted(set(summary[x]))
+    axes.set_xticks(ticks, [str(v) for v in ticks])
+    axes.set_xlabel(x)
 
 
 def seeds_note(summary: pd.DataFrame) -> str:
@@ -77,8 +98,10 @@ def seeds_note(summary: pd.DataFrame) -> str:
 
 def loss_vs_rank(summary: pd.DataFrame) -> plt.Figure:
     """Held-out and training loss per LoRA rank (a sweep's `rank_summary.json`)."""
-    return metric_vs_x(summary, "rank", {"eval_loss": "held-out loss", "train_loss": "train loss (last steps)"},
-                       "loss", f"Loss vs LoRA rank ({seeds_note(summary)})")
+    series = {"eval_loss": "held-out loss", "train_loss": "train loss (last steps)"}
+    if len(_groups(summary, "method")) > 1:  # a line per method: the held-out loss alone stays readable
+        series = {"eval_loss": "held-out loss"}
+    return metric_vs_x(summary, "rank", series, "loss", f"Loss vs LoRA rank ({seeds_note(summary)})", group="method")
 
 
 def memory_vs_rank(summary: pd.DataFrame) -> plt.Figure | None:
@@ -89,7 +112,55 @@ def memory_vs_rank(summary: pd.DataFrame) -> plt.Figure | None:
     if metric is None:
         return None
     return metric_vs_x(summary, "rank", {metric: MEMORY_LABELS[metric]}, MEMORY_LABELS[metric],
-                       f"Peak memory vs LoRA rank ({seeds_note(summary)})", ylim=(0, None))
+                       f"Peak memory vs LoRA rank ({seeds_note(summary)})", ylim=(0, None), group="method")
+
+
+# What the panels of `methods_by_rank` show.
+METHOD_PANELS = {"eval_loss": "held-out loss", "peak_memory": "peak memory (MB)",
+                 "train_step_ms_median": "median step time (ms)", "trainable_params": "trainable parameters",
+                 "adapter_size_bytes": "adapter size (bytes)"}
+
+
+def methods_by_rank(summary: pd.DataFrame) -> plt.Figure:
+    """LoRA methods side by side against the rank: held-out loss, peak memory (CUDA's, else the process's RSS),
+    median step time, trainable parameters and adapter size, a line per method (mean ± std over seeds)."""
+    memory = next((m for m in MEMORY_LABELS if summary.get(f"{m}_mean", pd.Series(dtype=float)).notna().any()), None)
+    figure, grid = plt.subplots(2, 3, figsize=(13, 7.5), layout="constrained")
+    for axes, (metric, label) in zip(grid.flat, METHOD_PANELS.items()):
+        column = memory if metric == "peak_memory" else metric
+        if column is not None:
+            _lines(axes, summary, "rank", column, label, group="method")
+        _x_axis(axes, summary, "rank", log_x=True)
+        axes.set_title(MEMORY_LABELS.get(column, label) if metric == "peak_memory" and column else label,
+                       fontsize="medium")
+        axes.grid(alpha=0.3)
+    grid.flat[-1].axis("off")
+    _legend_outside(figure, grid.flat[0], columns=5)
+    figure.suptitle(f"LoRA methods by rank ({seeds_note(summary)})")
+    return figure
+
+
+def metrics_by_configuration(table: pd.DataFrame, label: str, metrics: dict[str, str], note: str) -> plt.Figure:
+    """One panel per metric (metric → axis label): a point per seed and the mean ± std over seeds per configuration
+    (column `label` of the per-child `table`, finished children only), configurations in the table's order."""
+    names = list(dict.fromkeys(table[label]))
+    figure, grid = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 4.2), layout="constrained",
+                                squeeze=False)
+    for axes, (metric, axis_label) in zip(grid[0], metrics.items()):
+        for k, name in enumerate(names):
+            values = table.loc[table[label] == name, metric].astype(float).dropna()
+            axes.scatter([k] * len(values), values, color="tab:blue", alpha=0.5, s=18,
+                         label="one seed" if k == 0 else None)
+            if len(values):
+                axes.errorbar([k], [values.mean()], yerr=[values.std(ddof=1) if len(values) > 1 else 0.0],
+                              fmt="D", color="black", capsize=6, label="mean ± std" if k == 0 else None)
+        axes.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize="small")
+        axes.set_xlim(-0.5, len(names) - 0.5)
+        axes.set_title(axis_label, fontsize="medium")
+        axes.grid(alpha=0.3, axis="y")
+    _legend_outside(figure, grid[0][0])
+    figure.suptitle(f"Metrics per configuration ({note})")
+    return figure
 
 
 def loss_curves(curves: dict[str, list[tuple[int, float]]]) -> plt.Figure:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import download_json, entrypoint, load_table, runs_of
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from conftest import assert_metrics_match_predictions, download_json, entrypoint, load_table, runs_of
+from sklearn.metrics import confusion_matrix
 
 from finetune_lab.data import SAMPLES
 
@@ -61,18 +60,8 @@ def test_classify_logs_everything_and_metrics_match_predictions(mlflow_run, clie
     assert held_out["text"].str.split().str.len().nunique() > 10
     assert sorted(table["text"]) == sorted(held_out["text"])
     assert table["label"].tolist() == [dict(zip(held_out["text"], held_out["label"]))[t] for t in table["text"]]
+    assert_metrics_match_predictions(metrics, table)
     labels, predictions = table["label"].to_numpy(), table["prediction"].to_numpy()
-    probabilities = table[["prob_0", "prob_1"]].to_numpy()
-    assert np.array_equal(predictions, probabilities.argmax(axis=1))
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary", zero_division=0)
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predictions), abs=1e-9)
-    assert metrics["precision"] == pytest.approx(precision, abs=1e-9)
-    assert metrics["recall"] == pytest.approx(recall, abs=1e-9)
-    assert metrics["f1"] == pytest.approx(f1, abs=1e-9)
-    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]), abs=1e-6)
-    own_label = probabilities[np.arange(len(labels)), labels]
-    assert metrics["eval_loss"] == pytest.approx(-np.log(own_label).mean(), rel=1e-6)
 
     matrix = download_json(client, run.info.run_id, "confusion_matrix.json", tmp_path)
     assert matrix["matrix"] == confusion_matrix(labels, predictions, labels=[0, 1]).tolist()

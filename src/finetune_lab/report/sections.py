@@ -116,9 +116,14 @@ def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
         memory = plots.memory_vs_rank(summary)
         if memory is not None:
             figures.append(Figure("memory vs rank", f"memory_vs_rank-{sweep}", png(memory)))
+        x = "rank"
+        if "method" in summary and summary["method"].nunique() > 1:  # a row per method and rank
+            summary, x = summary.assign(configuration=[contract.lora_label(m, r) for m, r in
+                                                       zip(summary["method"], summary["rank"])]), "configuration"
         blocks += [Text(f"Per rank, mean ± std over seeds (`{contract.RANK_SUMMARY}`):"),
-                   summary_table(summary, "rank"), Figures(figures)]
-    groups = seed_groups(children, lambda r: f"r{r.data.params.get('lora_r')}", "eval_loss")
+                   summary_table(summary, x), Figures(figures)]
+    groups = seed_groups(children, lambda r: contract.lora_label(
+        r.data.params.get("lora_method", contract.DEFAULT_LORA_METHOD), r.data.params.get("lora_r")), "eval_loss")
     blocks.append(Bullets(verdicts(groups, "eval_loss", True)))
     return blocks
 
@@ -229,6 +234,10 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
         by_kind.setdefault(kind_of(logged), []).append(logged)
     if contract.CLASSIFICATION in by_kind:
         blocks += classification_section(by_kind[contract.CLASSIFICATION], artifacts)
+    for parent in by_kind.get(contract.CLASSIFY_SWEEP, []):
+        blocks += [Heading(3, f"Classifier sweep {label(parent)} ({parent.info.run_id[:8]}), status "
+                              f"{parent.info.status}"),
+                   *classification_section(found.children_of(parent), artifacts)]
     sweeps, probes = by_kind.get(contract.SWEEP, []), by_kind.get(contract.PROBE, [])
     blocks += parents_overview("LoRA rank sweeps", sweeps, contract.SWEEP_PARENT_METRICS)
     for parent in sweeps:
@@ -242,8 +251,9 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
         blocks += resume_section(by_kind[contract.RESUME], found)
     if contract.BENCH in by_kind:
         blocks += bench_section(by_kind[contract.BENCH])
-    others = [r for kind, runs in by_kind.items() if kind not in (contract.CLASSIFICATION, contract.SWEEP,
-                                                                 contract.PROBE, contract.RESUME, contract.BENCH)
+    others = [r for kind, runs in by_kind.items() if kind not in (contract.CLASSIFICATION, contract.CLASSIFY_SWEEP,
+                                                                 contract.SWEEP, contract.PROBE, contract.RESUME,
+                                                                 contract.BENCH)
               for r in runs]
     if others:
         blocks += other_section(others)
