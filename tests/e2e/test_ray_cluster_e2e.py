@@ -24,6 +24,8 @@ SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": "2,4", "seeds": "1"
          "max_length": 48, "learning_rate": 1e-3}
 ON_WORKERS = {"executor": "ray", "workers": 2, "cpus_per_worker": 1}
 RAY = str(Path(sys.executable).parent / "ray")
+# MLflow's system metrics: sampled by a timer thread, so which of them a short run got depends on the machine's load
+SAMPLED = "system/"
 
 
 class RayCluster:
@@ -106,13 +108,14 @@ def sweep_shape(client, experiment: str, tmp_path: Path) -> dict:
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                       key=lambda r: r.info.run_name)
-    shape = {"parent": (parent.info.status, sorted(parent.data.metrics),
+    shape = {"parent": (parent.info.status, sorted(k for k in parent.data.metrics if not k.startswith(SAMPLED)),
                         sorted(a.path for a in client.list_artifacts(parent.info.run_id)))}
     for child in children:
         adapter = Path(client.download_artifacts(child.info.run_id, "adapter", str(tmp_path / child.info.run_id)))
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
         shape[child.info.run_name] = {
-            "status": child.info.status, "metrics": sorted(child.data.metrics), "tags": sorted(child.data.tags),
+            "status": child.info.status, "metrics": sorted(k for k in child.data.metrics if not k.startswith(SAMPLED)),
+            "tags": sorted(child.data.tags),
             "params": {k: v for k, v in child.data.params.items() if k not in ON_WORKERS},
             "train_loss_steps": steps, "adapter_files": sorted(f.name for f in adapter.iterdir())}
     return shape
