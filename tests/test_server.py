@@ -109,3 +109,33 @@ def test_a_worker_gets_the_drivers_credentials(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     tracking.configure_worker("http://lab:5000", handed)
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
+
+
+def test_a_password_other_than_the_accounts_is_refused(monkeypatch):
+    """MLflow sets the administrator's password on the first start only and ignores it later: a start with another
+    one must not look as if it had changed it."""
+    import requests
+
+    class Answer:
+        def __init__(self, status: int):
+            self.status_code, self.ok = status, status == 200
+
+        def raise_for_status(self):
+            pass
+
+    asked = []
+
+    def get(url, **kwargs):
+        asked.append((url.rsplit("/", 1)[-1], kwargs.get("auth")))
+        return Answer(200 if url.endswith("/health") else 401)
+
+    class Serving:
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(requests, "get", get)
+    with pytest.raises(InputError) as refused:
+        server.wait_until_serving("http://127.0.0.1:5000", Serving(), "admin", PASSWORD)
+    assert refused.value.problems == ["admin_password_file: this is not the password of account 'admin' (set on "
+                                      "the server's first start); give that one"]
+    assert asked == [("health", None), ("get", ("admin", PASSWORD))]
