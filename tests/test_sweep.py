@@ -50,6 +50,14 @@ def test_verdicts_compare_methods_at_equal_rank_runner_up_first():
     assert lines[1].endswith("dora is better")
 
 
+def test_a_tie_is_reported_against_the_configuration_chosen_as_best():
+    table = children_table()[lambda t: t["method"] != "dora"].assign(eval_loss=1.0)
+    summary = contract.summarise(table, lora_sweep.DESIGN.axes, ["eval_loss"])
+    best = sweep.best_child(table, summary, lora_sweep.DESIGN)
+    lines = sweep.verdict_lines(table, lora_sweep.DESIGN, best)
+    assert all(line.split(" vs ")[1].startswith(f"method={best['method']}:") for line in lines), lines
+
+
 def tiny_sweep(**overrides) -> SweepConfig:
     settings = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(3,), max_steps=4, batch_size=8,
                     max_length=48, learning_rate=1e-2, experiment="sweep-unit")

@@ -243,9 +243,10 @@ def configuration_label(row, axes: list[str], table: pd.DataFrame) -> str:
     return ", ".join(f"{a}={row[a]}" for a in varying)
 
 
-def verdict_lines(table: pd.DataFrame, design: Design) -> list[str]:
-    """`report.verdicts` over the finished children: each configuration's mean objective against the best's, and
-    whether the difference is beyond the seeds' spread; the runner-up's line first."""
+def verdict_lines(table: pd.DataFrame, design: Design, best: pd.Series | None = None) -> list[str]:
+    """`report.verdicts` over the finished children: each configuration's mean objective against the best's (the
+    configuration of `best` where a family holds it, so that a tie names the same best), and whether the difference
+    is beyond the seeds' spread; the runner-up's line first."""
     lines = []
     for title, rows in design.verdict_groups(table[table["status"] == FINISHED]):
         groups: dict[str, list[float]] = {}
@@ -253,7 +254,9 @@ def verdict_lines(table: pd.DataFrame, design: Design) -> list[str]:
             groups.setdefault(configuration_label(row, design.axes, table), []).append(float(row[design.objective]))
         means = {name: sum(values) / len(values) for name, values in groups.items()}
         ranked = sorted(means, key=means.get, reverse=not design.lower_is_better)
-        found = verdicts(groups, design.objective, design.lower_is_better)
+        reference = "" if best is None else configuration_label(best, design.axes, table)
+        ranked.sort(key=lambda name: name != reference)  # the best first, whatever a tie's order
+        found = verdicts(groups, design.objective, design.lower_is_better, reference)
         # the runner-up's line (it names the runner-up first) leads: it says whether the best is really ahead
         found.sort(key=lambda line: not (len(ranked) > 1 and line.startswith(f"{ranked[1]} vs ")))
         lines += [f"{title}: {line}" if title else line for line in found]
@@ -274,7 +277,7 @@ def log_summary(children: list[ChildOutcome], design: Design) -> dict | None:
     summary = contract.summarise(table, design.axes, design.summary_metrics)
     tracking.log_table(summary, design.summary_artifact)
     best = best_child(table, summary, design)
-    lines = verdict_lines(table, design)
+    lines = verdict_lines(table, design, best)
     mlflow.log_text("\n".join(lines) + "\n", VERDICTS_ARTIFACT)
     tracking.set_or_clear_tag("verdict", lines[0] if lines else "")
     design.log_figures(summary, children, best)
