@@ -244,7 +244,7 @@ def ray_processes(folder: Path) -> list:
     return found
 
 
-def ray_left_behind(folder: Path, grace_s: float = 15.0) -> list[str]:
+def ray_left_behind(folder: Path, grace_s: float = 30.0) -> list[str]:
     """Processes of that Ray instance still alive after `grace_s` (shutdown takes a moment to reach them all)."""
     import time
 
