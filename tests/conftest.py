@@ -32,9 +32,11 @@ def pytest_collection_modifyitems(items):
         if "e2e" in item.path.parts or {"local_ray", "server", "team_server"} & set(
                 getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        # the team's tracking server (a session fixture) is started once for the tests that share that worker
-        if "ray" in item.path.name or {"local_ray", "team_server"} & set(getattr(item, "fixturenames", ())):
+        if "ray" in item.path.name or "local_ray" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif "team_server" in getattr(item, "fixturenames", ()):
+            # the other tests on the team's tracking server (a session fixture: one per worker) share one worker
+            item.add_marker(pytest.mark.xdist_group("team_server"))
 
 
 @pytest.fixture(scope="session", autouse=True)
