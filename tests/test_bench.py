@@ -78,6 +78,20 @@ def test_every_variant_trains_every_example_or_the_config_is_refused():
     assert bench.check(BenchConfig(workloads="lora_sweep", classify_examples=1601)) == [], "classify is not run"
 
 
+def test_problems_of_the_derived_workload_configs_are_named_after_the_bench_fields_that_set_them():
+    config = BenchConfig(classify_max_length=4, lora_ranks=(0, 4), lora_target_modules=" ", seed=-1, large_batch=48,
+                         variants="baseline,project_large")
+    assert bench.check(config) == [
+        "classify_max_length: must be >= 8, got 4",
+        "classify_examples: must be a multiple of 16 and 48 (the batch sizes), so that every variant trains every "
+        "example, got 1600",
+        "lora_target_modules: must be `all-linear` or a comma list of module names",
+        "seed: must be integers >= 0, got -1",
+        "lora_ranks: must be integers >= 1, got 0,4",
+    ]
+    assert bench.check(BenchConfig(workloads="classify", lora_ranks=(0,))) == [], "lora_sweep is not run"
+
+
 def test_flops_per_token_follow_the_stated_formula():
     workload = bench.Workload("lora_sweep", None, None, None, None, linear_params=1000, layers=2, hidden=8,
                               attended=10.0)
@@ -119,5 +133,5 @@ def test_data_and_model_problems_of_every_workload_come_together(client, no_weig
         "--classify-dataset", "sample_chat"])
     assert outcome.exit_code == 2, outcome.output
     errors = [line for line in outcome.output.splitlines() if line.startswith("error: ")]
-    assert any(e.startswith("error: classify_dataset: column 'text' not in the dataset") for e in errors), errors
+    assert any(e.startswith("error: classify_text_column: column 'text' not in the dataset") for e in errors), errors
     assert f"error: lora_dataset: file '{tmp_path / 'missing.jsonl'}' not found" in errors

@@ -1,8 +1,10 @@
 from dataclasses import fields
+from typing import get_type_hints
 
 import pytest
 
 from finetune_lab.config import (
+    BENCH_PARTS,
     BenchConfig,
     ClassifyConfig,
     ClassifySweepConfig,
@@ -106,6 +108,22 @@ def test_shared_fields_are_declared_once_and_keep_each_entry_points_default():
     assert [c().experiment for c in (ClassifyConfig, ClassifySweepConfig, SweepConfig, ProbeConfig)] == [
         "classification", "classify_sweep", "lora_sweep", "retrain_probe"]
     assert field_docs(ClassifyConfig)["experiment"] == field_docs(BenchConfig)["experiment"]
+    seeded = [k.__name__ for k in BenchConfig.__mro__ + ClassifyConfig.__mro__ + ProbeConfig.__mro__
+              if "seed" in vars(k).get("__annotations__", {})]
+    assert set(seeded) == {"Seeded"}
+
+
+def test_the_bench_takes_the_workloads_fields_under_a_prefix_with_their_type_docstring_and_rules():
+    docs, hints, defaults = field_docs(BenchConfig), get_type_hints(BenchConfig), BenchConfig()
+    for part in BENCH_PARTS:
+        part_docs, part_hints = field_docs(part.config), get_type_hints(part.config)
+        for name in part.fields:
+            assert part_docs[name] in docs[part.prefix + name] and hints[part.prefix + name] == part_hints[name]
+        derived = from_strings(BenchConfig, {f"{part.prefix}max_length": "100", "seed": "7"}).derive(part.name)
+        seed = as_params(derived).get("seed", as_params(derived).get("seeds"))
+        assert type(derived) is part.config and derived.max_length == 100 and str(seed) == "7"
+        assert derived.model == getattr(defaults, f"{part.prefix}model") and derived.problems() == []
+    assert not {f.name for f in fields(BenchConfig)} & {"model", "dataset", "max_length", "ranks", "target_modules"}
 
 
 def test_float_lists_are_parsed_and_logged_as_given():

@@ -97,21 +97,23 @@ def _words(rng: np.random.Generator, count: int) -> str:
 
 
 def synthetic_frame(workload: str, config: BenchConfig) -> pd.DataFrame:
-    """The workload's training examples + `eval_examples` rows with a `split` column. `classify`: texts of IMDB-like
-    token lengths ([CLS] and [SEP] included) with random labels; `lora_sweep`: input/output pairs of chat-like total
-    lengths (a third input; newline and EOS included)."""
+    """The workload's training examples + `eval_examples` rows with a `split` column, in the workload's columns.
+    `classify`: texts of IMDB-like token lengths ([CLS] and [SEP] included) with random labels; `lora_sweep`:
+    input/output pairs of chat-like total lengths (a third input; newline and EOS included)."""
     rng = np.random.default_rng(config.seed)
     trained = config.classify_examples if workload == CLASSIFY else config.lora_examples
     count = trained + config.eval_examples
     split = [TRAIN] * trained + [TEST] * config.eval_examples
+    columns = config.derive(workload)
     if workload == CLASSIFY:
-        lengths = IMDB_LIKE.sample(rng, count, config.classify_max_length)
-        return pd.DataFrame({"text": [_words(rng, n - 2) for n in lengths],
-                             "label": rng.integers(0, 2, count).tolist(), "split": split})
-    lengths = CHAT_LIKE.sample(rng, count, config.lora_max_length)
+        lengths = IMDB_LIKE.sample(rng, count, columns.max_length)
+        return pd.DataFrame({columns.text_column: [_words(rng, n - 2) for n in lengths],
+                             columns.label_column: rng.integers(0, 2, count).tolist(), "split": split})
+    lengths = CHAT_LIKE.sample(rng, count, columns.max_length)
     inputs = [max(1, round(n / 3)) for n in lengths]
-    return pd.DataFrame({"input": [_words(rng, n) for n in inputs],
-                         "output": [_words(rng, n - i - 2) for n, i in zip(lengths, inputs)], "split": split})
+    return pd.DataFrame({columns.input_column: [_words(rng, n) for n in inputs],
+                         columns.output_column: [_words(rng, n - i - 2) for n, i in zip(lengths, inputs)],
+                         "split": split})
 
 
 # ------------------------------------------------------------------------------------------- workloads
@@ -142,43 +144,24 @@ class Workload:
         return 4 * self.linear_params + 6 * adapter_params + 12 * self.layers * self.hidden * self.attended
 
 
-# Where a problem with a workload's config comes from in the bench's config.
-FIELDS = {
-    CLASSIFY: {"model": "classify_model", "dataset": "classify_dataset", "text_column": "classify_dataset",
-               "label_column": "classify_dataset", "max_length": "classify_max_length", "batch_size": "large_batch",
-               "max_train_samples": "classify_examples", "max_eval_samples": "eval_examples"},
-    LORA_SWEEP: {"model": "lora_model", "dataset": "lora_dataset", "input_column": "lora_dataset",
-                 "output_column": "lora_dataset", "max_length": "lora_max_length",
-                 "batch_tokens": "large_batch_tokens", "batch_size": "lora_examples"},
-}
+# What a variant changes in its workload's config: fields that one of the bench's sets (its problems are reported
+# under that name), then fixed settings.
+VARIANT_SET_BY = {"project_large": {CLASSIFY: {"batch_size": "large_batch"},
+                                    LORA_SWEEP: {"batch_tokens": "large_batch_tokens"}}}
+VARIANT_SETTINGS = {"dynamic_padding": {CLASSIFY: {"compile": "off"}, LORA_SWEEP: {"packing": "off"}},
+                    "compile_buckets": {CLASSIFY: {"compile_shapes": training.BUCKETS}}}
 
 
-def renamed(problems: list[str], workload: str) -> list[str]:
-    """Problems of a workload's config, under the names of the bench's fields that set them."""
-    names = FIELDS[workload]
-    return [names.get(field_of(line), field_of(line)) + line[len(field_of(line)):] for line in problems]
-
-
-def workload_config(workload: str, config: BenchConfig, dataset: str) -> ClassifyConfig | SweepConfig:
-    """The entry point's config for the workload: its defaults (one epoch), the bench's model, data and lengths."""
-    if workload == CLASSIFY:
-        return ClassifyConfig(model=config.classify_model, dataset=dataset, max_length=config.classify_max_length,
-                              max_train_samples=config.classify_examples, max_eval_samples=config.eval_examples,
-                              seed=config.seed)
-    return SweepConfig(model=config.lora_model, dataset=dataset, max_length=config.lora_max_length,
-                       ranks=config.ranks, seeds=(config.seed,), target_modules=config.target_modules)
+def set_by_variant(workload: str, variant: str) -> dict[str, str]:
+    """The fields of the workload's config that the variant sets from the bench's: field → the bench's field."""
+    return VARIANT_SET_BY.get(variant, {}).get(workload, {})
 
 
 def variant_config(workload: str, project_config: ClassifyConfig | SweepConfig, variant: str,
                    config: BenchConfig) -> ClassifyConfig | SweepConfig:
     """The workload's config as a variant runs it (`project_config`: the `project` variant's)."""
-    changes = {
-        "project_large": {CLASSIFY: {"batch_size": config.large_batch},
-                          LORA_SWEEP: {"batch_tokens": config.large_batch_tokens}},
-        "dynamic_padding": {CLASSIFY: {"compile": "off"}, LORA_SWEEP: {"packing": "off"}},
-        "compile_buckets": {CLASSIFY: {"compile_shapes": training.BUCKETS}},
-    }.get(variant, {}).get(workload, {})
-    return dataclasses.replace(project_config, **changes)
+    return dataclasses.replace(project_config, **config.values(workload, set_by_variant(workload, variant)),
+                               **VARIANT_SETTINGS.get(variant, {}).get(workload, {}))
 
 
 def _every_example_trained(config: BenchConfig, batch_sizes: set[int]) -> list[str]:
@@ -197,12 +180,13 @@ def check(config: BenchConfig) -> list[str]:
     if any(field_of(p) in ("workloads", "variants") for p in problems):
         return problems
     for name in config.workload_list:
-        project = workload_config(name, config, "data")  # a placeholder: the data is checked by `prepare`
-        variants = [variant_config(name, project, variant, config) for variant in config.variant_list]
-        for variant in variants:
-            problems += [p for p in renamed(variant.problems(), name) if p not in problems]
+        project = config.derive(name)
+        variants = {variant: variant_config(name, project, variant, config) for variant in config.variant_list}
+        for variant, variant_cfg in variants.items():
+            named = config.named(variant_cfg.problems(), name, set_by_variant(name, variant))
+            problems += [p for p in named if p not in problems]
         if name == CLASSIFY:
-            problems += _every_example_trained(config, {variant.batch_size for variant in variants})
+            problems += _every_example_trained(config, {variant.batch_size for variant in variants.values()})
     return problems
 
 
@@ -211,11 +195,10 @@ def prepare(config: BenchConfig, scratch: Path) -> list[Workload]:
     raise InputError with every problem of every workload, under the bench's field names."""
     problems, checked = [], []
     for name in config.workload_list:
-        dataset = config.classify_dataset if name == CLASSIFY else config.lora_dataset
-        if dataset == SYNTHETIC:
-            dataset = str(scratch / f"{name}.jsonl")
-            synthetic_frame(name, config).to_json(dataset, orient="records", lines=True)
-        project = workload_config(name, config, dataset)
+        project = config.derive(name)
+        if project.dataset == SYNTHETIC:
+            project = dataclasses.replace(project, dataset=str(scratch / f"{name}.jsonl"))
+            synthetic_frame(name, config).to_json(project.dataset, orient="records", lines=True)
         try:
             if name == CLASSIFY:
                 prepared = classify.prepare(project)
@@ -223,7 +206,7 @@ def prepare(config: BenchConfig, scratch: Path) -> list[Workload]:
                 prepared = causal_lm.prepare(project, project.ranks, config.seed)
                 prepared.data = data_lib.limit(prepared.data, {TRAIN: config.lora_examples}, config.seed)
         except InputError as error:
-            problems += renamed(error.problems, name)
+            problems += config.named(error.problems, name)
             continue
         checked.append((name, project, prepared))
     raise_if_any(problems)

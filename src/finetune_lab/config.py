@@ -14,7 +14,7 @@ import inspect
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 from finetune_lab.errors import field_of, problem
 
@@ -80,6 +80,14 @@ class Tracked(Config):
         problems = super().validate()
         _check(problems, self, "experiment", lambda v: bool(v.strip()), "must not be empty")
         return problems
+
+
+@dataclass
+class Seeded(Config):
+    """An experiment with one seed."""
+
+    seed: int = 42
+    """Seed of everything random in the run: the split, shuffling, initialisation (weights, adapter) and data order."""
 
 
 @dataclass
@@ -199,7 +207,8 @@ class ClassifierSetup(TrainingSetup):
     """What a classification experiment needs but its schedule and seed: the model, the data and its columns."""
 
     model: str = "distilbert-base-uncased"
-    """Hub id, local folder, or alias: `minilm-l6` (offline all-MiniLM-L6-v2), `tiny` (random DistilBERT)."""
+    """Hub id, local folder, or alias: `minilm-l6` (offline all-MiniLM-L6-v2), `tiny` (random DistilBERT),
+    `random:distilbert-base` (full size, random weights)."""
     dataset: str = "imdb"
     """Hub id, local .csv/.jsonl/.json/.parquet file, or `sample` (the embedded sentiment set)."""
     text_column: str = "text"
@@ -237,11 +246,9 @@ class ClassifierSetup(TrainingSetup):
 
 
 @dataclass
-class ClassifyConfig(Tracked, Registering, ClassifierSetup, TrainingConfig):
+class ClassifyConfig(Tracked, Registering, Seeded, ClassifierSetup, TrainingConfig):
     """Fine-tune a sequence classifier and evaluate it on a held-out split."""
 
-    seed: int = 42
-    """Seed for the split, shuffling, initialisation and data order."""
     experiment: str = "classification"
 
 
@@ -283,7 +290,8 @@ class LoraTrainingConfig(TrainingConfig):
     """What every LoRA experiment on a causal LM shares (the sweep and the retraining probe)."""
 
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    """Hub id, local folder, or alias: `smollm2-135m-instruct` (offline), `tiny` (random Llama)."""
+    """Hub id, local folder, or alias: `smollm2-135m-instruct` (offline), `tiny` (random Llama),
+    `random:smollm2-135m` (full size, random weights)."""
     dataset: str = "gberseth/IFT6758-comments"
     """Hub id, local .csv/.jsonl/.json/.parquet file, or `sample_chat` (the embedded chat set)."""
     input_column: str = "input"
@@ -303,11 +311,8 @@ class LoraTrainingConfig(TrainingConfig):
     target_modules: str = "all-linear"
     """`all-linear` (every linear layer but the output head) or a comma list of module names."""
     learning_rate: float = 2e-4
-    """Peak learning rate of AdamW (linear decay)."""
     batch_size: int = 8
-    """Examples per device per optimizer step."""
     max_length: int = 256
-    """Truncate each example to this many tokens (batches are padded dynamically)."""
     eval_fraction: float = 0.1
     """Held-out fraction (same split for every run with the same seed) when the data has no test split."""
     packing: str = "auto"
@@ -375,7 +380,7 @@ PROBE_MODES = ("continue", "from_scratch")
 
 
 @dataclass
-class ProbeConfig(Tracked, Resumable, LoraTrainingConfig):
+class ProbeConfig(Tracked, Resumable, Seeded, LoraTrainingConfig):
     """Train, answer a probe prompt, add one new example, retrain, answer again; measure the change."""
 
     probe_input: str = "Hello, how are you?"
@@ -395,8 +400,6 @@ class ProbeConfig(Tracked, Resumable, LoraTrainingConfig):
     """LoRA rank r."""
     max_new_tokens: int = 30
     """Tokens generated for each reply (greedy decoding)."""
-    seed: int = 42
-    """Seed for the split, adapter initialisation and data order."""
     experiment: str = "retrain_probe"
 
     def validate(self) -> list[str]:
@@ -466,13 +469,98 @@ class ReportConfig(Tracked):
         return [name.strip() for name in self.experiments.split(",") if name.strip()]
 
 
+@dataclass(frozen=True)
+class Part:
+    """Another entry point's config inside a composite one (the bench's workloads): the part's `fields` become the
+    composite's own, named `prefix + name`, with their types, docstrings and rules."""
+
+    name: str
+    config: type
+    prefix: str
+    fields: tuple[str, ...]
+    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The composite's defaults where they differ from the part's."""
+    set_by: dict[str, str] = dataclasses.field(default_factory=dict)
+    """More fields of the part that the composite's own fields set: the part's name → the composite's."""
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    """What the composite adds to a composed field's docstring."""
+
+    def sources(self) -> dict[str, str]:
+        """Every field of the part that the composite sets → the composite's field that sets it."""
+        return {**{name: self.prefix + name for name in self.fields}, **self.set_by}
+
+
+class Composite(Config):
+    """A config composed of other entry points' (its `parts`, made by `composed`): it derives their configs, and
+    reports their problems under its own names, each under the field that set the value."""
+
+    parts: ClassVar[dict[str, Part]] = {}
+
+    def derive(self, part: str) -> Config:
+        """The part's config: every field this config sets, the others the part's defaults."""
+        return self.parts[part].config(**self.values(part, self.parts[part].sources()))
+
+    def values(self, part: str, sources: dict[str, str]) -> dict[str, Any]:
+        """Fields of the part's config → the values of this config's fields that set them (`sources`)."""
+        hints = get_type_hints(self.parts[part].config)
+        return {name: _fitted(getattr(self, source), hints[name]) for name, source in sources.items()}
+
+    def named(self, problems: list[str], part: str, set_by: dict[str, str] | None = None) -> list[str]:
+        """Problems of the part's config, each under the name of this config's field that set the value (`set_by`:
+        more of the part's fields that this config's set, as given to `values`)."""
+        sources = {**self.parts[part].sources(), **(set_by or {})}
+        return [sources.get(field_of(line), field_of(line)) + line[len(field_of(line)):] for line in problems]
+
+
+def _fitted(value: Any, kind: Any) -> Any:
+    """`value` for a field of type `kind`: one value sets a list field to just that value (a seed, the seeds)."""
+    return (value,) if kind in (IntList, FloatList) and not isinstance(value, tuple) else value
+
+
+def composed(*parts: Part) -> type:
+    """The base of a composite config: a dataclass of its parts' fields, named with their prefixes."""
+    specs = []
+    for part in parts:
+        hints, defaults = get_type_hints(part.config), {f.name: f.default for f in fields(part.config)}
+        specs += [(part.prefix + name, hints[name], dataclasses.field(default=part.defaults.get(name, defaults[name])))
+                  for name in part.fields]
+    base = dataclasses.make_dataclass("Composed", specs, bases=(Composite,))
+    base.parts = {part.name: part for part in parts}
+    return base
+
+
+def _composed_docs(parts: dict[str, Part]) -> dict[str, str]:
+    docs = {}
+    for part in parts.values():
+        written = field_docs(part.config)
+        for name in part.fields:
+            docs[part.prefix + name] = " ".join(filter(None, [f"`{name}` of `{part.name}`: {written[name]}",
+                                                              part.notes.get(name)]))
+    return docs
+
+
 BENCH_WORKLOADS = ("classify", "lora_sweep")
 BENCH_VARIANTS = ("baseline", "project", "project_large", "dynamic_padding", "compile_buckets")
 SYNTHETIC = "synthetic"
+# The workloads' parameters a bench takes, each named with its workload's prefix (classify_model, lora_ranks...).
+BENCH_PARTS = (
+    Part("classify", ClassifyConfig, "classify_",
+         ("model", "dataset", "text_column", "label_column", "max_length", "batch_size"),
+         defaults={"model": "random:distilbert-base", "dataset": SYNTHETIC},
+         set_by={"max_train_samples": "classify_examples", "max_eval_samples": "eval_examples", "seed": "seed"},
+         notes={"dataset": "Or `synthetic`: texts of IMDB-like token lengths (lognormal, median 230, sigma 0.7, "
+                           "in [32, 512]) with random labels."}),
+    Part("lora_sweep", SweepConfig, "lora_",
+         ("model", "dataset", "input_column", "output_column", "max_length", "batch_size", "ranks", "target_modules"),
+         defaults={"model": "random:smollm2-135m", "dataset": SYNTHETIC, "target_modules": "q_proj,v_proj"},
+         set_by={"seeds": "seed"},
+         notes={"dataset": "Or `synthetic`: chat pairs of token lengths (lognormal, median 40, sigma 0.6, in "
+                           "[8, 256])."}),
+)
 
 
 @dataclass
-class BenchConfig(Tracked):
+class BenchConfig(Tracked, Seeded, composed(*BENCH_PARTS)):
     """Training speed of the project against the reference baseline: the same workloads and data, named variants
     run one after another in one process on one device."""
 
@@ -483,32 +571,15 @@ class BenchConfig(Tracked):
     adamw_torch), `project` (the entry point's own code path and defaults), `project_large` (the same with
     large_batch / large_batch_tokens), `dynamic_padding` (the project without compilation or packing),
     `compile_buckets` (`classify` compiled for bucket lengths instead of a symbolic one)."""
-    classify_model: str = "random:distilbert-base"
-    """Model of the `classify` workload: `random:distilbert-base` (full size, random weights) or any model spec."""
-    classify_dataset: str = SYNTHETIC
-    """`synthetic` (texts of IMDB-like token lengths: lognormal, median 230, sigma 0.7, in [32, 512]) or any
-    dataset spec with `text` and `label` columns."""
-    lora_model: str = "random:smollm2-135m"
-    """Model of the `lora_sweep` workload: `random:smollm2-135m` (full size, random weights) or any model spec."""
-    lora_dataset: str = SYNTHETIC
-    """`synthetic` (chat pairs of token lengths: lognormal, median 40, sigma 0.6, in [8, 256]) or any dataset spec
-    with `input` and `output` columns."""
     classify_examples: int = 1600
     """Training examples of `classify`, each trained once by every variant (the same work: 100 steps of 16, 25 of
-    64); a multiple of 16 and of large_batch. Synthetic: made; otherwise the first after shuffling."""
+    64); a multiple of classify_batch_size and of large_batch. Synthetic: made; otherwise the first after
+    shuffling."""
     lora_examples: int = 1024
     """Training examples of `lora_sweep`, each trained once per rank by every variant (the same work: 128 steps of
     8 per rank). Synthetic: made; otherwise the first after shuffling."""
     eval_examples: int = 512
     """Held-out examples (synthetic: made; otherwise the first after shuffling, for `classify`)."""
-    classify_max_length: int = 512
-    """Truncation length of `classify`; the baseline pads to it."""
-    lora_max_length: int = 256
-    """Truncation length of `lora_sweep`; the baseline pads to it, packed rows hold up to it."""
-    ranks: IntList = (4, 8, 16, 32)
-    """LoRA ranks of the sweep."""
-    target_modules: str = "q_proj,v_proj"
-    """LoRA target modules (comma list, or `all-linear`)."""
     large_batch: int = 64
     """Examples per batch of `classify` in `project_large`."""
     large_batch_tokens: int = 8192
@@ -518,22 +589,17 @@ class BenchConfig(Tracked):
     H200, A100, T4), else no MFU."""
     tiny: bool = False
     """A seconds-long CPU run for tests: tiny models, 64 / 32 training examples, short lengths (these override the
-    fields above)."""
+    models and sizes given)."""
     output: str = ""
     """Also write the markdown table to this file (empty = print and log it only)."""
-    seed: int = 42
-    """Seed for the synthetic data, the random weights, the split and the data order."""
     experiment: str = "bench"
 
     def validate(self) -> list[str]:
         problems = super().validate()
         _check_names(problems, self, "workloads", BENCH_WORKLOADS)
         _check_names(problems, self, "variants", BENCH_VARIANTS)
-        for name in ("classify_model", "classify_dataset", "lora_model", "lora_dataset", "target_modules"):
-            _check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
         for name in ("classify_examples", "lora_examples", "eval_examples", "large_batch"):
             _check(problems, self, name, lambda v: v >= 1, "must be >= 1")
-        _check_int_list(problems, self, "ranks", minimum=1)
         _check(problems, self, "peak_tflops", lambda v: v >= 0, "must be >= 0 (0 = known from the device name)")
         return problems
 
@@ -600,9 +666,12 @@ PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field (a subclass's own docs win)."""
+    """The docstring written under each dataclass field, or made for a composed one (a subclass's own docs win)."""
     docs: dict[str, str] = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        if "parts" in vars(klass):
+            docs.update(_composed_docs(klass.parts))
+            continue
         body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
         for node, following in zip(body, body[1:]):
             if (
