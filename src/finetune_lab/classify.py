@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
-from finetune_lab import console, contract, health, models, plots, registry, tracking, training
+from finetune_lab import console, contract, health, models, plots, preamble, registry, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
-from finetune_lab.config import ClassifyConfig, as_params
+from finetune_lab.config import ClassifyConfig
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.errors import problem, raise_if_any
 
@@ -170,20 +170,9 @@ def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "cl
     return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits)
 
 
-def log_sources(prepared: Prepared) -> None:
-    """Where the model and data came from, the environment, and the data as used (digests, inputs), on the active
-    run."""
-    tracking.log_params(
-        {
-            **models.source_params(prepared.source),
-            **tracking.environment_params(),
-            "num_labels": len(prepared.classes),
-            "train_examples": len(prepared.data.splits[TRAIN]),
-            "eval_examples": len(prepared.data.splits[TEST]),
-            "dataset_digest": prepared.data.digest,
-        }
-    )
-    data_lib.log_inputs(prepared.data)
+def preamble_params(prepared: Prepared) -> dict[str, int]:
+    """What a classifier's run records beyond the preamble's sources, environment and data sizes."""
+    return {"num_labels": len(prepared.classes)}
 
 
 @dataclass
@@ -218,17 +207,16 @@ def train_and_log(config: ClassifyConfig, prepared: Prepared, name: str = "class
 
 
 def execute(config: ClassifyConfig) -> dict:
-    """The experiment inside the active run: validate, train, evaluate and log everything; return the headline
-    metrics, the training metrics and notes."""
-    tracking.log_config(as_params(config))
-    prepared = prepare(config)
-    log_sources(prepared)
-    trained = train_and_log(config, prepared)
-    notes = []
-    if config.register_as:
-        result = register(config, prepared, trained.fitted.model, trained.fitted.tokenizer, trained.texts[:3],
-                          trained.headline["eval_loss"])
-        notes.append(f"registered {result['model_uri']} (champion {result['decision']})")
+    """The experiment inside the active run: the preamble (`preamble.begin`), train, evaluate and log everything;
+    return the headline metrics, the training metrics and notes."""
+    with preamble.begin(config, contract.CLASSIFICATION, lambda: prepare(config), preamble_params) as begun:
+        prepared = begun.prepared
+        trained = train_and_log(config, prepared)
+        notes = []
+        if config.register_as:
+            result = register(config, prepared, trained.fitted.model, trained.fitted.tokenizer, trained.texts[:3],
+                              trained.headline["eval_loss"])
+            notes.append(f"registered {result['model_uri']} (champion {result['decision']})")
     return {"metrics": trained.headline, "training": trained.fitted.metrics, "notes": notes}
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification
 
-from finetune_lab import classify, contract, executors, health, models, plots, sweep, tracking
+from finetune_lab import classify, contract, executors, health, models, plots, preamble, sweep, tracking
 from finetune_lab import data as data_lib
 from finetune_lab.config import ClassifyConfig, ClassifySweepConfig, as_params
 from finetune_lab.contract import FINISHED
@@ -90,7 +90,7 @@ def run_child(work: Workload, spec: ChildSpec, run_id: str = "") -> ChildOutcome
         outcome.run_id = child.info.run_id
         tracking.log_config(as_params(config))
         mlflow.set_tags(work.marks)
-        classify.log_sources(work.prepared)
+        preamble.log_sources(work.prepared, classify.preamble_params(work.prepared))
         try:
             trained = classify.train_and_log(config, work.prepared, f"{spec.position} {spec.name}")
         except health.TrainingCollapsed as dead:
@@ -137,7 +137,7 @@ class ClassifySweep(sweep.Design):
         return prepared
 
     def preamble_params(self, prepared: classify.Prepared) -> dict:
-        return {"num_labels": len(prepared.classes)}
+        return classify.preamble_params(prepared)
 
     def workload(self, config: ClassifySweepConfig, prepared: classify.Prepared, marks: dict[str, str],
                  parent_run_id: str) -> Workload:

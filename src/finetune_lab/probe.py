@@ -31,7 +31,7 @@ import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import causal_lm, contract, lora, models, plots, prompts, resume, tracking
+from finetune_lab import causal_lm, contract, lora, plots, preamble, prompts, resume, tracking
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ProbeConfig, as_params
@@ -241,21 +241,15 @@ def run(config: ProbeConfig) -> dict:
     """The whole probe inside one parent run (with `resume`: inside the earlier parent, reopened, under a run of
     its own); return the parent's id, the headline numbers and both replies."""
     kind = contract.RESUME if config.resume else contract.PROBE
-    with tracking.experiment_run(kind, config.experiment, config.run_name) as invocation:
-        tracking.log_config(as_params(config))
-        prepared = causal_lm.prepare(config, (config.rank,), config.seed, rank_param="rank")
-        tracking.log_params(
-            {**models.source_params(prepared.source), **tracking.environment_params(),
-             "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
-             "eval_examples": len(prepared.data.splits[TEST]),
-             "repeats": ",".join(map(str, config.repeats_list))}
-        )
-        data_lib.log_inputs(prepared.data)
-        with resume.parent_run(config, contract.PROBE, invocation, prepared.data) as parent:
-            before, afters = run_stages(parent, config, prepared)
+    with tracking.experiment_run(kind, config.experiment, config.run_name):
+        with preamble.begin(config, contract.PROBE,
+                            lambda: causal_lm.prepare(config, (config.rank,), config.seed, rank_param="rank"),
+                            lambda prepared: {"repeats": ",".join(map(str, config.repeats_list))}) as begun:
+            parent = begun.parent
+            before, afters = run_stages(parent, config, begun.prepared)
             table = log_comparison(before, afters, config)
         last = table.iloc[-1]
-        notes = [*resume.note(parent, invocation), f"probe_input: {config.probe_input!r}   mode: {config.mode}",
+        notes = [*begun.notes, f"probe_input: {config.probe_input!r}   mode: {config.mode}",
                  f"  {'before':<10} {before.reply!r}"]
         notes += [f"  {a.name:<10} {a.reply!r}\n  {'':<10} target_nll {row.target_nll_before:.4f} → "
                   f"{row.target_nll_after:.4f}, rouge_l {row.rouge_l_before:.3f} → {row.rouge_l_after:.3f}, "

@@ -25,11 +25,9 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import contract, executors, models, registry, resume, tracking
-from finetune_lab import data as data_lib
-from finetune_lab.config import Sweeping, as_params
+from finetune_lab import contract, executors, preamble, registry, resume, tracking
+from finetune_lab.config import Sweeping
 from finetune_lab.contract import FINISHED, NOT_RUN
-from finetune_lab.data import TEST, TRAIN
 from finetune_lab.errors import one_line
 from finetune_lab.report.verdicts import verdicts
 
@@ -346,21 +344,13 @@ def execute(config: Sweeping, design: Design) -> dict:
     earlier parent). Validate, train every planned child through the executor, summarise, register. Return the
     parent's id, the best child, the children and notes."""
     started = time.perf_counter()
-    invocation = mlflow.active_run()
-    tracking.log_config(as_params(config))
     # The held-out split (and the tiny model) come from the first seed: identical for every child.
     split_seed = config.seeds[0] if config.seeds else 0
-    prepared = design.prepare(config, split_seed)
-    tracking.log_params(
-        {**models.source_params(prepared.source), **tracking.environment_params(),
-         "dataset_digest": prepared.data.digest, "train_examples": len(prepared.data.splits[TRAIN]),
-         "eval_examples": len(prepared.data.splits[TEST]), "split_seed": split_seed,
-         **design.preamble_params(prepared)}
-    )
-    data_lib.log_inputs(prepared.data)
-    with resume.parent_run(config, design.kind, invocation, prepared.data) as parent:
-        result = sweep_children(parent, config, design, prepared, resume.marks(config, prepared.data), started)
-    result["notes"][:0] = resume.note(parent, invocation)
+    with preamble.begin(config, design.kind, lambda: design.prepare(config, split_seed),
+                        lambda prepared: {"split_seed": split_seed, **design.preamble_params(prepared)}) as begun:
+        prepared = begun.prepared
+        result = sweep_children(begun.parent, config, design, prepared, resume.marks(config, prepared.data), started)
+    result["notes"][:0] = begun.notes
     return result
 
 

@@ -1,0 +1,64 @@
+"""The start of every experiment's run, written once: the config logged first (so that even a run that fails
+validation shows what it was asked), data and model prepared and checked, where they came from and the data as used
+logged (model source, environment, digest, sizes, the splits as MLflow inputs), then the run that holds the
+experiment's children: the invocation's own, or with `resume` the earlier parent reopened (`resume.parent_run`)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import mlflow
+
+from finetune_lab import data as data_lib
+from finetune_lab import models, resume, tracking
+from finetune_lab.config import Resumable, as_params
+from finetune_lab.data import TEST, TRAIN
+
+Prepared = TypeVar("Prepared")
+
+
+@dataclass
+class Begun(Generic[Prepared]):
+    """An experiment's run after its preamble."""
+
+    prepared: Prepared
+    """What `prepare` returned: checked data (`data`) and model source (`source`)."""
+    parent: mlflow.ActiveRun
+    """The run that holds the children: the invocation's own, or the earlier parent it resumes."""
+    invocation: mlflow.ActiveRun
+
+    @property
+    def notes(self) -> list[str]:
+        """A line for the user when an earlier parent was resumed, none otherwise."""
+        return resume.note(self.parent, self.invocation)
+
+
+def log_sources(prepared, params: dict[str, Any] | None = None) -> None:
+    """On the active run: where the model came from, the environment, the data's digest and sizes as used, `params`,
+    and the splits as MLflow inputs. `prepared` holds `source` (models.ModelSource) and `data` (data.LoadedData)."""
+    data = prepared.data
+    tracking.log_params({**models.source_params(prepared.source), **tracking.environment_params(),
+                         "dataset_digest": data.digest, "train_examples": len(data.splits[TRAIN]),
+                         "eval_examples": len(data.splits[TEST]), **(params or {})})
+    data_lib.log_inputs(data)
+
+
+@contextlib.contextmanager
+def begin(config, kind: str, prepare: Callable[[], Prepared],
+          params: Callable[[Prepared], dict[str, Any]] = lambda prepared: {}) -> Iterator[Begun[Prepared]]:
+    """The preamble in the active run (the invocation's), for an experiment of `kind`: log the config, `prepare()`
+    (which raises InputError with every problem), log the sources with `params(prepared)`; then, for a `Resumable`
+    config, the parent run tagged with what its children are made with (`resume.parent_run`), else the invocation's
+    run itself."""
+    invocation = mlflow.active_run()
+    tracking.log_config(as_params(config))
+    prepared = prepare()
+    log_sources(prepared, params(prepared))
+    if not isinstance(config, Resumable):
+        yield Begun(prepared, invocation, invocation)
+        return
+    with resume.parent_run(config, kind, invocation, prepared.data) as parent:
+        yield Begun(prepared, parent, invocation)
