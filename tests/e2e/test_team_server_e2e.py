@@ -15,6 +15,8 @@ from conftest import REPO
 # Each entry point once, as small as it goes (generate answers with the adapter the sweep registered).
 ENTRY_POINTS = [
     ("classify", {"model": "tiny", "dataset": "sample", "max_steps": 2, "batch_size": 8, "max_length": 32}),
+    ("classify_sweep", {"model": "tiny", "dataset": "sample", "learning_rates": "1e-3", "epochs": 1, "seeds": 1,
+                        "max_steps": 2, "batch_size": 8, "max_length": 32}),
     ("lora_sweep", {"model": "tiny", "dataset": "sample_chat", "ranks": "2", "seeds": "1", "max_steps": 2,
                     "batch_size": 8, "max_length": 48, "register_as": "team-adapter"}),
     ("generate", {"model_uri": "models:/team-adapter@champion", "max_new_tokens": 4}),
