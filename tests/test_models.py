@@ -127,3 +127,18 @@ def test_random_aliases_are_built_once_with_the_offline_tokenizer(monkeypatch):
                            model.distilbert.embeddings.word_embeddings.weight), "the seed decides the weights"
     assert models.resolve("random:smollm2-135m", models.CLASSIFIER)[1] == [
         "model: 'random:smollm2-135m' is a causal_lm, not a classifier; use random:distilbert-base"]
+
+
+def test_a_tokenizer_is_loaded_once_per_process(monkeypatch):
+    """What shares a model in one process (a sweep and its local children, registration, bench's variants and the
+    classify path) shares its tokenizer: read from disk once."""
+    from transformers import AutoTokenizer
+
+    source = models.tiny(models.CLASSIFIER, ["some text", "other words"] * 5, seed=0)
+    models.load_tokenizer.cache_clear()
+    original, loads = AutoTokenizer.from_pretrained, []
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: loads.append(args) or original(*args, **kwargs)))
+    first = models.load_tokenizer(source)
+    _, second = models.load(source, AutoModelForSequenceClassification)
+    assert first is second and len(loads) == 1

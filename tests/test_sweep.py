@@ -4,6 +4,7 @@ exactly, a failing child leaves the others finished, bad input."""
 from __future__ import annotations
 
 import math
+import traceback
 
 import mlflow
 import pandas as pd
@@ -199,3 +200,40 @@ def test_called_in_process_the_config_is_still_validated(client):
 
     with pytest.raises(InputError, match="ranks: lists 4 more than once"):
         lora_sweep.run(tiny_sweep(ranks=(4, 4)))
+
+
+def test_a_local_sweep_loads_the_tokenizer_and_the_base_once(client, monkeypatch):
+    """Two children and the registration of the best, in one process: the tokenizer and the frozen base are loaded
+    once. The registration checks the best adapter (as if trained elsewhere: no logits in memory) on the base the
+    children trained on, which the adapters left untouched; only the registry's verification loads them again, from
+    the registered model's `models:/` URI."""
+    from transformers import AutoTokenizer
+
+    loads = []
+
+    def counted(auto_class):
+        original = auto_class.from_pretrained
+
+        def from_pretrained(cls, *args, **kwargs):
+            reloading = any(frame.filename.endswith("pyfunc_models.py") for frame in traceback.extract_stack())
+            loads.append((auto_class.__name__, "registry reload" if reloading else "sweep"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(auto_class, "from_pretrained", classmethod(from_pretrained))
+
+    counted(AutoTokenizer)
+    counted(AutoModelForCausalLM)
+    models.load_tokenizer.cache_clear()  # an earlier test of this process may have loaded the tiny tokenizer
+    trained_here = lora_sweep.ChildTrainer.__call__
+
+    def without_logits_in_memory(trainer, spec, run_id=""):
+        outcome = trained_here(trainer, spec, run_id)
+        outcome.reference = None
+        return outcome
+
+    monkeypatch.setattr(lora_sweep.ChildTrainer, "__call__", without_logits_in_memory)
+    lora_sweep.run(tiny_sweep(register_as="loaded-once"))
+    assert sorted(name for name, where in loads if where == "sweep") == ["AutoModelForCausalLM", "AutoTokenizer"]
+    assert {where for _, where in loads} == {"sweep", "registry reload"}, "the registry's reload check still runs"
+    version = client.get_model_version_by_alias("loaded-once", "champion")
+    assert float(version.tags["reload_max_logit_diff"]) == 0.0

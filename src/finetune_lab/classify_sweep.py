@@ -163,8 +163,9 @@ class ClassifySweep(sweep.Design):
         with tracking.scratch_dir("register") as scratch:
             folder = mlflow.artifacts.download_artifacts(run_id=best.run_id, artifact_path=CLASSIFIER_ARTIFACT,
                                                          dst_path=str(scratch))
-            source = models.ModelSource(prepared.source.spec, folder, prepared.source.revision)
-            model, tokenizer = models.load(source, AutoModelForSequenceClassification)
+            # The fine-tuned weights from the run; the tokenizer is the one the children used (they log it unchanged).
+            model = AutoModelForSequenceClassification.from_pretrained(folder)
+            tokenizer = models.load_tokenizer(prepared.source)
             texts = list(prepared.data.splits[TEST][workload.config.text_column][:CHECK_TEXTS])
             return classify.register(workload.config, prepared, model, tokenizer, texts, best.metrics["eval_loss"],
                                      trained_in=best.run_id, expected=best.reference)

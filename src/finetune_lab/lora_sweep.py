@@ -10,7 +10,7 @@ on disk (`spool`) and recorded by `resume`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import mlflow
@@ -58,12 +58,19 @@ class Workload:
     marks: dict[str, str]
     """The config and data digests every child is tagged with (`resume`)."""
     parent_run_id: str
+    trainer: ChildTrainer | None = field(default=None, repr=False, compare=False)
+    """This process's trainer, made by the first `make_trainer()`."""
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "tokenized": sweep.portable(self.tokenized)}
+        # A worker process gets the workload without this process's trainer (and base): it makes its own.
+        return {**self.__dict__, "tokenized": sweep.portable(self.tokenized), "trainer": None}
 
     def make_trainer(self) -> ChildTrainer:
-        return ChildTrainer(self)
+        """This process's trainer, with the frozen base loaded once per process: the children trained here and the
+        registration share it."""
+        if self.trainer is None:
+            self.trainer = ChildTrainer(self)
+        return self.trainer
 
 
 class ChildTrainer:
@@ -224,16 +231,15 @@ class LoraSweep(sweep.Design):
         (a GPU worker of a CPU driver), is checked against its logged adapter on the base, on this process's
         device."""
         config = workload.config
-        tokenizer = causal_lm.load_tokenizer(prepared.source)
         with tracking.scratch_dir("register") as scratch:
             adapter_dir = mlflow.artifacts.download_artifacts(
                 run_id=best.run_id, artifact_path=ADAPTER_ARTIFACT, dst_path=str(scratch)
             )
             expected = best.reference
             if expected is None or expected.device != device.training_device():
-                base, _ = causal_lm.load_base(prepared.source)
-                with lora.loaded(base, adapter_dir) as model:
-                    expected = registry.reference(model, tokenizer, workload.check_texts)
+                trainer = workload.make_trainer()  # the base the children trained on here, or loaded now
+                with lora.loaded(trainer.base, adapter_dir) as model:
+                    expected = registry.reference(model, trainer.tokenizer, workload.check_texts)
             candidate = registry.Candidate(
                 log=lambda: registry.log_adapter_model(adapter_dir, prepared.source, expected.dtype,
                                                        config.prompt_format, registry.DEFAULT_MAX_NEW_TOKENS,

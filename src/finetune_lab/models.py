@@ -12,6 +12,7 @@ A spec is a Hub id, a local folder, or an alias:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import shutil
@@ -344,7 +345,10 @@ def model_kwargs(frozen_base: bool) -> dict:
     return {"dtype": device.frozen_dtype(capabilities) if frozen_base else torch.float32, "attn_implementation": "sdpa"}
 
 
+@functools.cache
 def load_tokenizer(source: ModelSource):
+    """The model's tokenizer, loaded once per process: what uses it here (a sweep and the children it trains in
+    this process, a registration, bench's variants) shares it and only reads it."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(source.path)
