@@ -281,7 +281,7 @@ def project(workload: Workload, config: ClassifyConfig | SweepConfig) -> list[tu
     if workload.name == CLASSIFY:
         return [(classify.execute(config)["training"], workload.flops_per_token())]
     children = lora_sweep.execute(config)["children"]
-    failed = [c for c in children if c.status != "FINISHED"]
+    failed = [c for c in children if c.status != contract.FINISHED]
     if failed:
         raise RuntimeError(f"{len(failed)} of the sweep's {len(children)} children failed; first: "
                            f"{failed[0].name}: {failed[0].error}")

@@ -77,9 +77,9 @@ def lora_label(method: str, rank: int) -> str:
     return f"r{rank}" if method == DEFAULT_LORA_METHOD else f"{method}-r{rank}"
 
 
-# The status of a run that ended well, and, in the comparison table, of a planned child that never started (the
-# sweep was stopped first).
-FINISHED = "FINISHED"
+# The statuses of runs, as MLflow names them (`mlflow.entities.RunStatus`), and, in a sweep's comparison table, the
+# status of a planned child that never started (the sweep was stopped first). Every module names a status by these.
+RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 NOT_RUN = "NOT_RUN"
 
 

@@ -31,6 +31,7 @@ import mlflow
 
 from finetune_lab import tracking
 from finetune_lab.config import Sweeping
+from finetune_lab.contract import FAILED, KILLED
 from finetune_lab.errors import InputError, one_line, problem
 
 RAY = "ray"
@@ -202,13 +203,13 @@ def _hand_out(ray, workers: list, children: list) -> Iterator:
         reason = "interrupted before it ended" + (f": {error}" if str(error) else "")
         stopped = []
         for _, child in running.values():
-            tracking.end_run_by_id(run_ids[child.name], "KILLED", reason)
-            stopped.append(child.failed(run_ids[child.name], reason, "KILLED"))
+            tracking.end_run_by_id(run_ids[child.name], KILLED, reason)
+            stopped.append(child.failed(run_ids[child.name], reason, KILLED))
         if isinstance(error, KeyboardInterrupt):  # a signal: the sweep summarises what ended, then stops
             raise Stopped(stopped, error) from error
         raise
 
 
 def _failed(child, run_id: str, error: str):
-    tracking.end_run_by_id(run_id, "FAILED", error)
+    tracking.end_run_by_id(run_id, FAILED, error)
     return child.failed(run_id, error)

@@ -34,7 +34,7 @@ from finetune_lab import (
     training,
 )
 from finetune_lab.config import SweepConfig, as_params
-from finetune_lab.contract import ADAPTER_ARTIFACT, FINISHED
+from finetune_lab.contract import ADAPTER_ARTIFACT, FAILED, FINISHED
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.sweep import ChildOutcome, ChildSpec
 
@@ -114,7 +114,7 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
     a new nested run). A failure ends that run FAILED and is returned, not raised; a signal or a tracking outage
     raises executors.Stopped (`sweep.recorded`)."""
     work = trainer.workload
-    config, tokenizer, outcome = work.config, trainer.tokenizer, ChildOutcome(spec, "", "FAILED")
+    config, tokenizer, outcome = work.config, trainer.tokenizer, ChildOutcome(spec, "", FAILED)
     method, rank = spec.settings["method"], spec.settings["rank"]
     # The logits a reload must reproduce; a converted PiSSA / OLoRA adapter is also checked on a probe prompt.
     texts = work.check_texts or ([PROBE_PROMPT] if method in lora.MUTATE_BASE else [])

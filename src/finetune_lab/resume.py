@@ -25,7 +25,17 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from finetune_lab import tracking
 from finetune_lab.config import as_params
-from finetune_lab.contract import CONFIG_ARTIFACT, CONFIG_DIGEST_TAG, DATA_DIGEST_TAG, ERROR_TAG, KIND_TAG, RESUMED_TAG
+from finetune_lab.contract import (
+    CONFIG_ARTIFACT,
+    CONFIG_DIGEST_TAG,
+    DATA_DIGEST_TAG,
+    ERROR_TAG,
+    FINISHED,
+    KILLED,
+    KIND_TAG,
+    RESUMED_TAG,
+    RUNNING,
+)
 from finetune_lab.data import LoadedData
 from finetune_lab.errors import InputError, problem
 
@@ -127,7 +137,7 @@ def finished_children(parent_run_id: str, tags: dict[str, str]) -> dict[str, Run
     """Run name → the newest FINISHED child of the parent that carries `tags` (the same config and data)."""
     reusable = {}
     for child in children(parent_run_id):
-        if child.info.status == "FINISHED" and all(child.data.tags.get(k) == v for k, v in tags.items()):
+        if child.info.status == FINISHED and all(child.data.tags.get(k) == v for k, v in tags.items()):
             reusable[child.data.tags.get(MLFLOW_RUN_NAME, child.info.run_name)] = child
     return reusable
 
@@ -136,10 +146,10 @@ def close_stranded(parent_run_id: str, by_run_id: str) -> list[str]:
     """End KILLED, with an `error` tag, the parent's children still RUNNING from an earlier attempt; their names."""
     client, closed = MlflowClient(), []
     for child in children(parent_run_id):
-        if child.info.status == "RUNNING":
+        if child.info.status == RUNNING:
             client.set_tag(child.info.run_id, ERROR_TAG, "left RUNNING by an attempt that stopped without ending it "
                                                          f"(SIGKILL or a tracking outage); closed by run {by_run_id}")
-            client.set_terminated(child.info.run_id, "KILLED")
+            client.set_terminated(child.info.run_id, KILLED)
             closed.append(child.info.run_name)
     return closed
 

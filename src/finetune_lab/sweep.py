@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from finetune_lab import contract, executors, preamble, registry, resume, tracking
 from finetune_lab.config import Sweeping
-from finetune_lab.contract import FINISHED, NOT_RUN
+from finetune_lab.contract import FAILED, FINISHED, KILLED, NOT_RUN
 from finetune_lab.errors import one_line
 from finetune_lab.report.verdicts import verdicts
 
@@ -54,7 +54,7 @@ class ChildSpec:
     def name(self) -> str:
         return f"{self.label}-seed{self.seed}"
 
-    def failed(self, run_id: str, error: str, status: str = "FAILED") -> ChildOutcome:
+    def failed(self, run_id: str, error: str, status: str = FAILED) -> ChildOutcome:
         """The outcome of this child when it could not finish where it was sent (e.g. its worker died)."""
         return ChildOutcome(self, run_id, status, error=error)
 
@@ -116,7 +116,7 @@ def recorded(outcome: ChildOutcome) -> Iterator[ChildOutcome]:
     try:
         yield outcome
     except KeyboardInterrupt as stop:
-        outcome.status, outcome.error = _status_in_store(outcome.run_id) or "KILLED", str(stop)
+        outcome.status, outcome.error = _status_in_store(outcome.run_id) or KILLED, str(stop)
         raise executors.Stopped([outcome], stop) from stop
     except tracking.TrackingUnreachable as lost:
         raise executors.Stopped([outcome], lost) from lost

@@ -37,7 +37,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFL
 from mlflow.utils.uri import is_databricks_uri, is_http_uri
 
 from finetune_lab import console, signals
-from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, ERROR_TRACEBACK, KIND_TAG
+from finetune_lab.contract import CONFIG_ARTIFACT, ERROR_TAG, ERROR_TRACEBACK, FAILED, FINISHED, KILLED, KIND_TAG
 from finetune_lab.errors import MAX_LINE_CHARS, InputError, one_line, problem
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -190,7 +190,7 @@ def _end(status: str, error_text: str = "", trace: str = "") -> None:
     tracking server gone (`offline`) the run only leaves the stack: it stays RUNNING in the store until `resume`
     closes it."""
     with signals.deferred():
-        if status == "FINISHED":
+        if status == FINISHED:
             mlflow.end_run(status)
             return
         if not offline():
@@ -209,14 +209,14 @@ def _failing_on_error(run: mlflow.ActiveRun) -> Iterator[mlflow.ActiveRun]:
     try:
         yield run
     except KeyboardInterrupt as stop:
-        _end("KILLED", str(stop) if isinstance(stop, signals.Terminated) else "interrupted by the user")
+        _end(KILLED, str(stop) if isinstance(stop, signals.Terminated) else "interrupted by the user")
         raise
     except BaseException as error:  # noqa: BLE001 - record every failure on the run, then re-raise
         user_mistake = isinstance(error, InputError)  # its lines say it all: no traceback
-        _end("FAILED", one_line(error), "" if user_mistake else traceback.format_exc())
+        _end(FAILED, one_line(error), "" if user_mistake else traceback.format_exc())
         raise
     else:
-        _end("FINISHED")
+        _end(FINISHED)
 
 
 @contextlib.contextmanager

@@ -83,7 +83,7 @@ def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]
                                    f"confusion_matrix-{label(logged)}", png(figure)))
     if matrices:
         blocks += [Text("Confusion matrices on each run's evaluation split:"), Figures(matrices)]
-    finished = [r for r in runs if r.info.status == "FINISHED"]
+    finished = [r for r in runs if r.info.status == contract.FINISHED]
     blocks.append(Bullets(verdicts(seed_groups(finished, config_label(finished), "accuracy"), "accuracy", False)))
     return blocks
 

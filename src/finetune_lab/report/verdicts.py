@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from mlflow.entities import Run
 
+from finetune_lab.contract import FINISHED
+
 # Params that identify where a run's inputs came from rather than how it was configured: they may differ with
 # the seed (a split's digest, a tiny model built per seed) or the checkout.
 PROVENANCE_PARAMS = {"model_path", "model_revision", "dataset_digest", "git_commit", "run_name", "experiment"}
@@ -72,6 +74,6 @@ def seed_groups(runs: list[Run], name: Callable[[Run], str], metric: str) -> dic
     only."""
     groups: dict[str, list[float]] = {}
     for logged in runs:
-        if logged.info.status == "FINISHED" and metric in logged.data.metrics:
+        if logged.info.status == FINISHED and metric in logged.data.metrics:
             groups.setdefault(name(logged), []).append(logged.data.metrics[metric])
     return groups
