@@ -23,7 +23,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_collection_modifyitems(items):
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
     """The slow tier (`pytest -m "not slow"` skips it): everything under tests/e2e (real `mlflow run` launches) and
     every test that starts Ray or a tracking server. With `-n 2 --dist loadgroup` (`make test`), the tests that start
     Ray run one after another on one worker: two Ray instances on two cores only slow each other down, and a test
@@ -37,6 +38,15 @@ def pytest_collection_modifyitems(items):
         elif "team_server" in getattr(item, "fixturenames", ()):
             # the other tests on the team's tracking server (a session fixture: one per worker) share one worker
             item.add_marker(pytest.mark.xdist_group("team_server"))
+        elif item.get_closest_marker("xdist_group") is None:
+            # a module's tests on one worker, so that its module-scoped fixtures (a store of runs) are built once
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+        if getattr(config.option, "loadgroup", False):
+            # pytest-xdist 3.8 tells its scheduler the group by writing `item._nodeid`, which pytest 9 no longer
+            # reads (the id lives in `item._id`): without this, every group is silently spread over both workers.
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(f"{item.nodeid}@{item.get_closest_marker('xdist_group').args[0]}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -52,7 +52,8 @@ def run_recording_shapes(monkeypatch, config: ClassifyConfig) -> tuple[dict, lis
     return classify.run(config), trained, evaluated
 
 
-@pytest.mark.parametrize("shapes", ["dynamic", "buckets"])
+# inductor on a CPU compiles for tens of seconds: the default (dynamic) in the fast tier, buckets in the slow one
+@pytest.mark.parametrize("shapes", ["dynamic", pytest.param("buckets", marks=pytest.mark.slow)])
 def test_compiled_training_builds_a_bounded_number_of_graphs(client, monkeypatch, reviews, shapes):
     """Graph counts only: compiling with the `eager` backend builds the same graphs as inductor without its minutes
     on a CPU; which shapes train faster is a GPU measurement (`bench`)."""

@@ -18,6 +18,7 @@ def sweep_cli(*args: str):
     return CliRunner().invoke(entrypoint("classify_sweep").main, [*ARGS, *args])
 
 
+@pytest.mark.slow  # two sweeps, one stopped by a signal: the sweeps' own SIGTERM and resume path
 def test_sigterm_leaves_a_partial_table_and_resume_finishes_it(client, tmp_path, sigterm_at_second_child):
     rates = ("--learning-rates", "1e-3,5e-4,2e-4")
     assert sweep_cli(*rates).exit_code == 143  # the first child finished, the second killed, the third not run

