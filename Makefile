@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: install demo ui server lint test test-fast fetch-models clean
+.PHONY: install demo ui server lint test test-fast test-team fetch-models clean
 
 # torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -48,7 +48,11 @@ lint: install
 # servers, Ray). The tests that start Ray share one process (conftest.py).
 PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 test: install
-	$(PY) -m pytest $(PYTEST_PARALLEL)
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not team"
+
+# The team's server end to end (accounts, eight sweeps through an outage, a two-node Ray cluster): 12 minutes.
+test-team: install
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m team
 
 test-fast: install
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"

@@ -30,12 +30,14 @@ def pytest_collection_modifyitems(config, items):
     Ray run one after another on one worker: two Ray instances on two cores only slow each other down, and a test
     that counts leftover Ray processes must not see another test's."""
     for item in items:
-        if "e2e" in item.path.parts or {"local_ray", "server", "team_server"} & set(
-                getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "e2e" in item.path.parts or {"local_ray", "server", "team_server"} & fixtures:
             item.add_marker(pytest.mark.slow)
-        if "ray" in item.path.name or "local_ray" in getattr(item, "fixturenames", ()):
+        if "e2e" in item.path.parts and "team_server" in fixtures:
+            item.add_marker(pytest.mark.team)  # 12 minutes on their own: `make test-team`, not `make test`
+        if "ray" in item.path.name or "local_ray" in fixtures:
             item.add_marker(pytest.mark.xdist_group("ray"))
-        elif "team_server" in getattr(item, "fixturenames", ()):
+        elif "team_server" in fixtures:
             # the other tests on the team's tracking server (a session fixture: one per worker) share one worker
             item.add_marker(pytest.mark.xdist_group("team_server"))
         elif item.get_closest_marker("xdist_group") is None:
