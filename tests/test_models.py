@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,36 @@ def pypi_reachable() -> bool:
         capture_output=True, timeout=60,
     )
     return probe.returncode == 0
+
+
+@pytest.mark.parametrize("finished_first", ["before our rename", "between the check and our rename"])
+def test_a_model_another_process_cached_first_is_kept(tmp_path, monkeypatch, finished_first):
+    """Two processes building the same model at once: whichever renames its copy first wins, the other returns
+    that copy untouched (it may be loading it already) instead of failing or replacing it."""
+    target = tmp_path / "tiny" / "model-abc"
+
+    def other_process_finishes(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        (folder / "weights").write_text("theirs")
+        (folder / models.COMPLETE_MARKER).write_text("theirs\n")
+
+    def build(staged: Path, scratch: Path) -> None:
+        staged.mkdir()
+        (staged / "weights").write_text("ours")
+        if finished_first == "before our rename":
+            other_process_finishes(target)
+
+    if finished_first == "between the check and our rename":
+        rename = Path.rename
+
+        def theirs_lands_first(self, destination):
+            other_process_finishes(Path(destination))
+            return rename(self, destination)
+
+        monkeypatch.setattr(Path, "rename", theirs_lands_first)
+    assert models.cached(target, build, "ours") == target
+    assert (target / "weights").read_text() == "theirs"
+    assert [p.name for p in target.parent.iterdir()] == ["model-abc"], "our staging folder is cleaned up"
 
 
 def test_tiny_models_are_cached_by_content_and_reload():

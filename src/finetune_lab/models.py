@@ -125,7 +125,9 @@ def _materialise_gguf(gguf_path: Path, target: Path) -> None:
 def cached(target: Path, build, marker_text: str) -> Path:
     """`target`, built first unless a complete copy is there: `build(staged, scratch)` writes the model into
     `staged` inside a scratch folder next to `target` (same filesystem), which is then marked complete and renamed
-    into place. The rename is atomic, so a half-built model is never mistaken for a complete one."""
+    into place. The rename is atomic, so a half-built model is never mistaken for a complete one; processes that
+    build the same model at once (a team's sweeps starting together) each stage their own, and the first rename
+    wins."""
     if (target / COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +135,14 @@ def cached(target: Path, build, marker_text: str) -> Path:
         staged = Path(scratch) / "model"
         build(staged, Path(scratch))
         (staged / COMPLETE_MARKER).write_text(f"{marker_text}\n")
-        shutil.rmtree(target, ignore_errors=True)
-        staged.rename(target)
+        if (target / COMPLETE_MARKER).exists():  # another process finished first; others may be reading it
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # a copy without the marker is not complete
+        try:
+            staged.rename(target)
+        except OSError:
+            if not (target / COMPLETE_MARKER).exists():
+                raise  # a folder that is neither ours nor complete
     return target
 
 
