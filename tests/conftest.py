@@ -3,6 +3,8 @@ and `mlflow_run` to launch an entry point the way users do."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -11,9 +13,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
-import pytest
-from mlflow.tracking import MlflowClient
+from finetune_lab import heap
+
+# The test modules import the training stack: collected with the collector paused, which then skips what they made
+# (finetune_lab/heap.py says what that saves).
+_collecting = contextlib.ExitStack()
+_collecting.enter_context(heap.long_lived())
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,23 +32,33 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_finish(session):
+    _collecting.close()
+
+
+def pytest_sessionfinish(session):
+    _collecting.close()  # not collected in this process (xdist's controller)
+    # pytest's last full collection would walk every object the session made: minutes on these machines.
+    gc.freeze()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """The slow tier (`pytest -m "not slow"` skips it): everything under tests/e2e (real `mlflow run` launches) and
-    every test that starts Ray or a tracking server. With `-n 2 --dist loadgroup` (`make test`), the tests that start
-    Ray run one after another on one worker: two Ray instances on two cores only slow each other down, and a test
-    that counts leftover Ray processes must not see another test's."""
+    every test that starts Ray or a tracking server. With `--dist loadgroup` (`make test`), the tests on the team's
+    server run one after another on one worker (one server for them), and so do the tests that start a local Ray
+    instance: two on two cores only slow each other down."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if "e2e" in item.path.parts or {"local_ray", "server", "team_server"} & fixtures:
             item.add_marker(pytest.mark.slow)
         if "e2e" in item.path.parts and "team_server" in fixtures:
-            item.add_marker(pytest.mark.team)  # 12 minutes on their own: `make test-team`, not `make test`
-        if "ray" in item.path.name or "local_ray" in fixtures:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-        elif "team_server" in fixtures:
-            # the other tests on the team's tracking server (a session fixture: one per worker) share one worker
+            item.add_marker(pytest.mark.team)  # `make test-team` runs only these
+        if "team_server" in fixtures:
+            # the tests on the team's tracking server (a session fixture: one per worker) share one worker
             item.add_marker(pytest.mark.xdist_group("team_server"))
+        elif "local_ray" in fixtures:
+            item.add_marker(pytest.mark.xdist_group("ray"))
         elif item.get_closest_marker("xdist_group") is None:
             # a module's tests on one worker, so that its module-scoped fixtures (a store of runs) are built once
             item.add_marker(pytest.mark.xdist_group(item.path.stem))

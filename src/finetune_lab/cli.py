@@ -19,6 +19,7 @@ from typing import get_type_hints
 
 import click
 
+from finetune_lab import heap
 from finetune_lab.config import FloatList, IntList, as_params, field_docs, from_strings
 from finetune_lab.errors import InputError, one_line
 from finetune_lab.signals import Terminated
@@ -47,7 +48,9 @@ def command(config_cls: type, run: str, name: str) -> click.Command:
     def callback(**raw):
         config = from_strings(config_cls, raw)
         try:
-            result = _experiment(run)(config)
+            with heap.long_lived():
+                experiment = _experiment(run)
+            result = experiment(config)
         except InputError as error:
             for line in error.problems:
                 click.echo(f"error: {line}", err=True)

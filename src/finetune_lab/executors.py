@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import mlflow
 
-from finetune_lab import tracking
+from finetune_lab import heap, tracking
 from finetune_lab.config import Sweeping
 from finetune_lab.contract import FAILED, KILLED
 from finetune_lab.errors import InputError, one_line, problem
@@ -92,13 +92,16 @@ def run_children(config: Sweeping, make_trainer: Callable[[], Callable], childre
 class ChildWorker:
     """The body of one Ray actor: the driver's tracking store, one trainer (base loaded once), children in turn."""
 
-    def __init__(self, make_trainer: Callable[[], Callable], tracking_uri: str, credentials: dict[str, str],
-                 threads: int):
+    def __init__(self, shared_make_trainer: list, tracking_uri: str, credentials: dict[str, str], threads: int):
+        import ray
         import torch
 
         torch.set_num_threads(threads)  # its CPUs, whatever OMP_NUM_THREADS the worker inherited
         tracking.configure_worker(tracking_uri, credentials)
-        self.trainer = make_trainer()
+        # Fetched here, not passed resolved: reading it imports the training stack, which (like the base) lives as
+        # long as the worker.
+        with heap.long_lived():
+            self.trainer = ray.get(shared_make_trainer[0])()
 
     def ready(self) -> bool:
         """Answers once the base is loaded (or fails as the worker could not start)."""
@@ -135,10 +138,15 @@ def _ray_children(config: Sweeping, make_trainer, children: list) -> Iterator:
                  include_dashboard=False, **settings)
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
+    workers = []
     try:
         workers = _start_workers(ray, config, make_trainer, len(children))
         yield from _hand_out(ray, workers, children)
     finally:
+        # Killed first: on a cluster that outlives the sweep, and on a busy machine, a worker left to notice the
+        # driver's end on its own lingers (one whose base failed to load stayed over 30 s).
+        for worker in workers:
+            ray.kill(worker)
         ray.shutdown()
 
 
@@ -153,9 +161,11 @@ def _start_workers(ray, config: Sweeping, make_trainer, children: int) -> list:
     count = min(config.workers or capacity, children)
     worker = ray.remote(ChildWorker).options(num_cpus=config.cpus_per_worker, num_gpus=1 if gpus else 0,
                                              max_restarts=0)
-    shared = ray.put(make_trainer)  # sent to the object store once, read by every worker
+    # Sent to the object store once, read by every worker; inside a list, so that the worker gets the reference and
+    # reads it when it chooses.
+    shared = ray.put(make_trainer)
     # The credentials travel as an argument, not in a runtime_env, which Ray shows in its dashboard and state API.
-    return [worker.remote(shared, mlflow.get_tracking_uri(), tracking.credentials(), config.cpus_per_worker)
+    return [worker.remote([shared], mlflow.get_tracking_uri(), tracking.credentials(), config.cpus_per_worker)
             for _ in range(count)]
 
 
