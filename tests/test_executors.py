@@ -1,6 +1,6 @@
 """Executors: the up-front checks, worker sizing, what travels to workers, and a Ray sweep whose worker dies or
-cannot start, or that stops early (a local Ray instance, 2 CPUs). That the Ray record equals the local one:
-tests/e2e/test_lora_sweep_ray_e2e.py."""
+cannot start, or that is stopped by SIGTERM (a local Ray instance, 2 CPUs). That the Ray record equals the local one:
+tests/e2e/test_ray_cluster_e2e.py."""
 
 from __future__ import annotations
 
@@ -190,33 +190,6 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
     for child in children:
         assert child.data.tags["error"].startswith("no Ray worker left to train it (the last one could not start: "
                                                    "OSError")
-    assert ray_left_behind(local_ray) == []
-
-
-def test_children_still_training_when_the_sweep_stops_end_killed(client, local_ray):
-    """The caller stops after the first outcome (an interrupt, an error): the child the other worker was
-    training ends KILLED with its `error` tag, the children not handed out get no run, and Ray is shut down."""
-
-    import mlflow
-
-    # Long enough children that the second worker (its process started after the first's) is training when the
-    # first child ends.
-    config = tiny_sweep(seeds=(1, 2), executor="ray", workers=2, max_steps=30)
-    planned = lora_sweep.plan(config)
-    mlflow.set_experiment("stopped")
-    with mlflow.start_run() as parent:
-        prepared = causal_lm.prepare(config, config.ranks, config.seeds[0])
-        tokenizer = causal_lm.load_tokenizer(prepared.source)
-        tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
-        workload = lora_sweep.Workload(config, prepared.source, tokenized, [], {}, parent.info.run_id)
-        outcomes = executors.run_children(config, workload.make_trainer, planned)
-        first = next(outcomes)
-        outcomes.close()
-    children = {r.info.run_name: r for r in runs_of(client, "stopped") if r.info.run_id != parent.info.run_id}
-    assert first.status == "FINISHED" and children[first.name].info.status == "FINISHED"
-    [stopped] = [r for name, r in children.items() if name != first.name]
-    assert stopped.info.status == "KILLED" and stopped.data.tags["error"] == "interrupted before it ended"
-    assert stopped.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert ray_left_behind(local_ray) == []
 
 

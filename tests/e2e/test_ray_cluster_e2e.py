@@ -6,6 +6,8 @@ password reaches Ray's logs, and no Ray process is left afterwards."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import signal
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_left_behind, ray_processes
+from conftest import load_table, ray_left_behind, ray_processes
 from team_server import free_port
 from test_team_server_e2e import mlflow_run
 
@@ -26,6 +28,9 @@ ON_WORKERS = {"executor": "ray", "workers": 2, "cpus_per_worker": 1}
 RAY = str(Path(sys.executable).parent / "ray")
 # MLflow's system metrics: sampled by a timer thread, so which of them a short run got depends on the machine's load
 SAMPLED = "system/"
+# What training computed, as opposed to timed or sampled: equal wherever the child trained
+COMPUTED = ("train_loss", "lr", "grad_norm", "train_steps", "train_examples", "train_tokens", "eval_loss",
+            "eval_perplexity", "trainable_params", "adapter_size_bytes")
 
 
 class RayCluster:
@@ -101,24 +106,42 @@ def ray_cluster():
         shutil.rmtree(cluster.folder, ignore_errors=True)
 
 
-def sweep_shape(client, experiment: str, tmp_path: Path) -> dict:
-    """What a sweep recorded, without the values that say where and when it ran."""
+def adapter_config(path: Path) -> dict:
+    """PEFT writes `target_modules` from a set: its order changes from one process to the next."""
+    config = json.loads(path.read_text())
+    return {**config, "target_modules": sorted(config["target_modules"])}
+
+
+def sweep_record(client, experiment: str, tmp_path: Path) -> dict:
+    """What a sweep recorded, without what says where and when it ran: every child's params, tags, metrics, loss
+    history and adapter bytes (downloaded through the server's artifact proxy), the parent's summary and table."""
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                      key=lambda r: r.info.run_name)
-    shape = {"parent": (parent.info.status, sorted(k for k in parent.data.metrics if not k.startswith(SAMPLED)),
-                        sorted(a.path for a in client.list_artifacts(parent.info.run_id)))}
-    for child in children:
+    table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path / "table")
+    record = {"parent": {
+        "status": parent.info.status,
+        "summary": {k: parent.data.metrics[k] for k in ("best_rank", "best_eval_loss", "failed_children")},
+        "artifacts": sorted(a.path for a in client.list_artifacts(parent.info.run_id)),
+        "table": table[["rank", "seed", "status", "eval_loss", "train_loss", "trainable_params",
+                        "adapter_size_bytes"]].to_dict("list")}}
+    for child in runs:
+        if child.data.tags.get("mlflow.parentRunId") != parent.info.run_id:
+            continue
         adapter = Path(client.download_artifacts(child.info.run_id, "adapter", str(tmp_path / child.info.run_id)))
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")]
-        shape[child.info.run_name] = {
-            "status": child.info.status, "metrics": sorted(k for k in child.data.metrics if not k.startswith(SAMPLED)),
-            "tags": sorted(child.data.tags),
+        record[child.info.run_name] = {
+            "status": child.info.status,
+            "executor": {k: child.data.params[k] for k in ON_WORKERS},
             "params": {k: v for k, v in child.data.params.items() if k not in ON_WORKERS},
-            "train_loss_steps": steps, "adapter_files": sorted(f.name for f in adapter.iterdir())}
-    return shape
+            "tags": {k: v for k, v in child.data.tags.items() if k != "mlflow.parentRunId"},
+            "metric_names": sorted(k for k in child.data.metrics if not k.startswith(SAMPLED)),
+            # the values too: one thread each way (the driver's OMP_NUM_THREADS=1, a worker of 1 CPU)
+            "values": {k: child.data.metrics[k] for k in COMPUTED},
+            "train_loss": [(m.step, m.value) for m in client.get_metric_history(child.info.run_id, "train_loss")],
+            "adapter": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in adapter.iterdir()
+                        if f.name != "adapter_config.json"},
+            "adapter_config": adapter_config(adapter / "adapter_config.json")}
+    return record
 
 
 def test_a_sweep_on_a_two_node_cluster_logs_into_the_server(team_server, ray_cluster, tmp_path, monkeypatch):
@@ -126,8 +149,9 @@ def test_a_sweep_on_a_two_node_cluster_logs_into_the_server(team_server, ray_clu
     carol = team_server.add_user("carol")
     local = mlflow_run("lora_sweep", SWEEP, carol, tmp_path, experiment="cluster-local")
     assert local.returncode == 0, local.stderr[-3000:]
-    expected = sweep_shape(team_server.client("carol"), "cluster-local", tmp_path / "local")
-    assert len(expected) == 3 and {expected[k]["status"] for k in expected if k != "parent"} == {"FINISHED"}
+    expected = sweep_record(team_server.client("carol"), "cluster-local", tmp_path / "local")
+    assert sorted(expected) == ["parent", "r2-seed1", "r4-seed1"]
+    assert {record["status"] for record in expected.values()} == {"FINISHED"}
 
     outputs = []
     for name, address in (("cluster", ray_cluster.address), ("cluster-client", ray_cluster.client_address)):
@@ -136,7 +160,11 @@ def test_a_sweep_on_a_two_node_cluster_logs_into_the_server(team_server, ray_clu
         outputs.append(spread.stdout + spread.stderr)
         assert spread.returncode == 0, spread.stderr[-3000:]
         assert "[ray] r2-seed1 FINISHED" in spread.stderr and "[ray] r4-seed1 FINISHED" in spread.stderr
-        assert sweep_shape(team_server.client("carol"), name, tmp_path / name) == expected, address
+        got = sweep_record(team_server.client("carol"), name, tmp_path / name)
+        assert got["parent"] == expected["parent"], address
+        for child in ("r2-seed1", "r4-seed1"):
+            assert got[child].pop("executor") == {"executor": "ray", "workers": "2", "cpus_per_worker": "1"}
+            assert got[child] == {k: v for k, v in expected[child].items() if k != "executor"}, (address, child)
 
     # The token is what lets a node or a driver in: without it the cluster refuses.
     stranger = {k: v for k, v in {**os.environ, **ray_cluster.env()}.items() if k != "RAY_AUTH_TOKEN_PATH"}

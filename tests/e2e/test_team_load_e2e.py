@@ -36,7 +36,9 @@ def test_eight_sweeps_at_once_ride_out_a_minute_without_the_server(team_server, 
     try:
         deadline = time.monotonic() + 600
         while children_training(as_erin, experiment_id) < 2:
-            assert time.monotonic() < deadline and all(s.poll() is None for s in sweeps), "no sweep got to train"
+            ended = [sweep.communicate()[0][-3000:] for sweep in sweeps if sweep.poll() is not None]
+            assert not ended, "a sweep ended before the outage:\n" + "\n".join(ended)
+            assert time.monotonic() < deadline, "no sweep got to train"
             time.sleep(2)
         team_server.stop()  # mid-sweep: MLflow and PostgreSQL both gone
         assert team_server.processes() == []

@@ -1,7 +1,8 @@
 """The team's tracking server (`make server`: PostgreSQL, proxied artifacts, accounts): every entry point runs
 against it with a member's credentials; wrong or missing credentials, or a write into someone else's experiment,
 stop with one line before anything is created; no password lands in the database, the artifacts or any log; a
-stopped and restarted server still holds every run."""
+stopped and restarted server still holds every run. The entry points run in this process (their click commands,
+with the member's environment): `mlflow run` against the server is what the Ray cluster test launches."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+from click.testing import CliRunner
+from conftest import REPO, entrypoint
 
 # Each entry point once, as small as it goes (generate answers with the adapter the sweep registered).
 ENTRY_POINTS = [
@@ -42,26 +45,44 @@ def member_env(env: dict) -> dict:
     return {**inherited, "PATH": path, **env}
 
 
-def direct(entry: str, args: list[str], env: dict, cwd: Path):
-    """The entry point's script itself (what `mlflow run` calls), for the refusals our own code makes."""
-    return subprocess.run([sys.executable, str(REPO / "entrypoints" / f"{entry}.py"), *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300, env=member_env(env))
+@pytest.fixture
+def as_member(monkeypatch, tmp_path):
+    """Run an entry point's click command in this process with a member's environment (what they export)."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # this process's earlier stores mean nothing here
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+    def invoke(entry: str, params: dict, env: dict, experiment: str = "team"):
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        args = ["--experiment", experiment]
+        for key, value in params.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        return CliRunner().invoke(entrypoint(entry).main, args)
+
+    return invoke
 
 
 def refused_with_one_line(result, expected: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.exit_code == 2, result.output[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and "training" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and expected in errors[0], result.output[-2000:]
+    assert "Traceback" not in result.output and "training" not in result.output, result.output[-2000:]
 
 
-def test_members_run_every_entry_point_and_nothing_else_gets_in(team_server, tmp_path):
+def test_members_run_every_entry_point_and_nothing_else_gets_in(team_server, as_member, caplog, tmp_path):
     alice, bob = team_server.add_user("alice"), team_server.add_user("bob")
     outputs = []
     for entry, params in ENTRY_POINTS:
-        result = mlflow_run(entry, params, alice, tmp_path)
-        outputs.append(result.stdout + result.stderr)
-        assert result.returncode == 0, f"{entry}: {result.stderr[-3000:]}"
+        result = as_member(entry, params, alice)
+        outputs.append(result.output)
+        assert result.exit_code == 0, f"{entry}: {result.output[-3000:]}"
     as_alice = team_server.client("alice")
     experiment = as_alice.get_experiment_by_name("team")
     assert experiment.artifact_location.startswith("mlflow-artifacts:"), "artifacts go through the server's proxy"
@@ -75,14 +96,14 @@ def test_members_run_every_entry_point_and_nothing_else_gets_in(team_server, tmp
 
     # Wrong or missing credentials, or bob writing into alice's experiment: one line, nothing created.
     before = {r.info.run_id for r in runs}
-    args = ["--model", "tiny", "--dataset", "sample", "--max-steps", "1", "--experiment"]
+    tiny = {"model": "tiny", "dataset": "sample", "max_steps": 1}
     wrong = {**alice, "MLFLOW_TRACKING_PASSWORD": "not-" + alice["MLFLOW_TRACKING_PASSWORD"]}
-    refused_with_one_line(direct("classify", [*args, "ghost"], wrong, tmp_path),
-                          "MLFLOW_TRACKING_USERNAME: the tracking server")
+    refused_with_one_line(as_member("classify", tiny, wrong, "ghost"), "MLFLOW_TRACKING_USERNAME: the tracking server")
     missing = {"MLFLOW_TRACKING_URI": team_server.url}
-    refused_with_one_line(direct("classify", [*args, "ghost"], missing, tmp_path), "refuses a request without")
-    refused_with_one_line(direct("classify", [*args, "team"], bob, tmp_path),
-                          "experiment: user 'bob' may not write into experiment 'team'")
+    refused_with_one_line(as_member("classify", tiny, missing, "ghost"), "refuses a request without")
+    bobs = as_member("classify", tiny, bob)
+    refused_with_one_line(bobs, "experiment: user 'bob' may not write into experiment 'team'")
+    outputs.append(bobs.output)
     # `mlflow run` itself creates the run first: MLflow refuses bob there, with its own message
     refused = mlflow_run("classify", {"model": "tiny", "dataset": "sample", "max_steps": 1}, bob, tmp_path)
     assert refused.returncode != 0 and "403" in refused.stderr.splitlines()[-1]
@@ -95,7 +116,7 @@ def test_members_run_every_entry_point_and_nothing_else_gets_in(team_server, tmp
 
     # No password anywhere: the database, the artifacts, the server's and the runs' output, params and tags.
     passwords = [p for p in team_server.passwords.values()]
-    records = [team_server.database_dump(), team_server.log.read_text(), *outputs]
+    records = [team_server.database_dump(), team_server.log.read_text(), caplog.text, *outputs]
     for path in (team_server.data_dir / "artifacts").rglob("*"):
         if path.is_file():
             records.append(path.read_bytes().decode("utf-8", "replace"))
