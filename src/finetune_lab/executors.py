@@ -145,9 +145,11 @@ def _ray_children(config: Sweeping, make_trainer, children: list) -> Iterator:
     finally:
         # Killed first: on a cluster that outlives the sweep, and on a busy machine, a worker left to notice the
         # driver's end on its own lingers (one whose base failed to load stayed over 30 s).
-        for worker in workers:
-            ray.kill(worker)
-        ray.shutdown()
+        try:
+            for worker in workers:
+                ray.kill(worker)
+        finally:
+            ray.shutdown()  # even when the cluster is gone and a kill cannot reach it
 
 
 def _start_workers(ray, config: Sweeping, make_trainer, children: int) -> list:
