@@ -260,21 +260,23 @@ def ray_processes(folder: Path) -> list:
     else's Ray processes do either; the driver itself (this process) is not counted."""
     import psutil
 
-    def of_this_instance(process) -> bool:
-        if process.environ().get("RAY_TMPDIR") == str(folder):
-            return True
-        fds = Path(f"/proc/{process.pid}/fd")
-        return any(os.readlink(fd).startswith(f"{folder}/") for fd in fds.iterdir())
-
     found = []
     for process in psutil.process_iter():
         try:
             if (process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE
-                    and of_this_instance(process)):
+                    and of_ray_instance(process, folder)):
                 found.append(process)
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def of_ray_instance(process, folder: Path) -> bool:
+    """Whether `process` belongs to the Ray instance whose temp folder is `folder` (see `ray_processes`)."""
+    if process.environ().get("RAY_TMPDIR") == str(folder):
+        return True
+    fds = Path(f"/proc/{process.pid}/fd")
+    return any(os.readlink(fd).startswith(f"{folder}/") for fd in fds.iterdir())
 
 
 def ray_left_behind(folder: Path, grace_s: float = 30.0) -> list[str]:

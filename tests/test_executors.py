@@ -4,6 +4,7 @@ tests/e2e/test_ray_cluster_e2e.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -13,9 +14,10 @@ import threading
 import time
 
 import datasets
+import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, load_table, ray_left_behind, ray_processes, runs_of
+from conftest import entrypoint, load_table, of_ray_instance, ray_left_behind, runs_of
 from test_sweep import tiny_sweep
 
 from finetune_lab import causal_lm, executors, lora_sweep, models
@@ -139,18 +141,22 @@ def test_a_worker_that_dies_fails_only_its_child(client, local_ray, tmp_path):
     killed, stop = [], threading.Event()
 
     def kill_a_training_worker():
+        # Ray's process title first (cheap, so that a busy machine still catches a short child training), then
+        # whether it is this test's instance (another test's Ray may be running).
         while not stop.is_set():
-            for process in ray_processes(local_ray):
-                if "ray::ChildWorker.train" in " ".join(process.cmdline()):
-                    os.kill(process.pid, signal.SIGKILL)
-                    killed.append(process.pid)
-                    return
-            time.sleep(0.05)
+            for process in psutil.process_iter(["cmdline"]):
+                with contextlib.suppress(psutil.Error, OSError):
+                    if ("ray::ChildWorker.train" in " ".join(process.info["cmdline"] or ())
+                            and of_ray_instance(process, local_ray)):
+                        os.kill(process.pid, signal.SIGKILL)
+                        killed.append(process.pid)
+                        return
+            time.sleep(0.02)
 
     watcher = threading.Thread(target=kill_a_training_worker, daemon=True)
     watcher.start()
     try:
-        result = lora_sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="dies"))
+        result = lora_sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, max_steps=12, experiment="dies"))
     finally:
         stop.set()
         watcher.join()
