@@ -139,3 +139,35 @@ def test_class_names_come_from_the_data_or_are_the_numbers():
     assert data.label_names(sample, "label", [0, 1]) == ["negative", "positive"]
     chat, _ = data.load("sample_chat", seed=0, test_fraction=0.2)
     assert data.label_names(chat, "input", [0, 1]) == ["0", "1"]
+
+
+def test_a_run_logging_the_splits_another_run_just_logged_in_the_same_experiment_records_them(client, monkeypatch):
+    """Runs starting together in one experiment insert the same dataset rows; on PostgreSQL all but the first insert
+    fail on the row's key (BAD_REQUEST). The loser logs its inputs again and gets the rows the winner wrote."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    chat, _ = data.load("sample_chat", seed=0, test_fraction=0.1)
+    experiment_id = client.create_experiment("together")
+    winner = client.create_run(experiment_id).info.run_id
+    log_input, attempts = mlflow.log_input, []
+
+    def the_other_run_inserts_first(dataset, context):
+        attempts.append(context)
+        if len(attempts) == 1:
+            client.log_inputs(winner, [DatasetInput(dataset._to_mlflow_entity(),
+                                                    [InputTag("mlflow.data.context", context)])])
+            raise MlflowException('duplicate key value violates unique constraint "dataset_pk"', error_code=BAD_REQUEST)
+        log_input(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", the_other_run_inserts_first)
+    with mlflow.start_run(experiment_id=experiment_id) as loser:
+        data.log_inputs(chat)
+    assert attempts == ["training", "training", "evaluation"]
+    for run_id in (winner, loser.info.run_id):
+        logged = client.get_run(run_id).inputs.dataset_inputs
+        assert chat.digest in {i.dataset.digest for i in logged}
+    logged = {i.tags[0].value: i.dataset.digest for i in client.get_run(loser.info.run_id).inputs.dataset_inputs}
+    assert logged == {"training": chat.digest, "evaluation": chat.eval_digest}

@@ -6,6 +6,9 @@ from pathlib import Path
 import mlflow
 import pytest
 from conftest import REPO
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 
 from finetune_lab import tracking
 from finetune_lab.contract import KIND_TAG
@@ -65,6 +68,41 @@ def test_experiments_are_marked_as_model_training(client, monkeypatch):
     with tracking.experiment_run("test", "ours") as run:
         pass
     assert client.get_experiment(run.info.experiment_id).tags[kind] == "custom_model_development"
+
+
+def test_a_run_starting_alongside_others_in_a_new_experiment_accepts_the_tag_they_wrote(client, monkeypatch):
+    """Runs started at once in a new experiment all find it untagged; on PostgreSQL all but the first write of the
+    tag fail on its key (the store says BAD_REQUEST). The write is tried once more; a store that keeps refusing fails
+    the run."""
+    kind = tracking.EXPERIMENT_KIND_TAG
+    write_tag, writes = MlflowClient.set_experiment_tag, []
+
+    def another_run_wins_the_race(self, experiment_id, key, value):
+        writes.append(key)
+        if len(writes) == 1:
+            write_tag(self, experiment_id, key, value)  # the other run's insert lands first
+            raise MlflowException('duplicate key value violates unique constraint "experiment_tag_pk"',
+                                  error_code=BAD_REQUEST)
+        write_tag(self, experiment_id, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", another_run_wins_the_race)
+    with tracking.experiment_run("test", "started-together") as run:
+        pass
+    assert writes == [kind, kind]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).tags[kind] == "custom_model_development"
+
+    def the_store_refuses(self, experiment_id, key, value):
+        writes.append(key)
+        raise MlflowException("the store is read-only", error_code=BAD_REQUEST)
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", the_store_refuses)
+    writes.clear()
+    with pytest.raises(MlflowException, match="read-only"), tracking.experiment_run("test", "refused"):
+        pass
+    assert writes == [kind, kind]
+    [refused] = client.search_runs([client.get_experiment_by_name("refused").experiment_id])
+    assert refused.info.status == "FAILED" and "read-only" in refused.data.tags["error"]
 
 
 def test_the_ui_hint_works_as_printed(client, monkeypatch):

@@ -20,7 +20,7 @@ import mlflow.data
 import pandas as pd
 from mlflow.data.dataset import Dataset as MlflowDataset
 
-from finetune_lab import hub
+from finetune_lab import hub, tracking
 from finetune_lab.errors import problem
 
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"
@@ -317,7 +317,7 @@ def with_train_rows(data: LoadedData, rows: dict[str, list]) -> LoadedData:
 
 def log_inputs(data: LoadedData) -> None:
     """Record the splits (name, source, digest, schema) on the active run."""
-    mlflow.log_input(data.tracked[TRAIN], context="training")
-    mlflow.log_input(data.tracked[TEST], context="evaluation")
+    tracking.write_shared(lambda: mlflow.log_input(data.tracked[TRAIN], context="training"))
+    tracking.write_shared(lambda: mlflow.log_input(data.tracked[TEST], context="evaluation"))
     if data.truncated:
         mlflow.set_tag(TRUNCATED_TAG, data.truncated)

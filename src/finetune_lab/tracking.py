@@ -24,9 +24,9 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import yaml
@@ -47,6 +47,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 # Attempts at getting-or-creating an experiment that parallel launches may be creating at the same moment.
 EXPERIMENT_ATTEMPTS = 5
+Written = TypeVar("Written")
 
 logger = logging.getLogger(__name__)
 
@@ -374,12 +375,25 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
         yield Path(path)
 
 
+def write_shared(write: Callable[[], Written]) -> Written:
+    """`write()`, tried once more if the store refuses it. Runs starting together in one experiment write the same
+    rows into it (its kind tag, a dataset logged as input); on PostgreSQL all but the first insert of such a row fail
+    on its key, and the second try finds the row and updates or reuses it."""
+    try:
+        return write()
+    except MlflowException as error:
+        if error.error_code != "BAD_REQUEST":  # an unreachable server was already retried by MLflow itself
+            raise
+        logger.debug("the store refused a shared write, trying again: %s", one_line(error))
+        return write()
+
+
 def mark_model_training(experiment_id: str) -> None:
     """Tag the experiment as a model-training one (the tag the MLflow UI itself writes), unless it says otherwise.
     The 3.17 UI picks its GenAI / Model training view from a global switch instead, which `ui_page`'s query sets."""
     client = MlflowClient()
     if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        write_shared(lambda: client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND))
 
 
 def ui_page(experiment_id: str) -> str:
