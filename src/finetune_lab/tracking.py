@@ -26,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import mlflow
 import yaml
@@ -47,7 +47,6 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 # Attempts at getting-or-creating an experiment that parallel launches may be creating at the same moment.
 EXPERIMENT_ATTEMPTS = 5
-Written = TypeVar("Written")
 
 logger = logging.getLogger(__name__)
 
@@ -375,17 +374,17 @@ def scratch_dir(prefix: str) -> Iterator[Path]:
         yield Path(path)
 
 
-def write_shared(write: Callable[[], Written]) -> Written:
+def write_shared(write: Callable[[], object]) -> None:
     """`write()`, tried once more if the store refuses it. Runs starting together in one experiment write the same
     rows into it (its kind tag, a dataset logged as input); on PostgreSQL all but the first insert of such a row fail
     on its key, and the second try finds the row and updates or reuses it."""
     try:
-        return write()
+        write()
     except MlflowException as error:
         if error.error_code != "BAD_REQUEST":  # an unreachable server was already retried by MLflow itself
             raise
         logger.debug("the store refused a shared write, trying again: %s", one_line(error))
-        return write()
+        write()
 
 
 def mark_model_training(experiment_id: str) -> None:
