@@ -171,20 +171,29 @@ def launch_in_own_store(folder: Path, empty_store: Path, entry: str, params: dic
 
 
 def assert_metrics_match_predictions(metrics: dict, table) -> None:
-    """The headline metrics of a classification run, recomputed independently from its logged predictions table."""
+    """The headline metrics of a classification run (of any number of classes), recomputed independently from its
+    logged predictions table."""
     import numpy as np
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 
     labels, predictions = table["label"].to_numpy(), table["prediction"].to_numpy()
-    probabilities = table[["prob_0", "prob_1"]].to_numpy()
+    classes = sum(1 for column in table.columns if column.startswith("prob_"))
+    probabilities = table[[f"prob_{k}" for k in range(classes)]].to_numpy()
     assert np.array_equal(predictions, probabilities.argmax(axis=1))
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary", zero_division=0)
+    binary = classes == 2
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, zero_division=0,
+                                                               average="binary" if binary else "macro")
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predictions), abs=1e-9)
     assert metrics["precision"] == pytest.approx(precision, abs=1e-9)
     assert metrics["recall"] == pytest.approx(recall, abs=1e-9)
     assert metrics["f1"] == pytest.approx(f1, abs=1e-9)
-    assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]), abs=1e-6)
+    if set(labels) != set(range(classes)):
+        assert "roc_auc" not in metrics, "undefined where a class is missing from the held-out labels"
+    elif binary:
+        assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities[:, 1]), abs=1e-6)
+    else:
+        assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities, multi_class="ovr"), abs=1e-6)
     own_label = probabilities[np.arange(len(labels)), labels]
     assert metrics["eval_loss"] == pytest.approx(-np.log(own_label).mean(), rel=1e-6)
 

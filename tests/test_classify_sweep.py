@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, load_table, runs_of
+from conftest import REPO, assert_metrics_match_predictions, download_json, entrypoint, load_table, runs_of
 
 from finetune_lab import classify_sweep, health
 from finetune_lab.contract import KIND_TAG
@@ -103,3 +103,34 @@ def test_grid_and_data_problems_are_reported_together_once(client, no_weights_lo
     errors = [line for line in outcome.output.splitlines() if line.startswith("error:")]
     assert outcome.exit_code == 2 and len(errors) == 3, outcome.output
     assert [e.split(":")[1].strip() for e in errors] == ["batch_size", "learning_rates", "label_column"]
+
+
+@pytest.fixture
+def three_classes(tmp_path):
+    """The embedded reviews with a third class: every third review is labelled 2 (in both splits)."""
+    import pandas as pd
+
+    frame = pd.read_csv(REPO / "data" / "sample" / "sentiment.csv")
+    frame.loc[frame.index % 3 == 0, "label"] = 2
+    path = tmp_path / "three.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_sweep_over_three_classes_ends_with_its_best_child_and_confusion_matrix(client, tmp_path, three_classes):
+    result = sweep_cli("--dataset", str(three_classes), "--learning-rates", "1e-3,5e-3", "--seeds", "1,2",
+                       "--max-train-samples", "96", "--max-eval-samples", "48", "--experiment", "three")
+    assert result.exit_code == 0, result.output
+    runs = runs_of(client, "three")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_id: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert {c.info.status for c in children.values()} == {"FINISHED"} and parent.data.params["num_labels"] == "3"
+    for child in children.values():
+        table = load_table(client, child.info.run_id, "predictions.json", tmp_path / child.info.run_id)
+        assert_metrics_match_predictions(child.data.metrics, table)
+    best = children[parent.data.tags["best_run_id"]]
+    assert parent.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
+    matrix = download_json(client, parent.info.run_id, "best_confusion_matrix.json", tmp_path / "parent")
+    assert matrix == download_json(client, best.info.run_id, "confusion_matrix.json", tmp_path / "best")
+    assert len(matrix["matrix"]) == 3 and sum(map(sum, matrix["matrix"])) == 48

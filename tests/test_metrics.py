@@ -17,13 +17,24 @@ def test_binary_metrics_against_hand_counts():
     assert result["roc_auc"] == pytest.approx(8 / 9)
 
 
-def test_multiclass_uses_macro_average_and_no_auc():
+def test_multiclass_uses_macro_averages_one_vs_rest_auc_included():
     labels = [0, 1, 2, 2]
     probabilities = np.eye(3)[[0, 1, 1, 2]]
     result = metrics.classification_metrics(labels, probabilities)
-    assert "roc_auc" not in result
     assert result["accuracy"] == pytest.approx(0.75)
     assert result["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # Each class against the rest, pairs counted by hand (a tie counts one half): class 0 ranks its one positive
+    # above all 3 negatives (1); class 1 above 2 of 3 and tied with one (2.5 / 3); class 2 ties both negatives with
+    # one positive and beats them with the other (3 / 4).
+    assert result["roc_auc"] == pytest.approx((1 + 2.5 / 3 + 3 / 4) / 3)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_no_auc_when_a_class_is_missing_from_the_labels(classes):
+    labels = [0, 1, 0, 1]
+    probabilities = np.full((4, classes), 1 / classes)
+    assert ("roc_auc" in metrics.classification_metrics(labels, probabilities)) == (classes == 2)
+    assert "roc_auc" not in metrics.classification_metrics([0, 0, 0, 0], probabilities)
 
 
 def test_confusion_matrix_rows_are_true_labels():

@@ -110,3 +110,14 @@ def test_metrics_by_configuration_show_every_seed_and_the_mean():
     means = [line.get_ydata()[0] for line in axes.get_lines() if line.get_marker() == "D"]
     assert means == pytest.approx([0.75, 0.925])
     assert [t.get_text() for t in axes.get_xticklabels()] == ["a", "b"]
+
+
+def test_metrics_by_configuration_leave_out_a_metric_no_child_logged():
+    """ROC-AUC is undefined where a class is missing from the held-out labels: its panel is left out, not a crash."""
+    table = pd.DataFrame({"configuration": ["a", "b"], "accuracy": [0.8, 0.9], "roc_auc": [None, None]})
+    figure = plots.metrics_by_configuration(table.drop(columns="roc_auc"), "configuration",
+                                            {"accuracy": "accuracy", "roc_auc": "ROC-AUC", "f1": "F1"}, "n=1 seed")
+    assert [axes.get_title() for axes in figure.axes] == ["accuracy"]
+    figure = plots.metrics_by_configuration(table, "configuration", {"accuracy": "accuracy", "roc_auc": "ROC-AUC"},
+                                            "n=1 seed")
+    assert [axes.get_title() for axes in figure.axes] == ["accuracy"]

@@ -29,15 +29,19 @@ def cross_entropy(logits: np.ndarray, labels: Sequence[int]) -> float:
 
 
 def classification_metrics(labels: Sequence[int], probabilities: np.ndarray) -> dict[str, float]:
-    """accuracy, precision, recall, f1 (binary: positive class 1; >2 classes: macro) and, if binary, roc_auc."""
+    """accuracy, precision, recall, f1 (binary: positive class 1; >2 classes: macro) and roc_auc (binary: of class
+    1; >2 classes: the macro average of each class against the rest), the latter only when every class occurs in
+    `labels` (it is undefined for a class that does not)."""
     predictions = probabilities.argmax(axis=-1)
-    binary = probabilities.shape[-1] == 2
+    classes = probabilities.shape[-1]
+    binary = classes == 2
     precision, recall, f1, _ = precision_recall_fscore_support(
         labels, predictions, average="binary" if binary else "macro", zero_division=0
     )
     metrics = {"accuracy": accuracy_score(labels, predictions), "precision": precision, "recall": recall, "f1": f1}
-    if binary and len(set(labels)) == 2:
-        metrics["roc_auc"] = roc_auc_score(labels, probabilities[:, 1])
+    if len(set(labels)) == classes:
+        metrics["roc_auc"] = (roc_auc_score(labels, probabilities[:, 1]) if binary
+                              else roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
     return {k: float(v) for k, v in metrics.items()}
 
 

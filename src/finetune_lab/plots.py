@@ -141,8 +141,10 @@ def methods_by_rank(summary: pd.DataFrame) -> plt.Figure:
 
 
 def metrics_by_configuration(table: pd.DataFrame, label: str, metrics: dict[str, str], note: str) -> plt.Figure:
-    """One panel per metric (metric → axis label): a point per seed and the mean ± std over seeds per configuration
-    (column `label` of the per-child `table`, finished children only), configurations in the table's order."""
+    """One panel per metric (metric → axis label) that the per-child `table` (finished children only) has values
+    of (ROC-AUC is not logged where a class is missing from the held-out labels): a point per seed and the
+    mean ± std over seeds per configuration (column `label`), configurations in the table's order."""
+    metrics = {metric: name for metric, name in metrics.items() if metric in table and table[metric].notna().any()}
     names = list(dict.fromkeys(table[label]))
     figure, grid = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 4.2), layout="constrained",
                                 squeeze=False)
