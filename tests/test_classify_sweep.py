@@ -74,6 +74,7 @@ def test_a_collapsed_child_is_never_best(client, monkeypatch):
         (["--seeds", ""], "error: seeds: must list at least one integer"),
         (["--executor", "spark"], "error: executor: must be one of local, ray"),
         (["--label-column", "stars"], "error: label_column: column 'stars' not in the dataset"),
+        (["--register-as", "team/clf"], "error: register_as: Invalid model name 'team/clf'. Names cannot contain '/'"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, args, expected):

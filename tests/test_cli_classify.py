@@ -32,6 +32,7 @@ def invoke(client, no_weights_loaded):
         (["--dataset", "."], "error: dataset: '.' is a folder; pass one data file"),
         (["--label-names", "bad,good,ugly"], "error: label_names: names 3 classes, the data has 2 (0, 1)"),
         (["--label-names", "bad,bad"], "error: label_names: must be distinct non-empty names like negative,positive"),
+        (["--register-as", "team/clf"], "error: register_as: Invalid model name 'team/clf'. Names cannot contain '/'"),
     ],
 )
 def test_each_bad_input_is_one_clear_line(invoke, args, expected):

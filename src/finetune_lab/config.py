@@ -98,6 +98,27 @@ class Registering(Config):
     """Register the trained model under this model-registry name, after a verified reload (a sweep: the best
     child's; empty = don't register)."""
 
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.register_as and not self.register_as.strip():
+            problems.append(problem("register_as", "is blank: give a model name, or nothing to register nothing"))
+        elif self.register_as:
+            problems += _registry_name_problems(self.register_as)
+        return problems
+
+
+def _registry_name_problems(name: str) -> list[str]:
+    """MLflow's own check of a registered model's name (the one its stores apply when the model is registered, after
+    training), made before anything is trained."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as error:
+        return [problem("register_as", f"{error.message.rstrip('.')}: choose another name")]
+    return []
+
 
 @dataclass
 class Resumable(Config):
