@@ -82,11 +82,11 @@ def test_problems_of_the_derived_workload_configs_are_named_after_the_bench_fiel
     config = BenchConfig(classify_max_length=4, lora_ranks=(0, 4), lora_target_modules=" ", seed=-1, large_batch=48,
                          variants="baseline,project_large")
     assert bench.check(config) == [
+        "seed: must be in 0..4294967295, got -1",  # the bench's own, and the same line of every workload's
         "classify_max_length: must be >= 8, got 4",
         "classify_examples: must be a multiple of 16 and 48 (the batch sizes), so that every variant trains every "
         "example, got 1600",
         "lora_target_modules: must be `all-linear` or a comma list of module names",
-        "seed: must be integers >= 0, got -1",
         "lora_ranks: must be integers >= 1, got 0,4",
     ]
     assert bench.check(BenchConfig(workloads="classify", lora_ranks=(0,))) == [], "lora_sweep is not run"

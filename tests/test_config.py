@@ -64,7 +64,8 @@ def test_booleans_are_logged_as_mlflow_run_logs_them(given, parsed, logged):
     ({"ranks": "0,1"}, "ranks: must be integers >= 1, got 0,1"),
     ({"ranks": ""}, "ranks: must list at least one integer, like 4,8,16"),
     ({"ranks": "4,4"}, "ranks: lists 4 more than once"),
-    ({"seeds": "-1"}, "seeds: must be integers >= 0, got -1"),
+    ({"seeds": "-1"}, "seeds: must be in 0..4294967295, got -1"),
+    ({"seeds": "1,4294967296"}, "seeds: must be in 0..4294967295, got 1,4294967296"),
 ])
 def test_bad_integer_lists(raw, expected):
     assert from_strings(SweepConfig, raw).problems() == [expected]

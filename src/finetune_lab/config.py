@@ -64,6 +64,12 @@ class Config:
         unparsable: dict[str, str] = getattr(self, "_parse_problems", {})
         return [*unparsable.values(), *(p for p in self.validate() if field_of(p) not in unparsable)]
 
+    def problems_that_stop_loading(self) -> list[str]:
+        """Every problem of the config when one is a seed's, else none: the data are split and shuffled, and tiny
+        models built, with the seed, so nothing can be loaded to find the data's and the model's problems too."""
+        found = self.problems()
+        return found if any(field_of(p) in SEED_FIELDS for p in found) else []
+
 
 # The fields several entry points share, each declared once; a configuration composes those it has (listed first
 # among its bases, so that they come last in `--help`) and sets their defaults in its own body where they differ.
@@ -82,12 +88,24 @@ class Tracked(Config):
         return problems
 
 
+# The seeds numpy takes: transformers' set_seed seeds its global generator, and pandas shuffles the data with one.
+MAX_SEED = 2**32 - 1
+SEED_RANGE = f"in 0..{MAX_SEED}"
+SEED_FIELDS = ("seed", "seeds")
+
+
 @dataclass
 class Seeded(Config):
     """An experiment with one seed."""
 
     seed: int = 42
-    """Seed of everything random in the run: the split, shuffling, initialisation (weights, adapter) and data order."""
+    """Seed of everything random in the run: the split, shuffling, initialisation (weights, adapter) and data order
+    (0 to 2**32 - 1)."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        _check(problems, self, "seed", lambda v: 0 <= v <= MAX_SEED, f"must be {SEED_RANGE}")
+        return problems
 
 
 @dataclass
@@ -144,7 +162,8 @@ class Sweeping(Resumable, Registering):
     """A sweep: one child run per configuration x seed, trained where `executor` says."""
 
     seeds: IntList = (42,)
-    """Comma list of seeds; several seeds give one child per configuration x seed, and error bars."""
+    """Comma list of seeds (each 0 to 2**32 - 1); several seeds give one child per configuration x seed, and error
+    bars."""
     executor: str = "local"
     """`local` = every child in this process, one after another; `ray` = children spread over Ray workers."""
     workers: int = 0
@@ -154,7 +173,7 @@ class Sweeping(Resumable, Registering):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check_int_list(problems, self, "seeds", minimum=0)
+        _check_list(problems, self, "seeds", lambda v: 0 <= v <= MAX_SEED, SEED_RANGE, "integer, like 1,2,3")
         _check(problems, self, "executor", lambda v: v in EXECUTORS, f"must be one of {', '.join(EXECUTORS)}")
         _check(problems, self, "workers", lambda v: v >= 0, "must be >= 0 (0 = one per GPU, or per cpus_per_worker)")
         _check(problems, self, "cpus_per_worker", lambda v: v >= 1, "must be >= 1")

@@ -16,6 +16,7 @@ from finetune_lab import data as data_lib
 from finetune_lab import models, resume, tracking
 from finetune_lab.config import Resumable, as_params
 from finetune_lab.data import TEST, TRAIN
+from finetune_lab.errors import raise_if_any
 
 Prepared = TypeVar("Prepared")
 
@@ -49,12 +50,13 @@ def log_sources(prepared, params: dict[str, Any] | None = None) -> None:
 @contextlib.contextmanager
 def begin(config, kind: str, prepare: Callable[[], Prepared],
           params: Callable[[Prepared], dict[str, Any]] = lambda prepared: {}) -> Iterator[Begun[Prepared]]:
-    """The preamble in the active run (the invocation's), for an experiment of `kind`: log the config, `prepare()`
-    (which raises InputError with every problem), log the sources with `params(prepared)`; then, for a `Resumable`
-    config, the parent run tagged with what its children are made with (`resume.parent_run`), else the invocation's
-    run itself."""
+    """The preamble in the active run (the invocation's), for an experiment of `kind`: log the config, refuse it if a
+    seed is bad (nothing can be loaded with it), `prepare()` (which raises InputError with every problem), log the
+    sources with `params(prepared)`; then, for a `Resumable` config, the parent run tagged with what its children are
+    made with (`resume.parent_run`), else the invocation's run itself."""
     invocation = mlflow.active_run()
     tracking.log_config(as_params(config))
+    raise_if_any(config.problems_that_stop_loading())
     prepared = prepare()
     log_sources(prepared, params(prepared))
     if not isinstance(config, Resumable):
