@@ -168,6 +168,8 @@ def test_the_loss_covers_exactly_the_tokens_loss_on_says(client, monkeypatch, lo
                                       "got 'lora,qlora'"),
         (["--methods", "dora,dora"], "error: methods: lists dora more than once"),
         (["--register-as", "team:chat"], "error: register_as: Invalid model name 'team:chat'. Names cannot contain"),
+        (["--ranks", "16,48", "--methods", "lora,pissa,olora"],
+         "error: ranks: [48] exceed 32, the smaller side of k_proj, v_proj (64 x 32), which pissa and olora decompose"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, args, expected):
@@ -175,6 +177,26 @@ def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, 
                                  ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "bad", *args])
     assert outcome.exit_code == 2, outcome.output
     assert expected in outcome.output
+
+
+def test_pissa_and_olora_ranks_are_bounded_by_the_smallest_layer_they_target(client):
+    """They factor each targeted weight at rank r, which its smaller side bounds (in the tiny model: k_proj and v_proj
+    map 64 features to 32); other methods and layers take any rank up to the hidden size. Checked on the weightless
+    skeleton."""
+    from finetune_lab import causal_lm
+
+    prepared = causal_lm.prepare(tiny_sweep(), (4,), 3)
+    skeleton = models.skeleton(prepared.source, AutoModelForCausalLM)
+
+    def problems(ranks, methods, target_modules="all-linear"):
+        return lora.check_architecture(skeleton, tiny_sweep(target_modules=target_modules), ranks, methods=methods)
+
+    assert problems([32, 48], ["pissa"]) == ["ranks: [48] exceed 32, the smaller side of k_proj, v_proj (64 x 32), "
+                                             "which pissa decomposes into rank-r factors: choose ranks up to 32, or "
+                                             "target_modules without those layers"]
+    assert problems([48], ["lora", "dora", "rslora"]) == []
+    assert problems([48, 64], ["pissa", "olora"], "q_proj,o_proj") == []
+    assert problems([48], ["olora"], "q_proj,v_proj")[0].startswith("ranks: [48] exceed 32, the smaller side of v_proj")
 
 
 def test_a_method_the_installed_peft_lacks_is_one_line(client, no_weights_loaded, monkeypatch):

@@ -59,7 +59,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
     if source is not None:
         problems += models.check_max_length(source, config.max_length)
         skeleton = models.skeleton(source, AutoModelForCausalLM)
-        problems += lora.check_architecture(skeleton, config, ranks, rank_param)
+        problems += lora.check_architecture(skeleton, config, ranks, rank_param, methods)
         problems += lora.check_methods(skeleton, methods)
     raise_if_any(problems)
     return Prepared(data, source)

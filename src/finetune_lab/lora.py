@@ -15,7 +15,7 @@ import dataclasses
 import math
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import mlflow
@@ -67,34 +67,64 @@ def check_methods(skeleton: torch.nn.Module, methods: list[str]) -> list[str]:
     return problems
 
 
+def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers LoRA can target, by path; the output head is left out (as peft's `all-linear` does)."""
+    head = model.get_output_embeddings()
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head}
+
+
+def _short(path: str) -> str:
+    """A layer's name as target_modules gives it: the last component of its path."""
+    return path.rsplit(".", 1)[-1]
+
+
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Names (last path component) of the linear layers LoRA can target; the output head is left out."""
-    head = model.get_output_embeddings()
-    return sorted(
-        {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-         if isinstance(module, torch.nn.Linear) and module is not head}
-    )
+    return sorted({_short(path) for path in _linear_layers(model)})
 
 
 def check_architecture(skeleton: torch.nn.Module, config: LoraTrainingConfig, ranks: list[int],
-                       rank_param: str = "ranks") -> list[str]:
-    """Ranks and target modules against the model (a weightless skeleton is enough); rank problems are reported
-    under `rank_param`, the parameter that set them."""
+                       rank_param: str = "ranks", methods: Sequence[str] = ()) -> list[str]:
+    """Ranks and target modules against the model (a weightless skeleton is enough), and the ranks of the `methods`
+    that decompose the layers they target; rank problems are reported under `rank_param`, the parameter that set
+    them."""
     problems = []
     available = linear_module_names(skeleton)
     targets = config.target_module_list
-    if targets != "all-linear":
-        unknown = [t for t in targets if t not in available]
-        if unknown:
-            problems.append(
-                problem("target_modules",
-                        f"{', '.join(unknown)} not in this model; linear modules: {', '.join(available)}")
-            )
+    unknown = [t for t in targets if t not in available] if targets != "all-linear" else []
+    if unknown:
+        problems.append(
+            problem("target_modules", f"{', '.join(unknown)} not in this model; linear modules: {', '.join(available)}")
+        )
     hidden = skeleton.config.hidden_size
     too_large = [r for r in ranks if r > hidden]
     if too_large:
         problems.append(problem(rank_param, f"{too_large} exceed the model's hidden size {hidden}"))
+    elif not unknown:
+        targeted = {path: layer for path, layer in _linear_layers(skeleton).items()
+                    if targets == "all-linear" or _short(path) in targets}
+        problems += _check_decomposed_ranks(targeted, ranks, [m for m in methods if m in MUTATE_BASE], rank_param)
     return problems
+
+
+def _check_decomposed_ranks(targeted: dict[str, torch.nn.Linear], ranks: list[int], methods: list[str],
+                            rank_param: str) -> list[str]:
+    """PiSSA and OLoRA factor each targeted weight (out x in) at rank r, which its smaller side bounds: above it peft
+    makes factors of that side instead, and the child fails after training, when its adapter is saved."""
+    if not methods or not targeted:
+        return []
+    smallest = min(min(layer.in_features, layer.out_features) for layer in targeted.values())
+    too_large = [r for r in ranks if r > smallest]
+    if not too_large:
+        return []
+    narrow = {_short(path): layer for path, layer in targeted.items()
+              if min(layer.in_features, layer.out_features) == smallest}
+    shapes = ", ".join(sorted({f"{layer.in_features} x {layer.out_features}" for layer in narrow.values()}))
+    return [problem(rank_param, f"{too_large} exceed {smallest}, the smaller side of {', '.join(sorted(narrow))} "
+                                f"({shapes}), which {' and '.join(methods)} "
+                                f"{'decompose' if len(methods) > 1 else 'decomposes'} into rank-r factors: choose "
+                                f"{rank_param} up to {smallest}, or target_modules without those layers")]
 
 
 def attach(base: torch.nn.Module, config: LoraTrainingConfig, rank: int, seed: int, method: str = "lora"
