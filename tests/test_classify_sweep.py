@@ -75,6 +75,9 @@ def test_a_collapsed_child_is_never_best(client, monkeypatch):
         (["--executor", "spark"], "error: executor: must be one of local, ray"),
         (["--label-column", "stars"], "error: label_column: column 'stars' not in the dataset"),
         (["--register-as", "team/clf"], "error: register_as: Invalid model name 'team/clf'. Names cannot contain '/'"),
+        (["--learning-rates", "1e-3,2e-3", "--epochs", "1,2", "--seeds", "1,2", "--max-children", "6"],
+         "error: max_children: the grid has 8 children (2 learning_rates x 2 epochs x 2 seeds), more than "
+         "max_children=6"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, args, expected):

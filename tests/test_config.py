@@ -102,7 +102,8 @@ def test_speed_switches_and_token_budget():
 
 
 def test_shared_fields_are_declared_once_and_keep_each_entry_points_default():
-    shared = {"experiment", "run_name", "register_as", "resume", "seeds", "executor", "workers", "cpus_per_worker"}
+    shared = {"experiment", "run_name", "register_as", "resume", "seeds", "executor", "workers", "cpus_per_worker",
+              "max_children"}
     for name in shared:
         declared = [k for k in ClassifySweepConfig.__mro__ if name in vars(k).get("__annotations__", {})]
         assert len([k for k in declared if k.__name__ in ("Tracked", "Registering", "Resumable", "Sweeping")]) == 1
@@ -134,3 +135,16 @@ def test_float_lists_are_parsed_and_logged_as_given():
     child = config.child(4e-5, 2.5, 3, "lr4e-05-ep2.5-seed3")
     assert (child.learning_rate, child.epochs, child.seed, child.register_as) == (4e-5, 2.5, 3, "")
     assert child.model == config.model and child.problems() == []
+
+
+def test_a_grid_beyond_max_children_is_refused_unless_max_children_allows_it():
+    rates, seeds = ",".join(f"{k}e-5" for k in range(1, 101)), ",".join(map(str, range(100)))
+    config = from_strings(ClassifySweepConfig, {"learning_rates": rates, "seeds": seeds})
+    assert config.problems() == ["max_children: the grid has 10,000 children (100 learning_rates x 1 epochs x 100 "
+                                 "seeds), more than max_children=100: give fewer values, or raise max_children"]
+    assert from_strings(ClassifySweepConfig, {"learning_rates": rates, "seeds": seeds,
+                                              "max_children": "10000"}).problems() == []
+    lora = from_strings(SweepConfig, {"methods": "lora,dora", "ranks": "4,8,16", "seeds": "1,2", "max_children": "11"})
+    assert lora.problems() == ["max_children: the grid has 12 children (2 methods x 3 ranks x 2 seeds), more than "
+                               "max_children=11: give fewer values, or raise max_children"]
+    assert from_strings(SweepConfig, {"max_children": "0"}).problems() == ["max_children: must be >= 1, got 0"]

@@ -135,10 +135,11 @@ def test_a_resumed_probe_continues_from_the_logged_before_adapter(client, monkey
         assert resumed["metrics"][name] == pytest.approx(reference["metrics"][name], rel=1e-6), name
 
 
-def test_where_the_children_train_is_not_part_of_the_config_a_resume_compares():
+def test_where_the_children_train_and_the_grid_s_bound_are_not_part_of_the_config_a_resume_compares():
     from finetune_lab import resume
     from finetune_lab.config import SweepConfig
 
     local = resume.config_digest(SweepConfig())
     assert resume.config_digest(SweepConfig(executor="ray", workers=2, cpus_per_worker=2, run_name="x")) == local
+    assert resume.config_digest(SweepConfig(max_children=1000)) == local
     assert resume.config_digest(SweepConfig(learning_rate=1e-3)) != local

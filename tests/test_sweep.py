@@ -59,6 +59,26 @@ def test_a_tie_is_reported_against_the_configuration_chosen_as_best():
     assert all(line.split(" vs ")[1].startswith(f"method={best['method']}:") for line in lines), lines
 
 
+def test_the_failed_children_tag_stays_short_and_points_to_the_table(client, tmp_path):
+    """10,000 children stopped by a signal: the tag names the first few, the table holds them all (a tag of every
+    one held 615,993 characters, cut by MLflow)."""
+    from conftest import load_table
+
+    config = SweepConfig(ranks=tuple(range(1, 101)), seeds=tuple(range(100)), max_children=10_000)
+    children = [sweep.ChildOutcome(spec, "", contract.NOT_RUN, error="not run: terminated by SIGTERM " + "x" * 40)
+                for spec in lora_sweep.plan(config)]
+    mlflow.set_experiment("tags")
+    with mlflow.start_run() as parent:
+        assert sweep.log_summary(children, lora_sweep.DESIGN) is None
+    logged = client.get_run(parent.info.run_id)
+    tag = logged.data.tags["failed_children"]
+    assert len(tag) <= 1000 and tag.startswith("r1-seed0: NOT_RUN not run: terminated by SIGTERM")
+    assert "and 9,995 more" in tag and tag.endswith("(every child's status and error: comparison_table.json)")
+    assert logged.data.metrics["failed_children"] == 10_000
+    table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
+    assert len(table) == 10_000 and set(table["error"]) == {children[0].error}
+
+
 def tiny_sweep(**overrides) -> SweepConfig:
     settings = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(3,), max_steps=4, batch_size=8,
                     max_length=48, learning_rate=1e-2, experiment="sweep-unit")

@@ -170,6 +170,9 @@ class Sweeping(Resumable, Registering):
     """Ray workers (executor=ray): 0 = one per GPU, or one per `cpus_per_worker` CPUs when there is no GPU."""
     cpus_per_worker: int = 1
     """CPUs each Ray worker reserves (and its torch threads); with GPUs each worker also takes one GPU."""
+    max_children: int = 100
+    """The most child runs (configurations x seeds) the sweep starts; a larger grid is refused before anything runs
+    (a guard against a mistyped list): raise it to run one."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -177,7 +180,19 @@ class Sweeping(Resumable, Registering):
         _check(problems, self, "executor", lambda v: v in EXECUTORS, f"must be one of {', '.join(EXECUTORS)}")
         _check(problems, self, "workers", lambda v: v >= 0, "must be >= 0 (0 = one per GPU, or per cpus_per_worker)")
         _check(problems, self, "cpus_per_worker", lambda v: v >= 1, "must be >= 1")
+        _check(problems, self, "max_children", lambda v: v >= 1, "must be >= 1")
+        sizes = {**self.grid_sizes(), "seeds": len(self.seeds)}
+        children = math.prod(sizes.values())
+        if children > self.max_children >= 1:
+            grid = " x ".join(f"{n} {name}" for name, n in sizes.items())
+            problems.append(problem("max_children", f"the grid has {children:,} children ({grid}), more than "
+                                                    f"max_children={self.max_children}: give fewer values, or raise "
+                                                    "max_children"))
         return problems
+
+    def grid_sizes(self) -> dict[str, int]:
+        """How many values each list of the grid but `seeds` gives: field → count (each sweep says)."""
+        return {}
 
 
 @dataclass
@@ -313,6 +328,9 @@ class ClassifySweepConfig(Tracked, Sweeping, ClassifierSetup):
                                               f"{self.max_steps}): give one value, or max_steps=0"))
         return problems
 
+    def grid_sizes(self) -> dict[str, int]:
+        return {"learning_rates": len(self.learning_rates), "epochs": len(self.epochs)}
+
     def child(self, learning_rate: float, epochs: float, seed: int, run_name: str) -> ClassifyConfig:
         """The `classify` config of one child: this sweep's settings with one learning rate, epochs and seed (it
         registers nothing itself)."""
@@ -410,6 +428,9 @@ class SweepConfig(Tracked, Sweeping, LoraTrainingConfig):
         _check_names(problems, self, "methods", LORA_METHODS)
         _check_int_list(problems, self, "ranks", minimum=1)
         return problems
+
+    def grid_sizes(self) -> dict[str, int]:
+        return {"methods": len(self.method_list), "ranks": len(self.ranks)}
 
     @property
     def method_list(self) -> list[str]:

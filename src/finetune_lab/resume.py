@@ -4,8 +4,8 @@ reused, and closing the children that an earlier attempt left RUNNING (killed wi
 tracking outage).
 
 Parents and children carry two tags for this (`contract.CONFIG_DIGEST_TAG`, `contract.DATA_DIGEST_TAG`): a digest
-of every config field that changes what is trained (not `resume`, `run_name`, `experiment`, `register_as`, nor
-where the children train: `executor`, `workers`, `cpus_per_worker`), and the
+of every config field that changes what is trained (not `resume`, `run_name`, `experiment`, `register_as`,
+`max_children`, nor where the children train: `executor`, `workers`, `cpus_per_worker`), and the
 digests of the train and held-out splits as used.
 """
 
@@ -42,7 +42,8 @@ from finetune_lab.errors import InputError, problem
 LATEST = "latest"
 # Fields that do not change what is trained: a resume may differ in them (a sweep begun on Ray workers may be
 # finished in one process, and the other way round).
-IGNORED_FIELDS = ("resume", "run_name", "experiment", "register_as", "executor", "workers", "cpus_per_worker")
+IGNORED_FIELDS = ("resume", "run_name", "experiment", "register_as", "executor", "workers", "cpus_per_worker",
+                  "max_children")
 # How far back `latest` looks among an experiment's parent runs.
 LATEST_WINDOW = 200
 

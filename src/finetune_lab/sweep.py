@@ -32,6 +32,9 @@ from finetune_lab.errors import one_line
 from finetune_lab.report.verdicts import verdicts
 
 VERDICTS_ARTIFACT = "verdicts.txt"
+# The unfinished children the `failed_children` tag names, and how much of each one's error it shows.
+TAGGED_FAILURES = 5
+TAGGED_ERROR_CHARS = 150
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,18 @@ def verdict_lines(table: pd.DataFrame, design: Design, best: pd.Series | None = 
     return lines
 
 
+def failures_note(unfinished: list[ChildOutcome]) -> str:
+    """The `failed_children` tag: the first few children that did not finish, with their errors cut short, and where
+    every child's status and error is (a tag holds a few thousand characters; a grid may stop thousands of
+    children); "" when every child finished."""
+    if not unfinished:
+        return ""
+    named = "; ".join(f"{c.name}: {c.status} {c.error[:TAGGED_ERROR_CHARS]}" for c in unfinished[:TAGGED_FAILURES])
+    more = len(unfinished) - TAGGED_FAILURES
+    return (named + (f"; and {more:,} more" if more > 0 else "")
+            + f" (every child's status and error: {contract.COMPARISON_TABLE})")
+
+
 def log_summary(children: list[ChildOutcome], design: Design) -> dict | None:
     """On the parent run: the comparison table of every planned child (with its status), the children that did not
     finish; and over the finished ones the summary per configuration, figures, verdicts and the best child. None if
@@ -269,7 +284,7 @@ def log_summary(children: list[ChildOutcome], design: Design) -> dict | None:
     tracking.log_table(table, contract.COMPARISON_TABLE)
     unfinished = [c for c in children if c.status != FINISHED]
     mlflow.log_metric("failed_children", len(unfinished))
-    tracking.set_or_clear_tag("failed_children", "; ".join(f"{c.name}: {c.status} {c.error}" for c in unfinished))
+    tracking.set_or_clear_tag("failed_children", failures_note(unfinished))
     if len(unfinished) == len(children):
         return None
     summary = contract.summarise(table, design.axes, design.summary_metrics)
