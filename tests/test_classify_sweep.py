@@ -134,7 +134,12 @@ def test_a_sweep_over_three_classes_ends_with_its_best_child_and_confusion_matri
         table = load_table(client, child.info.run_id, "predictions.json", tmp_path / child.info.run_id)
         assert_metrics_match_predictions(child.data.metrics, table)
     best = children[parent.data.tags["best_run_id"]]
-    assert parent.data.metrics["best_accuracy"] == best.data.metrics["accuracy"]
+    same_configuration = [c.data.metrics["accuracy"] for c in children.values()
+                          if c.data.params["learning_rate"] == best.data.params["learning_rate"]]
+    assert parent.data.metrics["best_accuracy"] == best.data.metrics["accuracy"] == max(same_configuration)
+    # what the verdict compares: the configuration's mean over its seeds, named apart from its best child's score
+    assert parent.data.metrics["best_configuration_accuracy_mean"] == pytest.approx(sum(same_configuration) / 2)
+    assert f"best_configuration_accuracy_mean {sum(same_configuration) / 2:.4f}" in " ".join(result.output.split())
     matrix = download_json(client, parent.info.run_id, "best_confusion_matrix.json", tmp_path / "parent")
     assert matrix == download_json(client, best.info.run_id, "confusion_matrix.json", tmp_path / "best")
     assert len(matrix["matrix"]) == 3 and sum(map(sum, matrix["matrix"])) == 48

@@ -65,7 +65,8 @@ SUMMARY_METRICS = ["train_loss", "eval_loss", "eval_perplexity", "peak_cuda_mem_
 # Shown per child run in the report.
 SWEEP_CHILD_METRICS = ["train_loss", "eval_loss", "eval_perplexity", *MEMORY_METRICS, "train_tokens_per_s",
                        "train_runtime_s"]
-SWEEP_PARENT_METRICS = ["best_rank", "best_eval_loss", "failed_children", "sweep_wall_s", "child_train_s_sum"]
+SWEEP_PARENT_METRICS = ["best_rank", "best_configuration_eval_loss_mean", "best_eval_loss", "failed_children",
+                        "sweep_wall_s", "child_train_s_sum"]
 
 
 # The LoRA method of the rank sweep as it was before there were methods.

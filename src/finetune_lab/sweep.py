@@ -238,6 +238,18 @@ def best_child(table: pd.DataFrame, summary: pd.DataFrame, design: Design) -> pd
     return finished.loc[getattr(finished[design.objective].astype(float), pick)()]
 
 
+def best_configuration_mean_name(design: Design) -> str:
+    """The parent's metric of the best configuration's mean objective over its seeds (what the verdicts compare),
+    named apart from `best_<objective>`, its best child's score."""
+    return f"best_configuration_{design.objective}_mean"
+
+
+def best_configuration_mean(summary: pd.DataFrame, best: pd.Series, design: Design) -> float:
+    """The mean objective over the finished seeds of the configuration of `best`."""
+    rows = summary[(summary[design.axes] == best[design.axes].values).all(axis=1)]
+    return float(rows[f"{design.objective}_mean"].iloc[0])
+
+
 def configuration_label(row, axes: list[str], table: pd.DataFrame) -> str:
     """A configuration named by its values on `axes` (those that take one value in the whole table left out)."""
     varying = [a for a in axes if table[a].nunique() > 1] or axes
@@ -278,8 +290,8 @@ def failures_note(unfinished: list[ChildOutcome]) -> str:
 
 def log_summary(children: list[ChildOutcome], design: Design) -> dict | None:
     """On the parent run: the comparison table of every planned child (with its status), the children that did not
-    finish; and over the finished ones the summary per configuration, figures, verdicts and the best child. None if
-    none finished."""
+    finish; and over the finished ones the summary per configuration, figures, verdicts, the best configuration's
+    mean objective and its best child. None if none finished."""
     table = comparison_table(children, design.table_metrics)
     tracking.log_table(table, contract.COMPARISON_TABLE)
     unfinished = [c for c in children if c.status != FINISHED]
@@ -294,11 +306,12 @@ def log_summary(children: list[ChildOutcome], design: Design) -> dict | None:
     mlflow.log_text("\n".join(lines) + "\n", VERDICTS_ARTIFACT)
     tracking.set_or_clear_tag("verdict", lines[0] if lines else "")
     design.log_figures(summary, children, best)
+    mean = {best_configuration_mean_name(design): best_configuration_mean(summary, best, design)}
     mlflow.log_metrics({**{f"best_{axis}": float(best[axis]) for axis in design.axes
                            if isinstance(best[axis], numbers.Number)},
-                        f"best_{design.objective}": float(best[design.objective])})
+                        **mean, f"best_{design.objective}": float(best[design.objective])})
     mlflow.set_tags({**{f"best_{axis}": str(best[axis]) for axis in design.axes}, "best_run_id": best["run_id"]})
-    return {"table": table, "summary": summary, "best": best, "verdicts": lines}
+    return {"table": table, "summary": summary, "best": best, "best_configuration_mean": mean, "verdicts": lines}
 
 
 def _plain(value):
@@ -348,7 +361,7 @@ def sweep_children(parent: mlflow.ActiveRun, config: Sweeping, design: Design, p
     return {
         "run_id": parent_run_id,
         "metrics": {**{f"best_{axis}": _plain(best[axis]) for axis in design.axes},
-                    f"best_{design.objective}": float(best[design.objective])},
+                    **outcome["best_configuration_mean"], f"best_{design.objective}": float(best[design.objective])},
         "children": children,
         "notes": ["children:", *notes, *outcome["verdicts"], f"best child run: {best['run_id']}", *registered],
     }
