@@ -149,6 +149,29 @@ def test_a_sweep_of_one_child_says_1_child_run(store, tmp_path):
     assert blocks[1].text.startswith("1 child run, status FINISHED")
 
 
+def test_sweeps_refused_before_any_child_ran_are_shown_refused_with_their_error_and_count_no_verdict(client,
+                                                                                                      tmp_path):
+    from finetune_lab import classify_sweep
+    from finetune_lab.config import ClassifySweepConfig
+    from finetune_lab.errors import InputError
+
+    for name in ("classify_sweep", "lora_sweep", "report"):
+        create_experiment(client, name, tmp_path)
+    with pytest.raises(InputError):
+        classify_sweep.run(ClassifySweepConfig(model="tiny", dataset="sample", learning_rates=(-1.0,),
+                                               run_name="refused-clf"))
+    with pytest.raises(InputError):
+        lora_sweep.run(SweepConfig(**{**TINY_SWEEP, "ranks": (4, 4), "run_name": "refused-lora"}))
+    result = report.write_report(ReportConfig(experiments="classify_sweep,lora_sweep", output=str(tmp_path / "out")))
+    markdown = html.unescape((tmp_path / "out" / "report.md").read_text())
+    assert "Refused before any child ran: InputError: learning_rates: must be numbers > 0, got -1.0" in section(
+        markdown, "### Classifier sweep refused-clf")
+    assert "Refused before any child ran: InputError: ranks: lists 4 more than once" in section(
+        markdown, "### LoRA rank sweep refused-lora")
+    assert not md_tables(markdown) and "**verdict**" not in markdown and "Classification runs" not in markdown
+    assert result["metrics"]["verdicts"] == 0
+
+
 def test_what_configures_nothing_is_not_a_differing_param(client):
     """Registering or not, and the settings of a registered model that earlier versions logged as params, do not
     make two runs different configurations."""

@@ -29,6 +29,7 @@ def test_single_seeds_and_single_configurations_are_not_conclusive():
     assert line.startswith("b vs a:") and line.endswith(NOT_CONCLUSIVE)
     assert verdicts({"a": [1.0, 2.0], "empty": []}, "eval_loss", True) == [
         "eval_loss: one configuration only, nothing to compare"]
+    assert verdicts({"empty": []}, "eval_loss", True) == [] == verdicts({}, "eval_loss", True), "nothing measured"
 
 
 def test_a_named_reference_is_compared_against_even_when_it_is_worse():

@@ -14,6 +14,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import contract, plots
+from finetune_lab.errors import InputError
 from finetune_lab.report.render import (
     Block,
     Bullets,
@@ -88,6 +89,14 @@ def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]
     return blocks
 
 
+def classify_sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
+    """A classifier sweep: its children as classification runs side by side."""
+    heading = Heading(3, f"Classifier sweep {label(parent)} ({parent.info.run_id[:8]}), status {parent.info.status}")
+    if not children:
+        return [heading, without_children(parent)]
+    return [heading, *classification_section(children, artifacts)]
+
+
 def rank_summary(parent: Run, children: list[Run], artifacts: Artifacts) -> pd.DataFrame:
     """The sweep's logged per-rank summary, or the same summary computed from its children if it lacks one."""
     logged = artifacts.table(parent, contract.RANK_SUMMARY)
@@ -99,15 +108,25 @@ def rank_summary(parent: Run, children: list[Run], artifacts: Artifacts) -> pd.D
     return contract.summarise(pd.DataFrame(rows))
 
 
+def without_children(parent: Run) -> Text:
+    """A sweep's parent that has no child run: refused (its bad input, in its `error` tag), ended otherwise, or not
+    that far yet. It has no table, figure or verdict."""
+    error, status = parent.data.tags.get(contract.ERROR_TAG, ""), parent.info.status
+    if error.startswith(f"{InputError.__name__}: "):
+        return Text(f"Refused before any child ran: {error}")
+    return Text(f"Ended {status} before any child ran: {error}" if error else f"No child run yet, status {status}.")
+
+
 def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
     tags = parent.data.tags
+    heading = Heading(3, f"LoRA rank sweep {label(parent)} ({parent.info.run_id[:8]})")
+    if not children:
+        return [heading, without_children(parent)]
     blocks: list[Block] = [
-        Heading(3, f"LoRA rank sweep {label(parent)} ({parent.info.run_id[:8]})"),
+        heading,
         Text(f"{counted(len(children), 'child run')}, status {parent.info.status}; best rank (lowest mean held-out "
              f"loss): {tags.get('best_rank', 'n/a')}, best child run {tags.get('best_run_id', 'n/a')[:8]}."),
     ]
-    if not children:
-        return blocks
     blocks += run_table(children, contract.SWEEP_CHILD_METRICS, first_params=("lora_r", "seed"))
     summary = rank_summary(parent, children, artifacts)
     if len(summary):
@@ -235,9 +254,7 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
     if contract.CLASSIFICATION in by_kind:
         blocks += classification_section(by_kind[contract.CLASSIFICATION], artifacts)
     for parent in by_kind.get(contract.CLASSIFY_SWEEP, []):
-        blocks += [Heading(3, f"Classifier sweep {label(parent)} ({parent.info.run_id[:8]}), status "
-                              f"{parent.info.status}"),
-                   *classification_section(found.children_of(parent), artifacts)]
+        blocks += classify_sweep_section(parent, found.children_of(parent), artifacts)
     sweeps, probes = by_kind.get(contract.SWEEP, []), by_kind.get(contract.PROBE, [])
     blocks += parents_overview("LoRA rank sweeps", sweeps, contract.SWEEP_PARENT_METRICS)
     for parent in sweeps:

@@ -29,6 +29,8 @@ def verdicts(groups: dict[str, list[float]], metric: str, lower_is_better: bool,
     """One line per configuration against `reference` (default: the best mean): is the difference of the means
     over seeds larger than the seed-to-seed spread (the larger of the two standard deviations)?"""
     groups = {name: values for name, values in groups.items() if values}
+    if not groups:  # nothing was measured (no run finished): nothing to say
+        return []
     if len(groups) < 2:
         return [f"{metric}: one configuration only, nothing to compare"]
     means = {name: statistics.fmean(values) for name, values in groups.items()}
