@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import create_experiment, entrypoint, load_table, runs_of
+from conftest import REPO, create_experiment, entrypoint, load_table, runs_of
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import classify, lora_sweep, probe, report
-from finetune_lab.config import ClassifyConfig, ProbeConfig, ReportConfig, SweepConfig
+from finetune_lab import classify, classify_sweep, lora_sweep, probe, report
+from finetune_lab.config import ClassifyConfig, ClassifySweepConfig, ProbeConfig, ReportConfig, SweepConfig
 from finetune_lab.report import render, sections
 from finetune_lab.report.store import Artifacts, read_experiment
 from finetune_lab.report.verdicts import config_label
@@ -27,6 +28,9 @@ TINY_CLASSIFY = dict(model="tiny", dataset="sample", max_train_samples=64, max_e
                      batch_size=16, seed=7, experiment="classification")
 TINY_SWEEP = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), max_steps=2, batch_size=8, max_length=48,
                   eval_fraction=0.05, learning_rate=1e-2, experiment="lora_sweep")
+TINY_CLASSIFY_SWEEP = dict(model="tiny", learning_rates=(1e-3, 5e-3), seeds=(1, 2), max_train_samples=64,
+                           max_eval_samples=32, max_length=32, batch_size=16, experiment="classify_sweep",
+                           run_name="three-classes")
 TINY_PROBE = dict(model="tiny", dataset="sample_chat", max_steps=2, batch_size=8, max_length=48, eval_fraction=0.05,
                   learning_rate=1e-2, max_new_tokens=4, experiment="retrain_probe")
 
@@ -40,6 +44,7 @@ class Store:
     report_run_id: str
     sweeps: dict[str, str]  # run name → parent run id
     probe_run_id: str
+    classify_sweep_run_id: str
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +57,8 @@ def no_leaked_experiment_id():
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Store:
-    """Two classification runs (one seed each), a 2-seed and a 1-seed sweep, a probe, then the report."""
+    """Two classification runs (one seed each), a 2-seed and a 1-seed sweep, a probe, a classifier sweep over 3
+    classes (2 learning rates x 2 seeds), then the report."""
     root = tmp_path_factory.mktemp("report_store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
@@ -60,18 +66,23 @@ def store(tmp_path_factory) -> Store:
         patch.delenv("MLFLOW_RUN_ID", raising=False)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        for name in ("classification", "lora_sweep", "retrain_probe", "report"):
+        for name in ("classification", "lora_sweep", "retrain_probe", "classify_sweep", "report"):
             create_experiment(client, name, root)
         for learning_rate in (1e-3, 5e-3):
             classify.run(ClassifyConfig(**TINY_CLASSIFY, learning_rate=learning_rate))
         sweeps = {name: lora_sweep.run(SweepConfig(**TINY_SWEEP, seeds=seeds, run_name=name))["run_id"]
                   for name, seeds in (("two-seeds", (1, 2)), ("one-seed", (3,)))}
         probe_run_id = probe.run(ProbeConfig(**TINY_PROBE))["run_id"]
+        three = pd.read_csv(REPO / "data" / "sample" / "sentiment.csv")
+        three.loc[three.index % 3 == 0, "label"] = 2
+        three.to_csv(root / "three.csv", index=False)
+        classify_sweep_run_id = classify_sweep.run(ClassifySweepConfig(**TINY_CLASSIFY_SWEEP,
+                                                                       dataset=str(root / "three.csv")))["run_id"]
         output = root / "out"
-        result = report.write_report(ReportConfig(experiments="classification,lora_sweep,retrain_probe,absent",
-                                         output=str(output)))
+        result = report.write_report(ReportConfig(
+            experiments="classification,lora_sweep,retrain_probe,classify_sweep,absent", output=str(output)))
         yield Store(client, root, (output / "report.md").read_text(), (output / "report.html").read_text(),
-                    result["run_id"], sweeps, probe_run_id)
+                    result["run_id"], sweeps, probe_run_id, classify_sweep_run_id)
 
 
 def md_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
@@ -96,7 +107,7 @@ def section(markdown: str, heading: str) -> str:
 
 
 def test_every_number_in_the_run_tables_equals_the_logged_value(store):
-    runs = {r.info.run_id[:8]: r for name in ("classification", "lora_sweep", "retrain_probe")
+    runs = {r.info.run_id[:8]: r for name in ("classification", "lora_sweep", "retrain_probe", "classify_sweep")
             for r in runs_of(store.client, name)}
     seen, metrics_checked = set(), 0
     for header, rows in md_tables(store.markdown):
@@ -113,9 +124,10 @@ def test_every_number_in_the_run_tables_equals_the_logged_value(store):
                 elif column in run.data.metrics:
                     assert float(cell) == pytest.approx(run.data.metrics[column], rel=1e-5, abs=1e-12), column
                     metrics_checked += 1
-    probe_parent = {store.probe_run_id}  # a single probe: no overview table of probe parents
-    assert seen == {r.info.run_id for r in runs.values()} - probe_parent, "every run, parents of several sweeps too"
-    assert metrics_checked >= 2 * 8 + 6 * 7 + 2 * 8, metrics_checked
+    # a single probe and a single classifier sweep: no overview table of their parents
+    single = {store.probe_run_id, store.classify_sweep_run_id}
+    assert seen == {r.info.run_id for r in runs.values()} - single, "every run, parents of several sweeps too"
+    assert metrics_checked >= 2 * 8 + 6 * 7 + 2 * 8 + 4 * 8, metrics_checked
     classification = section(store.markdown, "### Classification runs (2)")
     header = md_tables(classification)[0][0]
     assert {"learning_rate", "accuracy", "f1", "roc_auc", "eval_loss", "peak_rss_mb", "train_runtime_s"} <= set(header)
@@ -139,6 +151,41 @@ def test_rank_summary_cells_are_the_logged_mean_and_std(store, tmp_path):
     for figure in ("loss_vs_rank", "memory_vs_rank"):
         assert f"(report_images/{figure}-two-seeds.png)" in text
     assert "4 child runs, status FINISHED" in text
+
+
+def test_classifier_sweep_summary_cells_are_the_logged_mean_and_std_and_name_the_best(store, tmp_path):
+    parent = store.client.get_run(store.classify_sweep_run_id)
+    text = html.unescape(section(store.markdown, f"### Classifier sweep three-classes ({parent.info.run_id[:8]})"))
+    assert (f"best configuration (highest mean accuracy over its seeds): learning_rate="
+            f"{float(parent.data.tags['best_learning_rate']):g}, epochs={float(parent.data.tags['best_epochs']):g}, "
+            f"mean accuracy {parent.data.metrics['best_configuration_accuracy_mean']:.6g}; its best child "
+            f"{parent.data.tags['best_run_id'][:8]}, accuracy {parent.data.metrics['best_accuracy']:.6g}") in text
+    summary = load_table(store.client, parent.info.run_id, "configuration_summary.json", tmp_path)
+    header, rows = next((h, r) for h, r in md_tables(text) if h[:3] == ["learning_rate", "epochs", "seeds"])
+    assert {"accuracy", "precision", "recall", "f1", "roc_auc", "eval_loss"} <= set(header) and len(rows) == 2
+    for row, logged in zip(rows, summary.to_dict("records")):
+        cells = dict(zip(header, row))
+        assert float(cells["learning_rate"]) == logged["learning_rate"] and int(cells["seeds"]) == logged["seeds"] == 2
+        for metric in header[3:]:
+            mean, std = (float(x) for x in cells[metric].split(" ± "))
+            assert mean == pytest.approx(logged[f"{metric}_mean"], rel=1e-5)
+            assert std == pytest.approx(logged[f"{metric}_std"], rel=1e-5, abs=1e-12)
+    assert "(report_images/metrics_by_configuration-three-classes.png)" in text
+
+
+def test_a_classifier_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_children(store, tmp_path):
+    parent = store.client.get_run(store.classify_sweep_run_id)
+    children = [r for r in runs_of(store.client, "classify_sweep")
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+    class NoArtifacts:
+        def table(self, run, path):
+            return None
+
+    computed = sections.configuration_summary(parent, children, NoArtifacts())
+    logged = load_table(store.client, parent.info.run_id, "configuration_summary.json", tmp_path)
+    for column in logged.columns:
+        assert computed[column].to_numpy() == pytest.approx(logged[column].to_numpy(), rel=1e-6), column
 
 
 def test_a_sweep_of_one_child_says_1_child_run(store, tmp_path):
@@ -280,9 +327,10 @@ def test_html_is_one_file_with_embedded_images(store):
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
     assert all(base64.b64decode(s.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n" for s in sources)
     assert "<link" not in store.html and "<script" not in store.html and "href=" not in store.html
-    # 2 confusion matrices + loss and memory vs rank for each of the 2 sweeps, as in the markdown
-    assert len(sources) == len(re.findall(r"!\[[^]]*\]\(report_images/", store.markdown)) == 6
-    assert store.html.count('class="verdict"') == store.markdown.count("- **verdict**") == 4
+    # 2 confusion matrices + loss and memory vs rank for each of the 2 sweeps + the classifier sweep's figure of its
+    # metrics and its 4 children's confusion matrices, as in the markdown
+    assert len(sources) == len(re.findall(r"!\[[^]]*\]\(report_images/", store.markdown)) == 11
+    assert store.html.count('class="verdict"') == store.markdown.count("- **verdict**") == 5
 
 
 def test_wide_tables_and_figures_fit_the_page(store):
@@ -296,12 +344,12 @@ def test_the_report_is_logged_as_its_own_run(store, tmp_path):
     run = store.client.get_run(store.report_run_id)
     assert run.info.status == "FINISHED"
     assert store.client.get_experiment(run.info.experiment_id).name == "report"
-    assert run.data.metrics["experiments_found"] == 3 and run.data.metrics["experiments_missing"] == 1
+    assert run.data.metrics["experiments_found"] == 4 and run.data.metrics["experiments_missing"] == 1
     artifacts = {a.path for a in store.client.list_artifacts(store.report_run_id)}
     assert {"report.md", "report.html", "report_images"} <= artifacts
     logged = store.client.download_artifacts(store.report_run_id, "report.md", str(tmp_path))
     assert Path(logged).read_text() == store.markdown
-    assert len(store.client.list_artifacts(store.report_run_id, "report_images")) == 6
+    assert len(store.client.list_artifacts(store.report_run_id, "report_images")) == 11
     assert "## Experiment `absent`\n\nNot found in the tracking store." in store.markdown
 
 

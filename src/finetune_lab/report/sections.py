@@ -62,13 +62,14 @@ def run_table(runs: list[Run], metrics: list[str], first_params: tuple[str, ...]
     return blocks
 
 
-def summary_table(summary: pd.DataFrame, x: str) -> Table:
-    """`x`, seeds, then `mean ± std` per metric of a sweep summary (metrics without values left out)."""
+def summary_table(summary: pd.DataFrame, columns: list[str]) -> Table:
+    """The `columns` that name a configuration, seeds, then `mean ± std` per metric of a sweep summary (metrics
+    without values left out)."""
     metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean") and summary[c].notna().any()]
-    rows = [[number(row[x]), number(row.get("seeds")),
+    rows = [[*(number(row[c]) for c in columns), number(row.get("seeds")),
              *(" ± ".join(filter(None, (number(row[f"{m}_mean"]), number(row.get(f"{m}_std"))))) for m in metrics)]
             for _, row in summary.iterrows()]
-    return Table([x, "seeds", *metrics], rows)
+    return Table([*columns, "seeds", *metrics], rows)
 
 
 def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]:
@@ -89,23 +90,60 @@ def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]
     return blocks
 
 
+# A classifier sweep's configuration: its summary's columns → (the children's param, its type).
+CLASSIFY_SWEEP_AXES = {"learning_rate": ("learning_rate", float), "epochs": ("epochs", float)}
+
+
 def classify_sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
-    """A classifier sweep: its children as classification runs side by side."""
+    """A classifier sweep: its best configuration and best child, the summary per configuration (mean ± std over
+    seeds) with its figure, then its children as classification runs side by side."""
+    tags, metrics = parent.data.tags, parent.data.metrics
     heading = Heading(3, f"Classifier sweep {label(parent)} ({parent.info.run_id[:8]}), status {parent.info.status}")
     if not children:
         return [heading, without_children(parent)]
-    return [heading, *classification_section(children, artifacts)]
+    blocks: list[Block] = [heading]
+    if "best_run_id" in tags:
+        mean = metrics.get("best_configuration_accuracy_mean")
+        blocks.append(Text(
+            f"{counted(len(children), 'child run')}; best configuration (highest mean accuracy over its seeds): "
+            + ", ".join(f"{axis}={number(float(tags[f'best_{axis}']))}" for axis in CLASSIFY_SWEEP_AXES)
+            + ("" if mean is None else f", mean accuracy {number(mean)}")
+            + f"; its best child {tags['best_run_id'][:8]}, accuracy {number(metrics.get('best_accuracy'))}."))
+    summary = configuration_summary(parent, children, artifacts)
+    if len(summary):
+        blocks += [Text(f"Per configuration, mean ± std over seeds (`{contract.CONFIGURATION_SUMMARY}`):"),
+                   summary_table(summary, list(CLASSIFY_SWEEP_AXES))]
+    figure = artifacts.raw(parent, contract.METRICS_BY_CONFIGURATION_FIGURE)
+    if figure is not None:
+        blocks.append(Figures([Figure("metrics by configuration", f"metrics_by_configuration-{label(parent)}",
+                                      figure)]))
+    return blocks + classification_section(children, artifacts)
+
+
+def sweep_summary(parent: Run, children: list[Run], artifacts: Artifacts, artifact: str,
+                  axes: dict[str, tuple[str, type]], metrics: list[str]) -> pd.DataFrame:
+    """A sweep's logged summary (`artifact`), or the same summary computed from its children if it lacks one: per
+    configuration (`axes`: its columns → the children's param that holds each, and its type), the seeds that
+    finished and the mean and std of `metrics` over them."""
+    logged = artifacts.table(parent, artifact)
+    if logged is not None:
+        return logged
+    rows = [{**{column: kind(c.data.params[param]) for column, (param, kind) in axes.items()},
+             "status": c.info.status, **{m: c.data.metrics.get(m, math.nan) for m in metrics}}
+            for c in children if all(param in c.data.params for param, _ in axes.values())]
+    return contract.summarise(pd.DataFrame(rows), list(axes), metrics) if rows else pd.DataFrame()
 
 
 def rank_summary(parent: Run, children: list[Run], artifacts: Artifacts) -> pd.DataFrame:
-    """The sweep's logged per-rank summary, or the same summary computed from its children if it lacks one."""
-    logged = artifacts.table(parent, contract.RANK_SUMMARY)
-    if logged is not None:
-        return logged
-    rows = [{"rank": int(c.data.params["lora_r"]), "seed": c.data.params.get("seed"), "status": c.info.status,
-             **{m: c.data.metrics.get(m, math.nan) for m in contract.SUMMARY_METRICS}}
-            for c in children if "lora_r" in c.data.params]
-    return contract.summarise(pd.DataFrame(rows))
+    """The LoRA sweep's per-rank summary (see `sweep_summary`)."""
+    return sweep_summary(parent, children, artifacts, contract.RANK_SUMMARY, {"rank": ("lora_r", int)},
+                         contract.SUMMARY_METRICS)
+
+
+def configuration_summary(parent: Run, children: list[Run], artifacts: Artifacts) -> pd.DataFrame:
+    """The classifier sweep's summary per learning rate and epochs (see `sweep_summary`)."""
+    return sweep_summary(parent, children, artifacts, contract.CONFIGURATION_SUMMARY, CLASSIFY_SWEEP_AXES,
+                         contract.CLASSIFY_SWEEP_SUMMARY_METRICS)
 
 
 def without_children(parent: Run) -> Text:
@@ -140,7 +178,7 @@ def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
             summary, x = summary.assign(configuration=[contract.lora_label(m, r) for m, r in
                                                        zip(summary["method"], summary["rank"])]), "configuration"
         blocks += [Text(f"Per rank, mean ± std over seeds (`{contract.RANK_SUMMARY}`):"),
-                   summary_table(summary, x), Figures(figures)]
+                   summary_table(summary, [x]), Figures(figures)]
     groups = seed_groups(children, lambda r: contract.lora_label(
         r.data.params.get("lora_method", contract.DEFAULT_LORA_METHOD), r.data.params.get("lora_r")), "eval_loss")
     blocks.append(Bullets(verdicts(groups, "eval_loss", True)))
