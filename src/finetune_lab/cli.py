@@ -93,8 +93,10 @@ def keep_traceback(error: BaseException) -> Path:
 
 def print_summary(result: dict) -> None:
     click.echo(f"\nrun_id: {result['run_id']}")
-    for key, value in result.get("metrics", {}).items():
-        click.echo(f"  {key:<28} {value:.4f}" if isinstance(value, float) else f"  {key:<28} {value}")
+    metrics = result.get("metrics", {})
+    width = max([28, *(len(key) + 1 for key in metrics)])
+    for key, value in metrics.items():
+        click.echo(f"  {key:<{width}} {value:.4f}" if isinstance(value, float) else f"  {key:<{width}} {value}")
     for line in result.get("notes", []):
         click.echo(line)
     click.echo(result["ui"])
