@@ -1,7 +1,8 @@
 """The start of every experiment's run, written once: the config logged first (so that even a run that fails
-validation shows what it was asked), data and model prepared and checked, where they came from and the data as used
-logged (model source, environment, digest, sizes, the splits as MLflow inputs), then the run that holds the
-experiment's children: the invocation's own, or with `resume` the earlier parent reopened (`resume.parent_run`)."""
+validation shows what it was asked), the permission to register checked (`register_as`), data and model prepared
+and checked, where they came from and the data as used logged (model source, environment, digest, sizes, the splits
+as MLflow inputs), then the run that holds the experiment's children: the invocation's own, or with `resume` the
+earlier parent reopened (`resume.parent_run`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Any, Generic, TypeVar
 import mlflow
 
 from finetune_lab import data as data_lib
-from finetune_lab import models, resume, tracking
-from finetune_lab.config import Resumable, as_params
+from finetune_lab import models, registry, resume, tracking
+from finetune_lab.config import Registering, Resumable, as_params
 from finetune_lab.data import TEST, TRAIN
 
 Prepared = TypeVar("Prepared")
@@ -55,6 +56,8 @@ def begin(config, kind: str, prepare: Callable[[], Prepared],
     run itself."""
     invocation = mlflow.active_run()
     tracking.log_config(as_params(config))
+    if isinstance(config, Registering) and config.register_as:
+        registry.check_may_register(config.register_as)  # before anything is loaded or trained
     prepared = prepare()
     log_sources(prepared, params(prepared))
     if not isinstance(config, Resumable):
