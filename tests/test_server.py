@@ -3,6 +3,7 @@ line and file it writes, and starts MLflow with accounts and proxied artifacts o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -205,13 +206,14 @@ def test_a_host_of_another_machine_is_refused(tmp_path):
 
 
 FAKE_MLFLOW = "import time; time.sleep(120)"
-# A process whose command line names finetune_lab.server, starting a fake MLflow server as the wrapper does.
-FAKE_WRAPPER = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1], 'server', "
-                "'--artifacts-destination', sys.argv[2]], start_new_session=True); time.sleep(120)")
+# A process whose command line names finetune_lab.server, starting a child as the wrapper does (the child's
+# arguments in FAKE_CHILD: in its own command line they would make it look like an MLflow server itself).
+FAKE_WRAPPER = ("import json, os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                "*json.loads(os.environ['FAKE_CHILD'])], start_new_session=True); time.sleep(120)")
 
 
-def test_a_server_still_running_is_named_with_what_to_do(tmp_path):
-    """Real processes whose command lines are those of a left MLflow server, and of one with its wrapper alive."""
+def test_a_server_left_running_is_named_with_what_to_do(tmp_path):
+    """A real process with the command line of an MLflow server of the folder, whose wrapper is gone."""
     artifacts = str(tmp_path / "artifacts")
     left = subprocess.Popen([sys.executable, "-c", FAKE_MLFLOW, "server", "--artifacts-destination", artifacts],
                             start_new_session=True)
@@ -224,7 +226,16 @@ def test_a_server_still_running_is_named_with_what_to_do(tmp_path):
         assert server.still_running(tmp_path) == []
     finally:
         left.kill()
-    wrapper = subprocess.Popen([sys.executable, "-c", FAKE_WRAPPER, FAKE_MLFLOW, artifacts, "finetune_lab.server"])
+
+
+@pytest.mark.parametrize("child", [
+    [FAKE_MLFLOW, "server", "--artifacts-destination", "{data_dir}/artifacts"],  # its MLflow server
+    [f"{FAKE_MLFLOW}  # from finetune_lab.server import guard", "{data_dir}"],  # its guard, before MLflow starts
+], ids=["mlflow", "guard"])
+def test_a_server_already_running_is_named(tmp_path, child):
+    child = json.dumps([part.format(data_dir=tmp_path) for part in child])
+    wrapper = subprocess.Popen([sys.executable, "-c", FAKE_WRAPPER, "finetune_lab.server"],
+                               env={**os.environ, "FAKE_CHILD": child})
     try:
         deadline = time.monotonic() + 30
         while not (found := server.still_running(tmp_path)) and time.monotonic() < deadline:
@@ -232,8 +243,8 @@ def test_a_server_still_running_is_named_with_what_to_do(tmp_path):
         assert found == [f"data_dir: {tmp_path} is already served by finetune_lab.server (pid {wrapper.pid}): use that "
                          f"server, or stop it (Ctrl-C where it runs, or `kill {wrapper.pid}`) first"]
     finally:
-        for child in psutil.Process(wrapper.pid).children():
-            os.killpg(child.pid, signal.SIGKILL)
+        for process in psutil.Process(wrapper.pid).children():
+            os.killpg(process.pid, signal.SIGKILL)
         wrapper.kill()
         wrapper.wait()
 
@@ -248,12 +259,12 @@ def test_nothing_in_the_servers_folder_is_readable_by_others(tmp_path):
     (tmp_path / "postgres" / "PG_VERSION").chmod(0o640)
     for folder in (tmp_path / "artifacts", tmp_path / "artifacts" / "1"):
         folder.chmod(0o755)
-    server.make_private(tmp_path, postgres_passes=True)
+    server.make_private(tmp_path, own_postgres=True)
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*")}
-    assert oct(tmp_path.stat().st_mode & 0o777) == "0o711"
+    assert oct(tmp_path.stat().st_mode & 0o777) == ("0o711" if os.geteuid() == 0 else "0o700")
     assert modes == {"artifacts": "0o700", "artifacts/1": "0o700", "artifacts/1/run": "0o700",
                      "artifacts/1/run/model.bin": "0o600", "postgres": "0o750", "postgres/PG_VERSION": "0o640"}
-    server.make_private(tmp_path, postgres_passes=False)
+    server.make_private(tmp_path, own_postgres=False)
     assert oct(tmp_path.stat().st_mode & 0o777) == "0o700"
 
 

@@ -82,14 +82,20 @@ def database_uri(config: ServerConfig, postgres) -> str:
 
 # ---------------------------------------------------------------------------------------------- the data folder
 def postgres_runs_as_own_user() -> bool:
+    """Started as root, pgserver runs PostgreSQL as a system user of its own."""
     return os.geteuid() == 0
 
 
-def make_private(data_dir: Path, postgres_passes: bool) -> None:
-    """Nothing in `data_dir` readable by other local users: folders 0700, files 0600 (also what an older start left
-    readable), `data_dir` itself 0711 when PostgreSQL runs as a user of its own that must pass through it
-    (`postgres_passes`). PostgreSQL's own folder is left to PostgreSQL (0700, its user's)."""
-    data_dir.chmod(0o711 if postgres_passes else 0o700)
+def top_mode(own_postgres: bool) -> int:
+    """The mode of `data_dir`: 0711 when the server's own PostgreSQL runs as a user of its own, who must pass
+    through it on the way to `data_dir/postgres`; 0700 otherwise."""
+    return 0o711 if own_postgres and postgres_runs_as_own_user() else 0o700
+
+
+def make_private(data_dir: Path, own_postgres: bool) -> None:
+    """Nothing in `data_dir` readable by other local users: `data_dir` itself `top_mode`, folders 0700, files 0600
+    (also what an older start left readable). PostgreSQL's own folder is left to PostgreSQL (0700, its user's)."""
+    data_dir.chmod(top_mode(own_postgres))
     postgres = data_dir / "postgres"
     for folder, subfolders, files in os.walk(data_dir):
         here = Path(folder)
@@ -113,7 +119,7 @@ def start_postgres(data_dir: Path):
 
     postgres = pgserver.get_server(data_dir / "postgres", cleanup_mode=None)
     # pgserver opened `data_dir` (and the folders above it) to everyone on the way: passing through is enough
-    data_dir.chmod(0o711 if postgres_runs_as_own_user() else 0o700)
+    data_dir.chmod(top_mode(own_postgres=True))
     if DATABASE not in postgres.psql("SELECT datname FROM pg_database;"):
         postgres.psql(f"CREATE DATABASE {DATABASE};")
     return postgres
@@ -207,19 +213,20 @@ def server_command(config: ServerConfig, artifacts: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- before starting
 def still_running(data_dir: Path) -> list[str]:
-    """One line saying what to do when a server of `data_dir` is still running: another wrapper's, or what a
-    killed one left behind (MLflow, PostgreSQL); nothing otherwise."""
+    """One line saying what to do when a server of `data_dir` is still running: another wrapper's (found by its
+    MLflow server or its guard), or what a killed one left behind (MLflow, PostgreSQL); nothing otherwise."""
     import psutil
 
     artifacts, groups, wrappers = str(data_dir / "artifacts"), set(), set()
     for process in psutil.process_iter(["cmdline", "ppid"]):
         command = process.info["cmdline"] or []
-        if "--artifacts-destination" in command and artifacts in command and "server" in command:
-            with contextlib.suppress(psutil.Error, ProcessLookupError):
+        mlflow = "server" in command and "--artifacts-destination" in command and artifacts in command
+        guard = str(data_dir) in command and any("finetune_lab.server import guard" in part for part in command)
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if mlflow:
                 groups.add(os.getpgid(process.pid))
-                parent = " ".join(psutil.Process(process.info["ppid"]).cmdline())
-                if "finetune_lab.server" in parent:
-                    wrappers.add(process.info["ppid"])
+            if (mlflow or guard) and "finetune_lab.server" in " ".join(psutil.Process(process.info["ppid"]).cmdline()):
+                wrappers.add(process.info["ppid"])
     if wrappers:
         pids = " ".join(map(str, sorted(wrappers)))
         return [problem("data_dir", f"{data_dir} is already served by finetune_lab.server (pid {pids}): use that "
@@ -375,7 +382,7 @@ def serve(config: ServerConfig) -> None:
     artifacts = data_dir / "artifacts"
     with private_files(), signals.terminating(), guarded(data_dir) as guard_process:
         artifacts.mkdir(parents=True, exist_ok=True)
-        make_private(data_dir, postgres_passes=not config.database_url and postgres_runs_as_own_user())
+        make_private(data_dir, own_postgres=not config.database_url)
         postgres = None
         try:
             postgres = None if config.database_url else start_postgres(data_dir)
