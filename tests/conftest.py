@@ -324,6 +324,31 @@ def sigterm_at_second_child(monkeypatch) -> Trigger:
     return trigger
 
 
+@pytest.fixture
+def as_member(monkeypatch, tmp_path):
+    """Run an entry point's click command in this process with a member's environment (what they export)."""
+    from click.testing import CliRunner
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(utils, "_tracking_uri", None)  # this process's earlier stores mean nothing here
+    monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+    def invoke(entry: str, params: dict, env: dict, experiment: str = "team"):
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        args = ["--experiment", experiment]
+        for key, value in params.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        return CliRunner().invoke(entrypoint(entry).main, args)
+
+    return invoke
+
+
 @pytest.fixture(scope="session")
 def team_server():
     """One team's tracking server (`finetune_lab.server`: PostgreSQL, proxied artifacts, accounts) for the session's

@@ -1,12 +1,14 @@
 """A team's tracking server for tests: `python -m finetune_lab.server` (PostgreSQL from pgserver, proxied artifacts,
-basic-auth) on a free port and a folder of the test's, started and stopped the way a user does, with accounts made
-through MLflow's own auth client. Everything it started is found again (`processes`) to prove it is gone."""
+basic-auth), or `make server` as docs/team.md starts it, on a free port and a folder of the test's, started and
+stopped the way a user does, with accounts made through MLflow's own auth client. Everything it started is found
+again (`processes`) to prove it is gone."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,26 +30,42 @@ def free_port() -> int:
 
 
 class TeamServer:
-    def __init__(self, data_dir: Path, workers: int = 2):
-        self.data_dir, self.workers = data_dir, workers
+    def __init__(self, data_dir: Path, workers: int = 2, make: bool = False):
+        self.data_dir, self.make = data_dir, make
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin = ("admin", secrets.token_urlsafe(18))
         self.passwords = {self.admin[0]: self.admin[1]}
         self.log = data_dir.parent / f"{data_dir.name}.log"
+        self.args = ["--data-dir", str(data_dir), "--port", str(self.port), "--workers", str(workers)]
+        """The server's options (SERVER_ARGS of `make server`)."""
         self.process: subprocess.Popen | None = None
         self.postmaster_pid: int | None = None
+        self.mlflow_group: int | None = None
 
-    def start(self) -> None:
-        command = [sys.executable, "-m", "finetune_lab.server", "--data-dir", str(self.data_dir), "--port",
-                   str(self.port), "--workers", str(self.workers)]
+    def command(self) -> list[str]:
+        if not self.make:
+            return [sys.executable, "-m", "finetune_lab.server", *self.args]
+        from conftest import REPO
+
+        # the install step is this test's own environment: taken as done (-o), with its interpreter
+        return ["make", "-C", str(REPO), "-o", ".venv/.installed", "server", f"PY={sys.executable}",
+                f"SERVER_ARGS={shlex.join(self.args)}"]
+
+    def launch(self) -> tuple[subprocess.Popen, int]:
+        """The server's command started in a session of its own, its output appended to the log; returns the
+        process and where its output begins in the log."""
         environment = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin[1]}
         for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             environment.pop(name, None)
         offset = self.log.stat().st_size if self.log.exists() else 0  # a restart appends to the log
         with open(self.log, "a") as log:
-            self.process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            return subprocess.Popen(self.command(), env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True), offset
+
+    def start(self) -> str:
+        """Start it and wait until it serves; returns what this start printed."""
+        self.process, offset = self.launch()
         deadline = time.monotonic() + START_TIMEOUT_S
         while READY_LINE not in self.log.read_text()[offset:]:
             assert self.process.poll() is None, f"the server exited: {self.log.read_text()[-3000:]}"
@@ -56,6 +74,17 @@ class TeamServer:
         from pgserver.utils import PostmasterInfo
 
         self.postmaster_pid = PostmasterInfo.read_from_pgdata(self.data_dir / "postgres").pid
+        [mlflow] = [p for p in self.own() if "mlflow" in p.cmdline() and "server" in p.cmdline()]
+        self.mlflow_group = os.getpgid(mlflow.pid)
+        return self.log.read_text()[offset:]
+
+    def wrapper(self) -> psutil.Process:
+        """The `finetune_lab.server` process (`make`'s child, when started with make)."""
+        started = psutil.Process(self.process.pid)
+        if not self.make:
+            return started
+        [wrapper] = [p for p in started.children() if "finetune_lab.server" in p.cmdline()]
+        return wrapper
 
     def stop(self) -> None:
         """SIGTERM, as Ctrl-C or `kill` would; the process group is killed only if that fails (and the test
@@ -63,37 +92,42 @@ class TeamServer:
         if self.process is None:
             return
         try:
-            self.process.send_signal(signal.SIGTERM)
+            if self.process.poll() is None:
+                self.wrapper().send_signal(signal.SIGTERM)
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
 
-    def processes(self) -> list[str]:
-        """Live processes this server started: its own, mlflow's (same process group), PostgreSQL's."""
+    def own(self) -> list[psutil.Process]:
+        """Live processes this server started: its own and its guard's, mlflow's (and its workers', its process
+        group), PostgreSQL's."""
         found = []
         for process in psutil.process_iter():
             try:
                 if process.status() == psutil.STATUS_ZOMBIE:
                     continue
-                ours = str(self.data_dir) in " ".join(process.cmdline()) or (
-                    self.postmaster_pid is not None and self.postmaster_pid in (process.pid, process.ppid()))
-                if ours:
-                    found.append(" ".join(process.cmdline()) or process.name())
-            except psutil.Error:
+                if (str(self.data_dir) in " ".join(process.cmdline())
+                        or (self.postmaster_pid is not None and self.postmaster_pid in (process.pid, process.ppid()))
+                        or (self.mlflow_group is not None and os.getpgid(process.pid) == self.mlflow_group)):
+                    found.append(process)
+            except (psutil.Error, ProcessLookupError):
                 continue
         return found
 
+    def processes(self) -> list[str]:
+        """The command lines of `own`."""
+        return [" ".join(p.cmdline()) or p.name() for p in self.own()]
+
     def kill_everything(self) -> None:
-        """The finaliser's last resort."""
+        """The finaliser's last resort: every process group of `own`."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
-        for process in psutil.process_iter():
+        for process in self.own():
             try:
-                if str(self.data_dir) in " ".join(process.cmdline()):
-                    process.kill()
-            except psutil.Error:
+                os.killpg(os.getpgid(process.pid), signal.SIGKILL)
+            except (psutil.Error, ProcessLookupError):
                 continue
 
     # ------------------------------------------------------------------------------------------ accounts

@@ -1,5 +1,6 @@
 """The MLproject, pyproject.toml, python_env.yaml and conda.yaml agree with the code and each other."""
 
+import re
 from dataclasses import fields
 
 import pytest
@@ -33,6 +34,15 @@ def dependencies():
 def test_the_three_environment_files_list_the_same_dependencies():
     pyproject, python_env, conda_pip = dependencies()
     assert pyproject == python_env == conda_pip
+
+
+def test_make_install_installs_every_extra():
+    """The extras are what `make server`, `make test`, Ray and serving with uv need: `make install` installs them
+    all, each pinned."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = re.search(r'pip install -q -e "\.\[([a-z,]+)\]"', (REPO / "Makefile").read_text()).group(1)
+    assert sorted(installed.split(",")) == sorted(extras)
+    assert all("==" in requirement for requirements in extras.values() for requirement in requirements)
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))

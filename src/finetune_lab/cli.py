@@ -39,10 +39,11 @@ def _experiment(target: str):
     return getattr(importlib.import_module(module), function)
 
 
-def command(config_cls: type, run: str, name: str) -> click.Command:
+def command(config_cls: type, run: str, name: str, records_runs: bool = True) -> click.Command:
     """A click command that builds `config_cls` from its options and calls `run(config)`, where `run` names the
     experiment's function as `module:function`; the config carries what failed to parse, so `run` reports it
-    together with every other problem."""
+    together with every other problem. `records_runs`: `run` ends a run FAILED with the traceback as its artifact
+    (the experiments do; the tracking server has no run)."""
     docs, defaults, hints = field_docs(config_cls), as_params(config_cls()), get_type_hints(config_cls)
 
     def callback(**raw):
@@ -62,8 +63,8 @@ def command(config_cls: type, run: str, name: str) -> click.Command:
         except Exception as error:  # noqa: BLE001 - one line for the user, the traceback kept in a file
             from finetune_lab.contract import ERROR_TRACEBACK
 
-            click.echo(f"error: {one_line(error)} (full traceback: {keep_traceback(error)}, and in the failed "
-                       f"run's artifact {ERROR_TRACEBACK})", err=True)
+            also = f", and in the failed run's artifact {ERROR_TRACEBACK}" if records_runs else ""
+            click.echo(f"error: {one_line(error)} (full traceback: {keep_traceback(error)}{also})", err=True)
             sys.exit(FAILURE_EXIT)
         if result is not None:  # the tracking server returns nothing when stopped
             print_summary(result)

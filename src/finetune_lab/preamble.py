@@ -1,7 +1,8 @@
 """The start of every experiment's run, written once: the config logged first (so that even a run that fails
-validation shows what it was asked), data and model prepared and checked, where they came from and the data as used
-logged (model source, environment, digest, sizes, the splits as MLflow inputs), then the run that holds the
-experiment's children: the invocation's own, or with `resume` the earlier parent reopened (`resume.parent_run`)."""
+validation shows what it was asked), the permission to register checked (`register_as`), data and model prepared
+and checked, where they came from and the data as used logged (model source, environment, digest, sizes, the splits
+as MLflow inputs), then the run that holds the experiment's children: the invocation's own, or with `resume` the
+earlier parent reopened (`resume.parent_run`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from typing import Any, Generic, TypeVar
 import mlflow
 
 from finetune_lab import data as data_lib
-from finetune_lab import models, resume, tracking
-from finetune_lab.config import Resumable, as_params
+from finetune_lab import models, registry, resume, tracking
+from finetune_lab.config import Registering, Resumable, as_params
 from finetune_lab.data import TEST, TRAIN
-from finetune_lab.errors import raise_if_any
+from finetune_lab.errors import field_of, raise_if_any
 
 Prepared = TypeVar("Prepared")
 
@@ -51,12 +52,16 @@ def log_sources(prepared, params: dict[str, Any] | None = None) -> None:
 def begin(config, kind: str, prepare: Callable[[], Prepared],
           params: Callable[[Prepared], dict[str, Any]] = lambda prepared: {}) -> Iterator[Begun[Prepared]]:
     """The preamble in the active run (the invocation's), for an experiment of `kind`: log the config, refuse it if a
-    seed is bad (nothing can be loaded with it), `prepare()` (which raises InputError with every problem), log the
-    sources with `params(prepared)`; then, for a `Resumable` config, the parent run tagged with what its children are
-    made with (`resume.parent_run`), else the invocation's run itself."""
+    seed is bad (nothing can be loaded with it), check the permission to register (`register_as`), `prepare()`
+    (which raises InputError with every problem), log the sources with `params(prepared)`; then, for a `Resumable`
+    config, the parent run tagged with what its children are made with (`resume.parent_run`), else the invocation's
+    run itself."""
     invocation = mlflow.active_run()
     tracking.log_config(as_params(config))
     raise_if_any(config.problems_that_stop_loading())
+    if isinstance(config, Registering) and config.register_as and "register_as" not in map(field_of,
+                                                                                            config.problems()):
+        registry.check_may_register(config.register_as)  # before anything is loaded or trained
     prepared = prepare()
     log_sources(prepared, params(prepared))
     if not isinstance(config, Resumable):

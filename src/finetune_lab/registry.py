@@ -6,7 +6,9 @@ The pyfunc classes live in `pyfunc_models` (lean: it is what runs wherever a reg
   project of that name is on PyPI), and a signature plus an input example describe the call.
 - `register_verified`: log → reload from the logged URI on the device and in the dtype the in-memory model ran in
   → compare logits (exactly on a CPU, within rounding of the dtype on a GPU: `device.reload_tolerance`) → only
-  then register, tag, and move the `champion` alias if the new version is better on the same eval set.
+  then register, tag, and settle the `champion` alias on the best version (`champion_decision` compares two; the
+  settling holds when registrations into one name run at the same moment).
+- `check_may_register`: on a server with accounts, refuse a `register_as` the account may not write, up front.
 """
 
 from __future__ import annotations
@@ -26,9 +28,15 @@ from mlflow.types import ColSpec, Schema
 
 from finetune_lab import console, device, models, tracking
 from finetune_lab.contract import MODEL_ARTIFACT
+from finetune_lab.errors import InputError, problem
 from finetune_lab.pyfunc_models import AdapterModel, ClassifierModel, base_settings
 
 CHAMPION = "champion"
+# Moves of the alias one registration makes at most while settling it (`settle_champion`); with a comparison that
+# orders versions it needs one more than the registrations that run at the same moment.
+SETTLE_ROUNDS = 10
+# A registered-model tag no model has: deleting it asks the server for the permission to change the model.
+PERMISSION_PROBE_TAG = "finetune_lab.permission_probe"
 DEFAULT_MAX_NEW_TOKENS = 30
 # The package folder itself (not its parent `src/`): it is copied to `<model>/code/finetune_lab`, which MLflow
 # puts first on sys.path before unpickling the model.
@@ -104,16 +112,48 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
-def _champion_decision(current, candidate: Candidate) -> tuple[bool, str]:
-    """Whether `candidate` takes the alias from `current` (the champion version, or None), and why."""
+def champion_decision(current, challenger) -> tuple[bool, str]:
+    """Whether model version `challenger` takes the `champion` alias from `current` (the champion version, or None),
+    and why. The one place where two versions are compared: every move of the alias asks it."""
     if current is None:
         return True, "first version with an eval loss: alias set"
     old_loss = float(current.tags.get("eval_loss", "inf"))
-    if current.tags.get("eval_set_digest") != candidate.eval_set_digest:
+    new_loss = float(challenger.tags["eval_loss"])
+    if current.tags.get("eval_set_digest") != challenger.tags.get("eval_set_digest"):
         return False, f"kept on v{current.version}: its eval set differs, losses are not comparable"
-    if candidate.eval_loss < old_loss:
-        return True, f"moved from v{current.version}: eval_loss {candidate.eval_loss:.4f} < {old_loss:.4f}"
-    return False, f"kept on v{current.version}: eval_loss {candidate.eval_loss:.4f} >= {old_loss:.4f}"
+    if new_loss < old_loss:
+        return True, f"moved from v{current.version}: eval_loss {new_loss:.4f} < {old_loss:.4f}"
+    return False, f"kept on v{current.version}: eval_loss {new_loss:.4f} >= {old_loss:.4f}"
+
+
+def _best_version(client: MlflowClient, name: str, current):
+    """The version that ends with the alias when every version of `name` with an eval loss, oldest first,
+    challenges the champion (`current`) in turn."""
+    best = current
+    for version in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        if "eval_loss" in version.tags and (best is None or version.version != best.version):
+            if champion_decision(best, version)[0]:
+                best = version
+    return best
+
+
+def settle_champion(client: MlflowClient, name: str):
+    """Move `champion` until it rests on the best version of `name`; return that version and, for each version this
+    call moved the alias to, the version it took it from. Registrations into one name at the same moment each read
+    the alias, decide and write it: the last writer would win, whatever its loss. Each of them settles after
+    creating its version instead, re-reading the versions after every move: the last to move the alias has then seen
+    every version created before its move, and a version created later is settled by its own registration."""
+    taken_from = {}
+    for _ in range(SETTLE_ROUNDS):
+        current = _champion(client, name)
+        best = _best_version(client, name, current)
+        if best is None or (current is not None and best.version == current.version):
+            return best, taken_from
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+        taken_from[best.version] = current
+    console.say(f"the {CHAMPION} alias of {name!r} was still moving after {SETTLE_ROUNDS} rounds; left on "
+                f"v{best.version}")
+    return best, taken_from
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> bool:
@@ -127,13 +167,36 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> bool:
         raise
 
 
+def check_may_register(name: str) -> None:
+    """Refuse (one line, InputError) before anything is trained when this account may not add versions to the
+    registered model `name` or move its alias (a tracking server with accounts: EDIT on the model). A model that does
+    not exist yet is created by the registration, which any account may do."""
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+        # The permission a new version and the alias need (update), asked by a write that changes nothing: the tag
+        # deleted is one no model has.
+        client.delete_registered_model_tag(name, PERMISSION_PROBE_TAG)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        if error.error_code == "PERMISSION_DENIED":
+            user = tracking.credentials().get("MLFLOW_TRACKING_USERNAME", "")
+            raise InputError([problem("register_as", f"user {user!r} may not register versions of model {name!r} on "
+                                      f"{mlflow.get_tracking_uri()}: ask its owner or the server's administrator for "
+                                      "EDIT permission on it, or choose another name")]) from None
+        raise
+
+
 def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str, str]:
     """Log into run `run_id` (the active run), verify the reload, register as a new version of `name` with all its
-    tags, maybe move `champion`; the outcome is also tagged on the run.
+    tags, settle `champion` (`settle_champion`) and tag the version with the decision; the outcome is also tagged on
+    the run.
 
     Nothing is registered when the reload differs from the in-memory model (RegistrationError). Registration is
     all or nothing: the version is created with its tags in one call, and deleted again (with the registered
-    model, if this call created it and it is left empty) when anything after that fails.
+    model, if this call created it and it is left empty) when anything after that fails; the alias then settles
+    on the best version left.
     """
     console.say(f"registering in {name!r}: log the model, reload it, compare its logits with the trained model's")
     with device.serving_on(candidate.expected.device):  # MLflow loads the model to check its input example too
@@ -147,29 +210,32 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
             f"reloaded model differs from the in-memory one (max |logit diff| {difference:.3g} > {tolerance:.3g} "
             f"allowed on {candidate.expected.device} in {candidate.expected.dtype}); not registered"
         )
-    champion = _champion(client, name)
-    move, decision = _champion_decision(champion, candidate)
+    previous = _champion(client, name)
     tags = {**candidate.tags, "eval_loss": repr(candidate.eval_loss), "eval_set_digest": candidate.eval_set_digest,
             "reload_max_logit_diff": repr(difference), "reload_tolerance": repr(tolerance),
-            "reload_device": f"{candidate.expected.device} {device.dtype_name(candidate.expected.dtype)}",
-            "champion_decision": decision}
+            "reload_device": f"{candidate.expected.device} {device.dtype_name(candidate.expected.dtype)}"}
     created_model = _ensure_registered_model(client, name)
-    version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags,
-                                          model_id=info.model_id).version
+    version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     try:
-        if move:
-            client.set_registered_model_alias(name, CHAMPION, version)
-        client.log_batch(run_id, tags=[RunTag("registered_model", f"{name}/{version}"),
+        champion, taken_from = settle_champion(client, name)
+        won = champion is not None and champion.version == version.version
+        # the winner is compared with the version it took the alias from (the champion it found, unless a
+        # registration at the same moment moved it meanwhile), the others with the champion they end under
+        decision = champion_decision(taken_from.get(version.version, previous) if won else champion, version)[1]
+        client.set_model_version_tag(name, version.version, "champion_decision", decision)
+        client.log_batch(run_id, tags=[RunTag("registered_model", f"{name}/{version.version}"),
                                        RunTag("champion_decision", decision)])
     except BaseException:  # noqa: BLE001 - also on SIGTERM: never leave a half-registered version behind
-        client.delete_model_version(name, version)  # also drops the alias if it already moved here...
-        if move and champion is not None:  # ...so give it back to the version that held it
-            client.set_registered_model_alias(name, CHAMPION, champion.version)
+        client.delete_model_version(name, version.version)  # also drops the alias if it moved here...
+        if previous is not None and _champion(client, name) is None:  # ...so give it back to the one that held it
+            client.set_registered_model_alias(name, CHAMPION, previous.version)
         if created_model and not client.search_model_versions(f"name='{name}'"):
             client.delete_registered_model(name)
+        else:
+            settle_champion(client, name)
         raise
-    return {"name": name, "version": str(version), "champion": str(move), "decision": decision,
-            "model_uri": f"models:/{name}/{version}"}
+    return {"name": name, "version": str(version.version), "champion": str(won), "decision": decision,
+            "model_uri": f"models:/{name}/{version.version}"}
 
 
 def log_adapter_model(adapter_dir: str, base: models.ModelSource, base_dtype: torch.dtype, prompt_format: str,

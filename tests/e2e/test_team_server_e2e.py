@@ -11,9 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
-from conftest import REPO, entrypoint
+from conftest import REPO
 
 # Each entry point once, as small as it goes (generate answers with the adapter the sweep registered).
 ENTRY_POINTS = [
@@ -43,30 +41,6 @@ def member_env(env: dict) -> dict:
     inherited = {k: v for k, v in os.environ.items()
                  if not k.startswith(("MLFLOW_TRACKING_", "MLFLOW_EXPERIMENT_", "MLFLOW_RUN_ID"))}
     return {**inherited, "PATH": path, **env}
-
-
-@pytest.fixture
-def as_member(monkeypatch, tmp_path):
-    """Run an entry point's click command in this process with a member's environment (what they export)."""
-    from mlflow.tracking import fluent
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(utils, "_tracking_uri", None)  # this process's earlier stores mean nothing here
-    monkeypatch.setattr(fluent, "_active_experiment_id", None)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-
-    def invoke(entry: str, params: dict, env: dict, experiment: str = "team"):
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        args = ["--experiment", experiment]
-        for key, value in params.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        return CliRunner().invoke(entrypoint(entry).main, args)
-
-    return invoke
 
 
 def refused_with_one_line(result, expected: str) -> None:
