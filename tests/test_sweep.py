@@ -167,6 +167,7 @@ def test_the_loss_covers_exactly_the_tokens_loss_on_says(client, monkeypatch, lo
         (["--methods", "lora,qlora"], "error: methods: must be a comma list of lora, dora, rslora, pissa, olora, "
                                       "got 'lora,qlora'"),
         (["--methods", "dora,dora"], "error: methods: lists dora more than once"),
+        (["--precision", "fp16"], "error: precision: fp16 trains only on a CUDA GPU"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, args, expected):
