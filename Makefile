@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: install demo ui server lint test test-fast test-team fetch-models clean
+.PHONY: install demo ui server lint test test-fast test-team fetch-models gpu-kit clean
 
 # torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -20,6 +20,10 @@ install: $(VENV)/.installed
 
 fetch-models: install
 	$(PY) -m finetune_lab.models fetch
+
+# What an offline GPU machine needs for scripts/gpu_bench.sh (docs/performance.md): .whl/ and .gpu-cache/.
+gpu-kit: install
+	$(PY) scripts/gpu_kit.py
 
 # Offline: the embedded sentiment set and all-MiniLM-L6-v2 from PyPI.
 demo: install
@@ -59,4 +63,4 @@ test-fast: install
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db
+	rm -rf $(VENV) mlruns mlflow.db .whl .gpu-cache

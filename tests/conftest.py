@@ -161,6 +161,12 @@ def launch_in_own_store(folder: Path, empty_store: Path, entry: str, params: dic
     """`mlflow run` of `entry` into a sqlite store in `folder` (a module-scoped fixture's: the function-scoped
     `tracking_uri` cannot serve one)."""
     shutil.copy(empty_store, folder / "mlflow.db")
+    return launch_in_store_of(folder, entry, params, experiment)
+
+
+def launch_in_store_of(folder: Path, entry: str, params: dict, experiment: str) -> Launched:
+    """`mlflow run` of `entry` into the sqlite store in `folder` that an earlier launch made (`generate` from the
+    model that one registered)."""
     uri = f"sqlite:///{folder / 'mlflow.db'}"
     client = MlflowClient(uri)
     command, env = mlflow_run_command(client, folder, entry, params, experiment)
@@ -196,6 +202,29 @@ def assert_metrics_match_predictions(metrics: dict, table) -> None:
         assert metrics["roc_auc"] == pytest.approx(roc_auc_score(labels, probabilities, multi_class="ovr"), abs=1e-6)
     own_label = probabilities[np.arange(len(labels)), labels]
     assert metrics["eval_loss"] == pytest.approx(-np.log(own_label).mean(), rel=1e-6)
+
+
+def adapter_on_base(client: MlflowClient, run_id: str, base_path: str, folder: Path, dtype=None):
+    """The adapter run `run_id` logged, on its base loaded afresh from `base_path` in `dtype` (default fp32), in
+    eval mode, with the tokenizer logged with it: how a user reloads it, independently of the project's code."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter_dir = client.download_artifacts(run_id, "adapter", str(folder / run_id))
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype or torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir).eval(), AutoTokenizer.from_pretrained(adapter_dir)
+
+
+def greedy_reply(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The greedy reply to `prompt` in the `plain` format (`prompt` + newline)."""
+    import torch
+
+    encoded = tokenizer(f"{prompt}\n", add_special_tokens=False, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 @pytest.fixture

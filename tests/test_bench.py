@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import entrypoint, runs_of
 
-from finetune_lab import bench
+from finetune_lab import bench, causal_lm
 from finetune_lab.config import BenchConfig
 
 
@@ -110,12 +110,15 @@ def test_shown_numbers():
 def test_bad_bench_input_is_reported_all_at_once_before_any_weights(client, no_weights_loaded):
     outcome = CliRunner().invoke(entrypoint("bench").main, [
         "--experiment", "bad-bench", "--variants", "baseline,turbo", "--tiny", "maybe", "--peak-tflops", "-1",
-        "--large-batch-tokens", "100", "--classify-examples", "0"])
+        "--large-batch-tokens", "100", "--classify-examples", "0", "--precision", "fp16"])
     assert outcome.exit_code == 2, outcome.output
     errors = sorted(line for line in outcome.output.splitlines() if line.startswith("error: "))
     assert errors == [
         "error: classify_examples: must be >= 1, got 0",
         "error: peak_tflops: must be >= 0 (0 = known from the device name), got -1.0",
+        "error: precision: fp16 trains only on a CUDA GPU, and this process sees none (on a CPU the Trainer would "
+        "silently train in fp32: accelerate neither autocasts to fp16 nor scales the loss there); use bf16 or fp32 on "
+        "a CPU",
         "error: tiny: must be true or false, got 'maybe'",
         "error: variants: must be a comma list of baseline, project, project_large, dynamic_padding, compile_buckets, "
         "got 'baseline,turbo'",
@@ -135,3 +138,15 @@ def test_data_and_model_problems_of_every_workload_come_together(client, no_weig
     errors = [line for line in outcome.output.splitlines() if line.startswith("error: ")]
     assert any(e.startswith("error: classify_text_column: column 'text' not in the dataset") for e in errors), errors
     assert f"error: lora_dataset: file '{tmp_path / 'missing.jsonl'}' not found" in errors
+
+
+def test_every_variant_trains_the_same_examples_of_a_real_lora_dataset(tmp_path):
+    """A real `lora_dataset` cut to `lora_examples`: the baseline trains the prepared splits, the project's variants
+    prepare their config's dataset again; both must be the same examples."""
+    config = BenchConfig(tiny=True, workloads="lora_sweep", lora_dataset="sample_chat").effective()
+    (workload,) = bench.prepare(config, tmp_path)
+    assert len(workload.prepared.data.splits["train"]) == config.lora_examples == 32
+    project = bench.variant_config(workload.name, workload.config, "project", config)
+    again = causal_lm.prepare(project, project.ranks, config.seed)
+    assert again.data.digest == workload.prepared.data.digest
+    assert again.data.eval_digest == workload.prepared.data.eval_digest

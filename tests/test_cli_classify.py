@@ -33,6 +33,9 @@ def invoke(client, no_weights_loaded):
         (["--label-names", "bad,good,ugly"], "error: label_names: names 3 classes, the data has 2 (0, 1)"),
         (["--label-names", "bad,bad"], "error: label_names: must be distinct non-empty names like negative,positive"),
         (["--register-as", "team/clf"], "error: register_as: Invalid model name 'team/clf'. Names cannot contain '/'"),
+        (["--precision", "half"], "error: precision: must be one of auto, fp32, bf16, fp16, got 'half'"),
+        # the Trainer would train in fp32 without a word (tests/test_training.py)
+        (["--precision", "fp16"], "error: precision: fp16 trains only on a CUDA GPU, and this process sees none"),
     ],
 )
 def test_each_bad_input_is_one_clear_line(invoke, args, expected):

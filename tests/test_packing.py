@@ -25,7 +25,7 @@ def lm():
     config = SweepConfig(model="tiny", dataset="sample_chat", max_length=MAX_LENGTH, loss_on="output")
     loaded, _ = data.load(config.dataset, 0, config.eval_fraction)
     texts = list(loaded.splits["train"]["input"]) + list(loaded.splits["train"]["output"])
-    base, tokenizer = causal_lm.load_base(models.tiny(models.CAUSAL_LM, texts, seed=0))
+    base, tokenizer = causal_lm.load_base(models.tiny(models.CAUSAL_LM, texts, seed=0), "fp32")
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
                                             init_lora_weights=False)).eval()
@@ -116,8 +116,9 @@ def test_eval_loss_is_the_same_packed_or_padded(lm):
     model, tokenizer, tokenized = lm
     split = tokenized["test"]
     pad = training.mean_token_loss(model, split, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
-                                   batch_size=8)
-    flat = training.mean_token_loss(model, split, PackedRows(tokenizer.pad_token_id, MAX_LENGTH), batch_size=8)
+                                   batch_size=8, precision="fp32")
+    flat = training.mean_token_loss(model, split, PackedRows(tokenizer.pad_token_id, MAX_LENGTH), batch_size=8,
+                                    precision="fp32")
     assert flat == pytest.approx(pad, rel=1e-5)
 
 

@@ -29,7 +29,7 @@ def tiny_setup():
     """Prepared data, base model, tokenizer and tokenized splits of `tiny_probe()`."""
     config = tiny_probe()
     prepared = causal_lm.prepare(config, (config.rank,), config.seed, rank_param="rank")
-    base, tokenizer = causal_lm.load_base(prepared.source)
+    base, tokenizer = causal_lm.load_base(prepared.source, "fp32")
     return config, base, tokenizer, causal_lm.tokenize(prepared.data.splits, tokenizer, config)
 
 

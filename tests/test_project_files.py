@@ -60,3 +60,32 @@ def test_mlproject_parameters_match_the_config(entry):
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_every_entry_point_script_exists(entry):
     assert (REPO / "entrypoints" / f"{entry}.py").is_file()
+
+
+def test_the_gpu_measurement_finds_its_kit_and_fits_its_budget(tmp_path):
+    """scripts/gpu_bench.sh, called from any folder, finds the checkout's src/, the wheels and the tokenizers that
+    `make gpu-kit` prepares next to it; its worst case (every step's limit reached, plus the kill grace) fits
+    6 minutes, with a limit of its own for each compiled classify variant."""
+    import re
+    import shutil
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "gpu_bench.sh", checkout / "scripts")
+    (checkout / ".whl").mkdir()
+    (checkout / ".whl" / "a-1.0-py3-none-any.whl").write_text("")
+    (checkout / ".gpu-cache" / "models").mkdir(parents=True)
+    planned = subprocess.run(["bash", str(checkout / "scripts" / "gpu_bench.sh")], cwd=tmp_path, text=True,
+                             capture_output=True, env={"PATH": "/usr/bin:/bin", "PLAN_ONLY": "1",
+                                                       "OUT": str(tmp_path / "out")})
+    assert planned.returncode == 0, planned.stderr
+    assert planned.stdout.splitlines()[:3] == [f"src: {checkout}/src", "wheels: 1 in .whl/",
+                                               f"FINETUNE_LAB_CACHE: {checkout}/.gpu-cache"]
+    limits = dict((name, int(s)) for name, s in re.findall(r"(install|imports|lora_sweep|classify project|classify "
+                                                          r"project_large) (\d+) s", planned.stdout))
+    grace = int(re.search(r"\+ (\d+) s kill grace each", planned.stdout)[1])
+    assert set(limits) == {"install", "imports", "lora_sweep", "classify project", "classify project_large"}
+    assert sum(limits.values()) + len(limits) * grace <= 6 * 60, planned.stdout
+    script = (REPO / "scripts" / "gpu_bench.sh").read_text()
+    assert '--variants baseline,project\n' in script and "--variants baseline,project_large\n" in script

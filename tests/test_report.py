@@ -119,11 +119,13 @@ def test_every_number_in_the_run_tables_equals_the_logged_value(store):
             seen.add(run.info.run_id)
             assert cells["status"] == run.info.status
             for column, cell in cells.items():
-                if column in run.data.params:  # params come first (`learning_rate` is also a per-step metric)
-                    assert cell == run.data.params[column], column
+                if column.endswith(" (param)"):  # a param named like a metric shown (`precision`)
+                    assert cell == run.data.params[column.removesuffix(" (param)")], column
                 elif column in run.data.metrics:
                     assert float(cell) == pytest.approx(run.data.metrics[column], rel=1e-5, abs=1e-12), column
                     metrics_checked += 1
+                elif column in run.data.params:
+                    assert cell == run.data.params[column], column
     # a single probe and a single classifier sweep: no overview table of their parents
     single = {store.probe_run_id, store.classify_sweep_run_id}
     assert seen == {r.info.run_id for r in runs.values()} - single, "every run, parents of several sweeps too"
@@ -375,3 +377,19 @@ def test_markdown_shows_run_names_and_chat_text_as_text_never_as_html(tmp_path):
     assert "see `rank_summary.json`" in markdown, "code spans stay code spans"
     header, rows = md_tables(markdown)[0]
     assert rows == [[hostile, "a \\| b"]]
+
+
+def test_a_param_named_like_a_metric_is_headed_as_a_param():
+    """`precision` is both a classifier's metric and the compute precision a run was asked for: side by side, the
+    param's column says it is one."""
+    from mlflow.entities import Metric, Param, Run, RunData, RunInfo
+
+    def run(run_id: str, asked: str, measured: float) -> Run:
+        info = RunInfo(run_id=run_id, experiment_id="1", user_id="", status="FINISHED", start_time=0, end_time=1,
+                       lifecycle_stage="active", run_name=run_id)
+        return Run(info, RunData(metrics=[Metric("precision", measured, 0, 0)],
+                                 params=[Param("precision", asked), Param("seed", "1")]))
+
+    (table,) = sections.run_table([run("a" * 32, "bf16", 0.5), run("b" * 32, "fp32", 0.75)], ["precision"])
+    assert table.columns == ["run", "run id", "status", "precision (param)", "precision"]
+    assert [row[3:] for row in table.rows] == [["bf16", "0.5"], ["fp32", "0.75"]]

@@ -190,6 +190,7 @@ def test_the_loss_covers_exactly_the_tokens_loss_on_says(client, monkeypatch, lo
         (["--register-as", "team:chat"], "error: register_as: Invalid model name 'team:chat'. Names cannot contain"),
         (["--ranks", "16,48", "--methods", "lora,pissa,olora"],
          "error: ranks: [48] exceed 32, the smaller side of k_proj, v_proj (64 x 32), which pissa and olora decompose"),
+        (["--precision", "fp16"], "error: precision: fp16 trains only on a CUDA GPU"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_training(client, no_weights_loaded, args, expected):

@@ -7,9 +7,10 @@ weights on chat pairs of chat-like lengths). Variants, run one after another, ea
 workload once (per rank for LoRA: one epoch), so that every variant does the same work and a ratio of times is the
 time for that work:
 - `baseline`: the reference recipe. fp32 weights, eager attention, every batch padded to max_length, adamw_torch, fixed
-  batches (16 / 8) in random order, held-out evaluation with `Trainer.evaluate`, no per-step metrics; LoRA on one
-  base loaded once.
-- `project`: the entry point's own code path (`classify.execute`, `lora_sweep.execute`) with its defaults.
+  batches (16 / 8) in random order, held-out evaluation with `Trainer.evaluate`; LoRA on one base loaded once. Its
+  steps are logged as the project logs them (`training.MlflowStepLogger`), so that both pay the same for it.
+- `project`: the entry point's own code path (`classify.execute`, `lora_sweep.execute`) with its defaults, in the
+  bench's `precision`.
 - `project_large`: the same with larger batches (`large_batch` examples; `large_batch_tokens` per LoRA batch).
 - `dynamic_padding`: the project without compilation or packing (what it was before them).
 - `compile_buckets`: `classify` compiled for a few bucket lengths instead of one symbolic length.
@@ -174,9 +175,9 @@ def _every_example_trained(config: BenchConfig, batch_sizes: set[int]) -> list[s
 
 
 def check(config: BenchConfig) -> list[str]:
-    """Every problem of the bench's config and of the configs it derives for each workload and variant (those
-    named after the bench's fields), before any data or model is read."""
-    problems = config.problems()
+    """Every problem of the bench's config (and of its precision on this device) and of the configs it derives for
+    each workload and variant (those named after the bench's fields), before any data or model is read."""
+    problems = [*config.problems(), *device.precision_problems(config.precision, device.detect())]
     if any(field_of(p) in ("workloads", "variants") for p in problems):
         return problems
     for name in config.workload_list:
@@ -203,14 +204,30 @@ def prepare(config: BenchConfig, scratch: Path) -> list[Workload]:
             if name == CLASSIFY:
                 prepared = classify.prepare(project)
             else:
-                prepared = causal_lm.prepare(project, project.ranks, config.seed)
-                prepared.data = data_lib.limit(prepared.data, {TRAIN: config.lora_examples}, config.seed)
+                project, prepared = _lora_examples(project, causal_lm.prepare(project, project.ranks, config.seed),
+                                                   config, scratch)
         except InputError as error:
             problems += config.named(error.problems, name)
             continue
         checked.append((name, project, prepared))
     raise_if_any(problems)
     return [_tokenized(name, project, prepared) for name, project, prepared in checked]
+
+
+def _lora_examples(project: SweepConfig, prepared: causal_lm.Prepared, config: BenchConfig, scratch: Path
+                   ) -> tuple[SweepConfig, causal_lm.Prepared]:
+    """The LoRA workload on its first `lora_examples` training examples (after a seeded shuffle), for every variant:
+    the baseline trains on the prepared splits, the project's variants prepare them again from their config's
+    dataset. So when the data has more, the splits as cut are written to a file of `scratch` (with a `split`
+    column) and the workload's dataset is that file."""
+    limited = data_lib.limit(prepared.data, {TRAIN: config.lora_examples}, config.seed)
+    if limited is prepared.data:
+        return project, prepared
+    path = scratch / f"{LORA_SWEEP}.jsonl"
+    pd.concat([split.to_pandas().assign(**{data_lib.SPLIT_COLUMN: key}) for key, split in limited.splits.items()]
+              ).to_json(path, orient="records", lines=True)
+    project = dataclasses.replace(project, dataset=str(path))
+    return project, causal_lm.prepare(project, project.ranks, config.seed)
 
 
 def _tokenized(name: str, project, prepared) -> Workload:
@@ -233,19 +250,20 @@ def _tokenized(name: str, project, prepared) -> Workload:
 
 def reference_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> TrainingArguments:
     """The reference recipe's Trainer settings: fp32, adamw_torch, fixed batches in random order, the epochs (or steps)
-    of `config`."""
+    of `config`; its steps logged as the project's are (`training.STEP_LOGGING`)."""
     return TrainingArguments(output_dir=str(output_dir), learning_rate=config.learning_rate,
                              max_steps=config.max_steps or -1, num_train_epochs=config.epochs,
                              per_device_train_batch_size=config.batch_size,
                              per_device_eval_batch_size=config.batch_size, optim="adamw_torch", seed=seed,
-                             report_to="none", save_strategy="no", eval_strategy="no")
+                             report_to="none", save_strategy="no", eval_strategy="no", **training.STEP_LOGGING)
 
 
 def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, float]]:
     """The reference recipe on the workload: (training metrics, FLOPs per token) per training (per rank for LoRA)."""
     config, source = workload.config, workload.prepared.source
     reference_settings = {"dtype": torch.float32, "attn_implementation": "eager"}
-    tracking.log_params({"precision": "fp32", "attention": "eager", "padding": "max_length",
+    run_id = mlflow.active_run().info.run_id
+    tracking.log_params({"effective_precision": device.FP32, "attention": "eager", "padding": "max_length",
                          "optimizer": "adamw_torch", "batch_size": config.batch_size, "max_length": config.max_length,
                          "max_steps": config.max_steps, **models.source_params(source)})
     arguments = reference_arguments(scratch, config, seed)
@@ -254,9 +272,9 @@ def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, f
             source.path, num_labels=len(workload.prepared.classes), **reference_settings)
         model.config.pad_token_id = workload.tokenizer.pad_token_id
         collator = DataCollatorWithPadding(workload.tokenizer, padding="max_length", max_length=config.max_length)
-        trainer = Trainer(model=model, args=arguments, train_dataset=workload.tokenized[TRAIN],
-                          eval_dataset=workload.tokenized[TEST], data_collator=collator,
-                          processing_class=workload.tokenizer)
+        trainer = training.step_logged(Trainer(model=model, args=arguments, train_dataset=workload.tokenized[TRAIN],
+                                               eval_dataset=workload.tokenized[TEST], data_collator=collator,
+                                               processing_class=workload.tokenizer), run_id)
         metrics = training.train(trainer)
         trainer.evaluate()
         return [(metrics, workload.flops_per_token())]
@@ -267,9 +285,10 @@ def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, f
     trained = []
     for rank in config.ranks:
         with lora.adapter(base, config, rank, seed) as model:
-            trainer = Trainer(model=model, args=arguments, train_dataset=workload.tokenized[TRAIN],
-                              eval_dataset=workload.tokenized[TEST], data_collator=collator,
-                              processing_class=workload.tokenizer)
+            trainer = training.step_logged(Trainer(model=model, args=arguments,
+                                                   train_dataset=workload.tokenized[TRAIN],
+                                                   eval_dataset=workload.tokenized[TEST], data_collator=collator,
+                                                   processing_class=workload.tokenizer), run_id)
             metrics = training.train(trainer)
             trainer.evaluate()
             trained.append((metrics, workload.flops_per_token(model.get_nb_trainable_parameters()[0])))
@@ -310,7 +329,7 @@ def summarise(trainings: list[tuple[dict, float]], wall_s: float, peak_flops: fl
     if any("compile_s" in m for m in metrics):
         summary["bench_compile_s"] = sum(m.get("compile_s", 0.0) for m in metrics)
         summary["bench_compile_graphs"] = sum(m.get("compile_graphs", 0.0) for m in metrics)
-    if all("logging_ms_per_step" in m for m in metrics):  # the baseline logs no step metrics
+    if all("logging_ms_per_step" in m for m in metrics):
         summary["bench_logging_ms_per_step"] = sum(m["logging_ms_per_step"] * m["train_steps"]
                                                    for m in metrics) / summary["bench_steps"]
         summary["bench_logging_flush_s"] = sum(m["logging_flush_s"] for m in metrics)
@@ -394,14 +413,14 @@ def peak_flops(config: BenchConfig, device_name: str) -> tuple[float | None, str
     return known, ""
 
 
-def warm_up_device() -> float:
-    """Start CUDA (context, cuBLAS, the caching allocator) and run its matrix multiplies in both precisions once,
-    before the first variant, so that the baseline does not pay CUDA's start-up; the seconds it took (0 on a
+def warm_up_device(precision: str) -> float:
+    """Start CUDA (context, cuBLAS, the caching allocator) and run its matrix multiplies in fp32 and in `precision`
+    once, before the first variant, so that the baseline does not pay CUDA's start-up; the seconds it took (0 on a
     CPU)."""
     if not training.on_cuda():
         return 0.0
     started = time.perf_counter()
-    for dtype in (torch.float32, device.frozen_dtype(device.detect())):
+    for dtype in (torch.float32, device.frozen_dtype(precision)):
         square = torch.randn(2048, 2048, device="cuda", dtype=dtype)
         for _ in range(8):
             square = torch.nn.functional.normalize(square @ square)
@@ -455,12 +474,12 @@ def run(config: BenchConfig) -> dict:
         raise_if_any(check(effective))
         peak, mfu_note = peak_flops(effective, device.detect().name)
         notes = [mfu_note] if mfu_note else []
+        precision = device.training_precision(config.precision)
         tracking.log_params({**tracking.environment_params(), "peak_tflops_used": peak / 1e12 if peak else "",
-                             "precision": device.precision(device.detect()),
-                             **({"tiny_preset": "on"} if config.tiny else {})})
+                             "effective_precision": precision, **({"tiny_preset": "on"} if config.tiny else {})})
         if mfu_note:
             mlflow.set_tag("mfu_note", mfu_note)
-        mlflow.log_metric("bench_device_warmup_s", warm_up_device())
+        mlflow.log_metric("bench_device_warmup_s", warm_up_device(precision))
         outcomes: list[Outcome] = []
         with tracking.scratch_dir("bench-data") as scratch:
             for workload in prepare(effective, scratch):

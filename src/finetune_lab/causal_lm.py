@@ -34,7 +34,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
     InputError with every problem, config's included. Rank problems are reported under `rank_param`, the parameter
     that set them; `found` are problems the caller found already (e.g. with the environment), reported together with
     these."""
-    problems = [*config.problems(), *found]
+    problems = [*config.problems(), *device.precision_problems(config.precision, device.detect()), *found]
     data, data_problems = data_lib.load(config.dataset, seed, config.eval_fraction,
                                          max_text_chars=data_lib.text_limit(config.max_length))
     problems += data_problems
@@ -73,11 +73,11 @@ def load_tokenizer(source: models.ModelSource):
     return tokenizer
 
 
-def load_base(source: models.ModelSource):
+def load_base(source: models.ModelSource, precision: str):
     """The frozen base model and its tokenizer (with a pad token), loaded once per experiment, onto the device it
-    trains on."""
+    trains on, in the dtype of the training `precision` (`fp32`, `bf16`, `fp16`: `device.training_precision`)."""
     tokenizer = load_tokenizer(source)
-    model = AutoModelForCausalLM.from_pretrained(source.path, **models.model_kwargs(frozen_base=True))
+    model = AutoModelForCausalLM.from_pretrained(source.path, **models.model_kwargs(device.frozen_dtype(precision)))
     model.to(device.training_device())
     # PEFT writes these into every adapter (adapter_config.json, its model card) as the base model: the base's
     # identity (alias or Hub id), not the cache folder it happened to be loaded from on this machine.
@@ -139,7 +139,7 @@ def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, s
                                         packed=packed(config))
         metrics = training.train(trainer)
     eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer, config),
-                                         training.eval_batch_size(config))
+                                         training.eval_batch_size(config), device.training_precision(config.precision))
     metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
     steps = training.step_log(trainer)
     health.check(steps, eval_loss, model.config.vocab_size, metrics)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, set_seed
 
-from finetune_lab import console, contract, health, models, plots, preamble, registry, tracking, training
+from finetune_lab import console, contract, device, health, models, plots, preamble, registry, tracking, training
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ClassifyConfig
@@ -37,8 +37,9 @@ class Prepared:
 
 
 def prepare(config: ClassifyConfig) -> Prepared:
-    """Load and check data and model spec; raise InputError with every problem found, config's included."""
-    problems = config.problems()
+    """Load and check data and model spec; raise InputError with every problem found, config's and the device's
+    included."""
+    problems = [*config.problems(), *device.precision_problems(config.precision, device.detect())]
     data, data_problems = data_lib.load(config.dataset, config.seed, TEST_FRACTION, targets=config.label_column,
                                          max_text_chars=data_lib.text_limit(config.max_length))
     problems += data_problems
@@ -82,7 +83,7 @@ def load_model(prepared: Prepared, seed: int):
             id2label=dict(enumerate(prepared.label_names)),
             label2id={name: k for k, name in enumerate(prepared.label_names)},
             output_loading_info=True,  # the model comes back as (model, what was missing / unused)
-            **models.model_kwargs(frozen_base=False),
+            **models.model_kwargs(),
         )
     if loading["missing_keys"]:
         console.say(f"new classification head for {len(prepared.classes)} classes, initialised from seed {seed} "
@@ -166,7 +167,8 @@ def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "cl
             metrics = training.train(trainer)
     console.say(f"[2/2] {name}: predicting the {len(tokenized[TEST])} held-out examples")
     # Row i of the logits is held-out example i: the predictions table pairs it with its own text.
-    logits = training.predict_logits(model, tokenized[TEST], eval_collator, training.eval_batch_size(config))
+    logits = training.predict_logits(model, tokenized[TEST], eval_collator, training.eval_batch_size(config),
+                                     device.training_precision(config.precision))
     return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits)
 
 

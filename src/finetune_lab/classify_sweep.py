@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification
 
 from finetune_lab import classify, contract, executors, health, models, plots, preamble, sweep, tracking
 from finetune_lab import data as data_lib
-from finetune_lab.config import ClassifyConfig, ClassifySweepConfig, as_params
+from finetune_lab.config import ClassifyConfig, ClassifySweepConfig
 from finetune_lab.contract import FAILED, FINISHED
 from finetune_lab.data import TEST
 from finetune_lab.errors import InputError, raise_if_any
@@ -88,7 +88,7 @@ def run_child(work: Workload, spec: ChildSpec, run_id: str = "") -> ChildOutcome
     outcome = ChildOutcome(spec, "", FAILED)
     with sweep.recorded(outcome), tracking.child_run(spec.name, work.parent_run_id, run_id) as child:
         outcome.run_id = child.info.run_id
-        tracking.log_config(as_params(config))
+        preamble.log_config(config)
         mlflow.set_tags(work.marks)
         preamble.log_sources(work.prepared, classify.preamble_params(work.prepared))
         try:

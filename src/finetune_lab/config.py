@@ -195,9 +195,28 @@ class Sweeping(Resumable, Registering):
         return {}
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
-class TrainingSetup(Config):
-    """What every fine-tuning experiment shares but its schedule: the model, the data and the batches."""
+class Precise(Config):
+    """An entry point that computes in a precision the user may force (`device.precision` decides `auto`)."""
+
+    precision: str = "auto"
+    """Precision to train and evaluate in: `auto` = bf16 autocast on a GPU with native bf16 (compute capability 8.0
+    and later), fp16 autocast with loss scaling on an older GPU, fp32 on a CPU; or `fp32`, `bf16` (a CPU too) or
+    `fp16` (a GPU only), as on a card that picks it. A LoRA base is stored in it; trained weights stay fp32."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        _check(problems, self, "precision", lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}")
+        return problems
+
+
+@dataclass
+class TrainingSetup(Precise):
+    """What every fine-tuning experiment shares but its schedule: the model, the data, the batches and the
+    precision."""
 
     model: str = ""
     """Hub id, local folder, or an alias of an offline model."""
@@ -484,7 +503,7 @@ SERVING_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class GenerateConfig(Tracked):
+class GenerateConfig(Tracked, Precise):
     """Load a registered adapter (or any pyfunc model URI) and answer a prompt."""
 
     model_uri: str = ""
@@ -496,6 +515,9 @@ class GenerateConfig(Tracked):
     device: str = ""
     """Where the model loads: `cpu`, `cuda`, `auto` (the GPU when there is one); empty = FINETUNE_LAB_DEVICE, else
     auto."""
+    precision: str = "auto"
+    """Dtype of the weights that were not trained in fp32 (an adapter's base; a classifier's weights): `auto` = the
+    dtype it was trained in on a GPU, fp32 on a CPU; or `fp32`, `bf16`, `fp16`."""
     experiment: str = "generate"
 
     def validate(self) -> list[str]:
@@ -608,20 +630,21 @@ BENCH_PARTS = (
     Part("classify", ClassifyConfig, "classify_",
          ("model", "dataset", "text_column", "label_column", "max_length", "batch_size"),
          defaults={"model": "random:distilbert-base", "dataset": SYNTHETIC},
-         set_by={"max_train_samples": "classify_examples", "max_eval_samples": "eval_examples", "seed": "seed"},
+         set_by={"max_train_samples": "classify_examples", "max_eval_samples": "eval_examples", "seed": "seed",
+                 "precision": "precision"},
          notes={"dataset": "Or `synthetic`: texts of IMDB-like token lengths (lognormal, median 230, sigma 0.7, "
                            "in [32, 512]) with random labels."}),
     Part("lora_sweep", SweepConfig, "lora_",
          ("model", "dataset", "input_column", "output_column", "max_length", "batch_size", "ranks", "target_modules"),
          defaults={"model": "random:smollm2-135m", "dataset": SYNTHETIC, "target_modules": "q_proj,v_proj"},
-         set_by={"seeds": "seed"},
+         set_by={"seeds": "seed", "precision": "precision"},
          notes={"dataset": "Or `synthetic`: chat pairs of token lengths (lognormal, median 40, sigma 0.6, in "
                            "[8, 256])."}),
 )
 
 
 @dataclass
-class BenchConfig(Tracked, Seeded, composed(*BENCH_PARTS)):
+class BenchConfig(Tracked, Seeded, Precise, composed(*BENCH_PARTS)):
     """Training speed of the project against the reference baseline: the same workloads and data, named variants
     run one after another in one process on one device."""
 
@@ -632,6 +655,10 @@ class BenchConfig(Tracked, Seeded, composed(*BENCH_PARTS)):
     adamw_torch), `project` (the entry point's own code path and defaults), `project_large` (the same with
     large_batch / large_batch_tokens), `dynamic_padding` (the project without compilation or packing),
     `compile_buckets` (`classify` compiled for bucket lengths instead of a symbolic one)."""
+    precision: str = "auto"
+    """Precision of every variant but `baseline` (the reference trains in fp32): `auto` = the device's (bf16 on a GPU
+    with native bf16, fp16 with loss scaling on an older GPU, fp32 on a CPU); or `fp32`, `bf16` (a CPU too) or
+    `fp16` (a GPU only)."""
     classify_examples: int = 1600
     """Training examples of `classify`, each trained once by every variant (the same work: 100 steps of 16, 25 of
     64); a multiple of classify_batch_size and of large_batch. Synthetic: made; otherwise the first after

@@ -1,12 +1,16 @@
-"""Where models run and in what precision, as pure functions of what the device can do (`Capabilities`), so that
-the choices for a T4, an A100 or an H100 are testable on a machine without a GPU.
+"""Where models run and in what precision, as pure functions of what the device can do (`Capabilities`) and of
+the `precision` setting, so that the choices for a T4, an A100 or an H100 are testable on a machine without a GPU,
+and a CPU can run what a GPU runs (`precision=bf16`).
 
-- Training precision: bf16 autocast on GPUs with native bf16 (compute capability 8.0 and later: A100, L4, H100,
-  H200), fp16 autocast with loss scaling on older GPUs (T4 and V100 have no bf16: Colab's free GPU is a T4), fp32 on
-  a CPU. A frozen base (LoRA) is stored in that low-precision dtype; trained weights stay fp32 (the optimizer's
-  master copy).
+- Training precision (`precision`): `auto` = bf16 autocast on GPUs with native bf16 (compute capability 8.0 and
+  later: A100, L4, H100, H200), fp16 autocast with loss scaling on older GPUs (T4 and V100 have no bf16: Colab's
+  free GPU is a T4), fp32 on a CPU; or forced, on any device (fp16 only on a GPU: `precision_problems`). It sets
+  the HF Trainer's flags, the dtype a frozen base (LoRA) is stored in (trained weights stay fp32: the optimizer's
+  master copy) and the autocast of evaluation.
 - Serving device of a registered model: FINETUNE_LAB_DEVICE (`auto`, `cpu`, `cuda`; `auto` = the GPU when there is
-  one). `generate -P device=...` sets it for its own load.
+  one), and its serving dtype: FINETUNE_LAB_PRECISION (`auto` = the dtype it was trained in on a GPU, fp32 on a
+  CPU, where bf16 is slow without native support; or forced). `generate -P device=... -P precision=...` sets them
+  for its own load.
 - Reload tolerance: how far the logits of the same model, with the same weights, on the same device and dtype may
   differ between two loads.
 
@@ -23,11 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune_lab.config import SERVING_DEVICES
+from finetune_lab.config import PRECISIONS, SERVING_DEVICES
+from finetune_lab.errors import problem
 
 DEVICE_ENV = "FINETUNE_LAB_DEVICE"
+PRECISION_ENV = "FINETUNE_LAB_PRECISION"
+AUTO = "auto"
 BF16, FP16, FP32 = "bf16", "fp16", "fp32"
 DTYPES = {BF16: torch.bfloat16, FP16: torch.float16, FP32: torch.float32}
+PRECISION_OF = {dtype: name for name, dtype in DTYPES.items()}
 # Native bf16 tensor cores arrived with compute capability 8.0 (Ampere). torch.cuda.is_bf16_supported() also says
 # yes on older GPUs, where bf16 is emulated: slower than fp16, so those train in fp16.
 BF16_CAPABILITY = (8, 0)
@@ -65,30 +73,48 @@ def training_device() -> str:
     return "cuda" if detect().cuda else "cpu"
 
 
-def precision(capabilities: Capabilities) -> str:
-    """The training precision: `bf16` (autocast) with native bf16, `fp16` (autocast + loss scaling) on a GPU
-    without it, `fp32` on a CPU."""
+def precision(capabilities: Capabilities, setting: str = AUTO) -> str:
+    """The training precision: the one `setting` forces, else (`auto`) `bf16` (autocast) with native bf16, `fp16`
+    (autocast + loss scaling) on a GPU without it, `fp32` on a CPU."""
+    if setting != AUTO:
+        return setting
     if not capabilities.cuda:
         return FP32
     return BF16 if capabilities.compute_capability >= BF16_CAPABILITY else FP16
 
 
-def trainer_precision(capabilities: Capabilities) -> dict[str, bool]:
-    """The HF Trainer's `bf16` / `fp16` arguments (fp16 = autocast with a GradScaler)."""
-    chosen = precision(capabilities)
+def training_precision(setting: str) -> str:
+    """The precision this process trains in for a `precision` setting."""
+    return precision(detect(), setting)
+
+
+def precision_problems(setting: str, capabilities: Capabilities) -> list[str]:
+    """fp16 trains only on a GPU. On a CPU, accelerate (which the HF Trainer trains through) turns neither fp16
+    autocast nor loss scaling on (`Accelerator.native_amp` stays False, no GradScaler), so `Trainer(fp16=True)`
+    would train in fp32 without a word (measured: torch 2.13, accelerate 1.15, transformers 5.24)."""
+    if setting == FP16 and not capabilities.cuda:
+        return [problem("precision", "fp16 trains only on a CUDA GPU, and this process sees none (on a CPU the Trainer "
+                                     "would silently train in fp32: accelerate neither autocasts to fp16 nor scales "
+                                     "the loss there); use bf16 or fp32 on a CPU")]
+    return []
+
+
+def trainer_precision(chosen: str) -> dict[str, bool]:
+    """The HF Trainer's `bf16` / `fp16` arguments for precision `chosen` (fp16 = autocast with a GradScaler)."""
     return {"bf16": chosen == BF16, "fp16": chosen == FP16}
 
 
-def frozen_dtype(capabilities: Capabilities) -> torch.dtype:
-    """The dtype a frozen base is stored in: the training precision's (fp32 on a CPU)."""
-    return DTYPES[precision(capabilities)]
+def frozen_dtype(chosen: str) -> torch.dtype:
+    """The dtype a frozen base is stored in: precision `chosen`'s."""
+    return DTYPES[chosen]
 
 
-def autocast(capabilities: Capabilities) -> contextlib.AbstractContextManager:
-    """Autocast to the training precision on a GPU (evaluation computes as training did); nothing on a CPU."""
-    if not capabilities.cuda:
+def autocast(chosen: str, device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast on `device_type` to precision `chosen`, as the Trainer trains (evaluation computes as training
+    did); nothing in fp32."""
+    if chosen == FP32:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=DTYPES[precision(capabilities)])
+    return torch.autocast(device_type, dtype=DTYPES[chosen])
 
 
 def choose(setting: str, capabilities: Capabilities) -> str:
@@ -110,18 +136,38 @@ def serving_device() -> str:
     return choose(os.environ.get(DEVICE_ENV, ""), detect())
 
 
+def serving_dtype(trained: torch.dtype, on: str) -> torch.dtype:
+    """The dtype a registered model's weights load in on device `on`, given the dtype they were `trained` in
+    (an adapter's base; a classifier's weights): FINETUNE_LAB_PRECISION when it forces one, else (`auto`) the trained
+    dtype on a GPU and fp32 on a CPU (bf16 is slow on CPUs without native support). ValueError for another
+    setting."""
+    setting = (os.environ.get(PRECISION_ENV, "") or AUTO).strip().lower()
+    if setting not in PRECISIONS:
+        raise ValueError(f"{PRECISION_ENV}: must be one of {', '.join(PRECISIONS)}, got {setting!r}")
+    if setting != AUTO:
+        return DTYPES[setting]
+    return trained if on == "cuda" else torch.float32
+
+
 @contextlib.contextmanager
-def serving_on(name: str) -> Iterator[None]:
-    """Registered models loaded within the block load on device `name` (`cpu`, `cuda`, `auto`)."""
-    previous = os.environ.get(DEVICE_ENV)
-    os.environ[DEVICE_ENV] = name
+def serving_on(name: str, precision_setting: str = AUTO) -> Iterator[None]:
+    """Registered models loaded within the block load on device `name` (`cpu`, `cuda`, `auto`), in the dtype of
+    `precision_setting` (`auto`: see `serving_dtype`)."""
+    with _environment(DEVICE_ENV, name), _environment(PRECISION_ENV, precision_setting):
+        yield
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if previous is None:
-            os.environ.pop(DEVICE_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[DEVICE_ENV] = previous
+            os.environ[name] = previous
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import datasets
 import mlflow
 import pandas as pd
+import torch
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import (
@@ -26,6 +27,7 @@ from finetune_lab import (
     lora,
     models,
     plots,
+    preamble,
     prompts,
     registry,
     spool,
@@ -33,7 +35,7 @@ from finetune_lab import (
     tracking,
     training,
 )
-from finetune_lab.config import SweepConfig, as_params
+from finetune_lab.config import SweepConfig
 from finetune_lab.contract import ADAPTER_ARTIFACT, FAILED, FINISHED
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.sweep import ChildOutcome, ChildSpec
@@ -41,8 +43,8 @@ from finetune_lab.sweep import ChildOutcome, ChildSpec
 # A prompt every registered adapter is checked and exemplified on.
 PROBE_PROMPT = "Hello, how are you?"
 # How far a PiSSA / OLoRA adapter, converted to apply to the untouched base, may move the trained model's logits:
-# the conversion is exact arithmetic, rounded in the weights' precision (fp32 on CPU, bf16 on CUDA).
-CONVERSION_TOLERANCE = {False: 1e-3, True: 1e-1}
+# the conversion is exact arithmetic, rounded in the base weights' precision (fp32, or a 16-bit frozen base).
+CONVERSION_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 1e-1}
 
 
 
@@ -79,7 +81,8 @@ class ChildTrainer:
 
     def __init__(self, workload: Workload):
         self.workload = workload
-        self.base, self.tokenizer = causal_lm.load_base(workload.source)
+        self.base, self.tokenizer = causal_lm.load_base(workload.source,
+                                                        device.training_precision(workload.config.precision))
 
     def __call__(self, spec: ChildSpec, run_id: str = "") -> ChildOutcome:
         return run_child(self, spec, run_id)
@@ -103,7 +106,7 @@ def _check_conversion(trainer: ChildTrainer, adapter_dir, trained: registry.Refe
         converted = registry.reference(model, trainer.tokenizer, texts)
     difference = max((a - b).abs().max().item() for a, b in zip(converted.logits, trained.logits))
     mlflow.log_metric("adapter_conversion_max_logit_diff", difference)
-    if difference > CONVERSION_TOLERANCE[training.on_cuda()]:
+    if difference > CONVERSION_TOLERANCE[trained.dtype]:
         raise RuntimeError(f"the adapter converted to apply to the untouched base changes the trained model's logits "
                            f"by up to {difference:.3g}; not kept")
     return converted
@@ -124,7 +127,7 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
             outcome.run_id = child.info.run_id
             params = lora.lora_params(model, config, rank, spec.seed)
             tracking.log_params(params)  # first: the effective lora_alpha wins over the config's 0 = "per rank"
-            tracking.log_config(as_params(config))
+            preamble.log_config(config)
             mlflow.set_tags(work.marks)
             try:
                 fitted = causal_lm.fit(model, tokenizer, work.tokenized[TRAIN], work.tokenized[TEST], config,
@@ -195,7 +198,7 @@ class LoraSweep(sweep.Design):
             metrics = {**record["metrics"], "adapter_size_bytes": (adapter / lora.ADAPTER_WEIGHTS).stat().st_size}
             with tracking.child_run(spec.name, workload.parent_run_id) as child:
                 tracking.log_params(record["params"])
-                tracking.log_config(as_params(workload.config))
+                preamble.log_config(workload.config)
                 mlflow.set_tags({**record["tags"], contract.RECOVERED_TAG: str(folder)})
                 training.log_steps(MlflowClient(), child.info.run_id, record["steps"])
                 mlflow.log_metrics(metrics)

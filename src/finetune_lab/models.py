@@ -343,14 +343,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def model_kwargs(frozen_base: bool) -> dict:
-    """SDPA attention on CUDA, and a frozen base (LoRA) stored in the training precision (`device.frozen_dtype`:
-    bf16, or fp16 on a GPU without bf16); trained weights stay float32, the Trainer's autocast gives them the speed
-    without losing the optimizer's precision."""
-    capabilities = device.detect()
-    if not capabilities.cuda:
-        return {"dtype": torch.float32}
-    return {"dtype": device.frozen_dtype(capabilities) if frozen_base else torch.float32, "attn_implementation": "sdpa"}
+def model_kwargs(dtype: torch.dtype = torch.float32) -> dict:
+    """Weights in `dtype` (a frozen LoRA base: the training precision's, `device.frozen_dtype`; trained weights stay
+    float32, the Trainer's autocast gives them the speed without losing the optimizer's precision), and SDPA
+    attention on CUDA."""
+    if not device.detect().cuda:
+        return {"dtype": dtype}
+    return {"dtype": dtype, "attn_implementation": "sdpa"}
 
 
 @functools.cache

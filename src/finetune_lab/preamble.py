@@ -14,8 +14,8 @@ from typing import Any, Generic, TypeVar
 import mlflow
 
 from finetune_lab import data as data_lib
-from finetune_lab import models, registry, resume, tracking
-from finetune_lab.config import Registering, Resumable, as_params
+from finetune_lab import device, models, registry, resume, tracking
+from finetune_lab.config import Registering, Resumable, TrainingSetup, as_params
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.errors import field_of, raise_if_any
 
@@ -38,6 +38,14 @@ class Begun(Generic[Prepared]):
         return resume.note(self.parent, self.invocation)
 
 
+def log_config(config) -> None:
+    """On the active run: the config as params and `config.yaml`, and for a training config the precision it
+    trains in in this process (`effective_precision`: `auto` resolved for this device)."""
+    tracking.log_config(as_params(config))
+    if isinstance(config, TrainingSetup):
+        tracking.log_params({"effective_precision": device.training_precision(config.precision)})
+
+
 def log_sources(prepared, params: dict[str, Any] | None = None) -> None:
     """On the active run: where the model came from, the environment, the data's digest and sizes as used, `params`,
     and the splits as MLflow inputs. `prepared` holds `source` (models.ModelSource) and `data` (data.LoadedData)."""
@@ -57,7 +65,7 @@ def begin(config, kind: str, prepare: Callable[[], Prepared],
     config, the parent run tagged with what its children are made with (`resume.parent_run`), else the invocation's
     run itself."""
     invocation = mlflow.active_run()
-    tracking.log_config(as_params(config))
+    log_config(config)
     raise_if_any(config.problems_that_stop_loading())
     if isinstance(config, Registering) and config.register_as and "register_as" not in map(field_of,
                                                                                             config.problems()):

@@ -31,10 +31,10 @@ import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import causal_lm, contract, lora, plots, preamble, prompts, resume, tracking
+from finetune_lab import causal_lm, contract, device, lora, plots, preamble, prompts, resume, tracking
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
-from finetune_lab.config import ProbeConfig, as_params
+from finetune_lab.config import ProbeConfig
 from finetune_lab.contract import BEFORE, PROBE_MEASURED
 from finetune_lab.data import TEST, TRAIN
 
@@ -125,7 +125,7 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
         params = lora.lora_params(model, config, config.rank, config.seed)
         # First: this stage's repeats and the effective lora_alpha win over the config's values.
         tracking.log_params({**params, "new_example_repeats": repeats, "train_examples": len(train)})
-        tracking.log_config(as_params(config))
+        preamble.log_config(config)
         data_lib.log_inputs(training_data(prepared.data, config, repeats))
         recorder = BatchRecorder(causal_lm.collator(tokenizer, config), new_row[0]["input_ids"])
         fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, child.info.run_id,
@@ -212,7 +212,7 @@ def run_stages(parent: mlflow.ActiveRun, config: ProbeConfig,
                prepared: causal_lm.Prepared) -> tuple[Stage, list[Stage]]:
     """`before`, then one `after` per repeats value, as child runs of `parent`; stages the parent already finished
     with the same config and data (`resume`) are read back instead of trained again."""
-    base, tokenizer = causal_lm.load_base(prepared.source)
+    base, tokenizer = causal_lm.load_base(prepared.source, device.training_precision(config.precision))
     tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
     new_row = new_example_row(tokenizer, config)
     sweep = len(config.repeats_list) > 1

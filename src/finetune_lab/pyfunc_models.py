@@ -15,7 +15,9 @@ are imported on load (tests/test_registry.py checks it).
 - `ClassifierModel`: a fine-tuned sequence classifier; predicts a label, its name and per-class probabilities.
 
 Both load onto the GPU when there is one, in the dtype they were trained in (an adapter's base: bf16, or fp16 on a
-GPU without bf16; a classifier's weights: fp32); FINETUNE_LAB_DEVICE=cpu|cuda forces the device (`device`).
+GPU without bf16; a classifier's weights: fp32), and on a CPU in fp32; FINETUNE_LAB_DEVICE=cpu|cuda forces the
+device, FINETUNE_LAB_PRECISION=fp32|bf16|fp16 the dtype (`device.serving_dtype`). They compute without autocast, in
+their weights' dtypes, as the registry's reference did (`registry.reference`).
 
 Settings live on the instance (pickled with it), not in `model_config`, which MLflow would also log as params of
 the run that logs the model.
@@ -56,11 +58,13 @@ def base_settings(source: models.ModelSource, dtype: torch.dtype) -> dict:
 
 
 def base_dtype(settings: dict, on: str) -> torch.dtype:
-    """The dtype the adapter's base was trained in; adapters registered before it was recorded: the frozen-base
-    dtype of the device they load on."""
+    """The dtype the adapter's base loads in on device `on` (`device.serving_dtype`) given the dtype it was trained
+    in (adapters registered before that was recorded: the frozen-base dtype this device trains in by default)."""
     if "base_dtype" in settings:
-        return device.dtype_of(settings["base_dtype"])
-    return device.frozen_dtype(device.detect()) if on == "cuda" else torch.float32
+        trained = device.dtype_of(settings["base_dtype"])
+    else:
+        trained = device.frozen_dtype(device.precision(device.detect()))
+    return device.serving_dtype(trained, on)
 
 
 def load_base(settings: dict, on: str):
@@ -124,9 +128,10 @@ class ClassifierModel(mlflow.pyfunc.PythonModel):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["model"])
-        dtype = device.dtype_of(self.settings.get("dtype", "float32"))
+        on = device.serving_device()
+        dtype = device.serving_dtype(device.dtype_of(self.settings.get("dtype", "float32")), on)
         self.model = AutoModelForSequenceClassification.from_pretrained(context.artifacts["model"], dtype=dtype)
-        self.model = self.model.to(device.serving_device()).eval()
+        self.model = self.model.to(on).eval()
 
     def logits(self, text: str) -> torch.Tensor:
         with torch.no_grad():

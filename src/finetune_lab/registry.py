@@ -68,7 +68,8 @@ class Reference:
 
 def reference(model, tokenizer, texts: list[str], **tokenizer_kwargs) -> Reference:
     """Logits of the in-memory model (eval mode: no dropout), as a registered model computes them (`pyfunc_models`:
-    no autocast, the weights' own dtype)."""
+    no autocast, the weights' own dtype). The model computes with its own forward: a trained one has it back from
+    `training.train` (the Trainer's autocast wrapper removed)."""
     with models.eval_mode(model):
         logits = [model(**tokenizer(t, return_tensors="pt", **tokenizer_kwargs).to(model.device)).logits.float().cpu()
                   for t in texts]
@@ -199,7 +200,8 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
     on the best version left.
     """
     console.say(f"registering in {name!r}: log the model, reload it, compare its logits with the trained model's")
-    with device.serving_on(candidate.expected.device):  # MLflow loads the model to check its input example too
+    # On the trained model's device, in its dtype; MLflow loads the model to check its input example too.
+    with device.serving_on(candidate.expected.device, device.PRECISION_OF[candidate.expected.dtype]):
         info = candidate.log()
         difference, tolerance = _verify(info.model_uri, candidate)
     client = MlflowClient()

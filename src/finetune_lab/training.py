@@ -35,6 +35,13 @@ from finetune_lab.prompts import IGNORE_INDEX
 
 # Aim for about this many points on each loss curve, whatever the run length.
 LOSS_CURVE_POINTS = 100
+# How the Trainer logs training steps, in every training the project records (bench's baseline too): up to
+# LOSS_CURVE_POINTS per run, the first step included, non-finite losses as they are (for the NaN guard).
+STEP_LOGGING = {"logging_strategy": "steps", "logging_steps": 1 / LOSS_CURVE_POINTS, "logging_first_step": True,
+                "logging_nan_inf_filter": False}
+# Logged steps are handed to MLflow several at a time: the first at once, then at most one request this often. One
+# request per step cost the training loop 0.3 to 7 ms a step on the 2-core development machine (docs/performance.md).
+STEP_LOG_INTERVAL_S = 3.0
 # MLflow's limit on the metrics of one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
 # The shapes a compiled classifier trains on (`ClassifyConfig.compile_shapes`), and the shortest bucket.
@@ -68,7 +75,8 @@ def eval_batch_size(config: TrainingConfig) -> int:
 def training_arguments(output_dir: Path, config: TrainingConfig, seed: int, drop_last: bool = False,
                        capabilities: device.Capabilities | None = None) -> TrainingArguments:
     """`drop_last`: drop each epoch's last, smaller batch (a compiled model then sees one batch size). The
-    precision follows the device's `capabilities` (this process's by default): see `device.precision`."""
+    precision is the config's on the device's `capabilities` (this process's by default): see `device.precision`.
+    On CUDA, batches are copied from pinned host memory without waiting (`non_blocking`)."""
     capabilities = capabilities or device.detect()
     cuda = capabilities.cuda
     return TrainingArguments(
@@ -80,21 +88,20 @@ def training_arguments(output_dir: Path, config: TrainingConfig, seed: int, drop
         per_device_eval_batch_size=eval_batch_size(config),
         seed=seed,
         data_seed=seed,
-        **device.trainer_precision(capabilities),
+        **device.trainer_precision(device.precision(capabilities, config.precision)),
+        use_cpu=not cuda,  # bf16 autocast on a CPU: the Trainer refuses bf16 without a GPU unless told
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         train_sampling_strategy="group_by_length",
         # `train` counts real tokens from the batches themselves; the Trainer's count would synchronise the GPU
         # every step, and with packing it cannot tell padding from a pad token that is also the EOS token.
         include_num_input_tokens_seen="no",
         dataloader_drop_last=drop_last,
-        logging_strategy="steps",
-        logging_steps=1 / LOSS_CURVE_POINTS,  # a ratio of the total steps
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # let the NaN guard see non-finite losses
+        **STEP_LOGGING,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
         dataloader_pin_memory=cuda,
+        accelerator_config={"non_blocking": cuda},  # pinned memory pays only with asynchronous copies
     )
 
 
@@ -125,9 +132,16 @@ def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, co
     examples; `drop_last`: see `training_arguments`."""
     settings = dict(model=model, args=training_arguments(output_dir, config, seed, drop_last),
                     train_dataset=train_dataset, processing_class=tokenizer, data_collator=collator,
-                    callbacks=[MlflowStepLogger(run_id), PhaseLine(phase)])
+                    callbacks=[PhaseLine(phase)])
     trainer = TokenBudgetTrainer(**settings, batch_tokens=batch_tokens, packed=packed) if batch_tokens else \
         Trainer(**settings)
+    return step_logged(trainer, run_id)
+
+
+def step_logged(trainer: Trainer, run_id: str) -> Trainer:
+    """`trainer` with its logged steps recorded into run `run_id` (`MlflowStepLogger`) instead of written under its
+    progress bar."""
+    trainer.add_callback(MlflowStepLogger(run_id))
     if trainer.pop_callback(ProgressCallback) is not None:  # a notebook has its own progress widget instead
         trainer.add_callback(QuietProgress)
     return trainer
@@ -232,19 +246,24 @@ def log_steps(client: MlflowClient, run_id: str, entries: list[dict], synchronou
 
 
 class MlflowStepLogger(TrainerCallback):
-    """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`, off the training loop: each step's metrics are
-    handed to MLflow's asynchronous logging, whose thread writes them while training goes on, and `flush` waits
-    until every step is stored (at the end of training, also after a failure or a signal). `seconds` is the time
-    the training loop spent handing steps over, `flush_seconds` the time spent waiting in `flush`. Stops training on
-    a non-finite loss. If the tracking server stays unreachable past MLflow's retries, training goes on unlogged
-    (the Trainer keeps every step in its log history) and the experiment decides what to keep."""
+    """Per-step `train_loss`, `lr` and `grad_norm` into run `run_id`, off the training loop: logged steps are kept
+    and handed to MLflow's asynchronous logging several at a time, in one request (the first step at once, then at
+    most one request every `interval_s`), whose thread writes them while training goes on; `flush` hands over the
+    rest and waits until every step is stored (at the end of training, also after a failure or a signal).
+    `seconds` is the time the training loop spent in the logger, `flush_seconds` the time spent waiting in `flush`.
+    Stops training on a non-finite loss. If the tracking server stays unreachable past MLflow's retries, training
+    goes on unlogged (the Trainer keeps every step in its log history) and the experiment decides what to keep."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, interval_s: float = STEP_LOG_INTERVAL_S):
         self.run_id = run_id
+        self.interval_s = interval_s
         self.client = MlflowClient()
         self.pending: list[Future] = []
+        self.kept: list[dict] = []
+        """Steps logged by the Trainer and not handed over yet."""
         self.sent: set[int] = set()
         """Steps handed over."""
+        self.handed_at = -math.inf
         self.seconds = 0.0
         self.flush_seconds = 0.0
 
@@ -256,15 +275,19 @@ class MlflowStepLogger(TrainerCallback):
             raise NonFiniteLossError(f"training loss became {loss} at step {state.global_step}")
         started = time.perf_counter()
         try:
-            self._settle(wait=False)
-            self._send([{**logs, "step": state.global_step}])
+            self.kept.append({**logs, "step": state.global_step})
+            if started - self.handed_at >= self.interval_s:
+                self._settle(wait=False)
+                self._send(self.kept)
         finally:
             self.seconds += time.perf_counter() - started
 
     def _send(self, entries: list[dict]) -> None:
+        """Hand `entries` over in one request (MLflow's limit permitting); nothing while this process is offline."""
         if entries and not tracking.offline():
             self.pending += log_steps(self.client, self.run_id, entries, synchronous=False)
             self.sent.update(int(entry["step"]) for entry in entries)
+        self.kept, self.handed_at = [], time.perf_counter()
 
     def _settle(self, wait: bool) -> None:
         """Forget the writes that are done (with `wait`: all of them, once done). A failed one: an unreachable
@@ -280,11 +303,14 @@ class MlflowStepLogger(TrainerCallback):
         self.pending = still
 
     def flush(self, entries: list[dict]) -> None:
-        """Return once every step is stored: those of `entries` (the Trainer's step log) never handed over (a signal
-        interrupted the loop between a step and its logging) are handed over now, then every write is waited for."""
+        """Return once every step is stored: the steps kept, and those of `entries` (the Trainer's step log) never
+        handed over (a signal interrupted the loop between a step and its logging), are handed over now, then
+        every write is waited for."""
         started = time.perf_counter()
         try:
-            self._send([entry for entry in entries if int(entry["step"]) not in self.sent])
+            unsent = {int(entry["step"]): entry for entry in [*self.kept, *entries]
+                      if int(entry["step"]) not in self.sent}
+            self._send([unsent[step] for step in sorted(unsent)])
             self._settle(wait=True)
         finally:
             self.flush_seconds += time.perf_counter() - started
@@ -398,7 +424,8 @@ def train(trainer: Trainer) -> dict[str, float]:
     `compile_graphs`; with a step logger `logging_ms_per_step`, what handing the step metrics over cost the
     training loop per step, and `logging_flush_s`, the wait for them to be stored after the last step).
     Works on any Trainer: it counts the batches through the Trainer's own collator. The step logger is flushed
-    however training ends; a signal is told how far training got."""
+    however training ends; a signal is told how far training got. The model is handed back with its own forward
+    (`own_forward`)."""
     counter, timer, graphs = BatchCounter(trainer.data_collator), StepTimer(), compiled_graphs()
     logger = next((c for c in trainer.callback_handler.callbacks if isinstance(c, MlflowStepLogger)), None)
     trainer.data_collator = counter
@@ -410,6 +437,7 @@ def train(trainer: Trainer) -> dict[str, float]:
         _flush_after(error, trainer, logger)
         raise
     finally:
+        own_forward(trainer.model)
         trainer.data_collator = counter.collate
         trainer.remove_callback(timer)
     metrics = {**throughput(output.metrics["train_runtime"], timer.steps, counter.batches), **memory.metrics}
@@ -420,6 +448,19 @@ def train(trainer: Trainer) -> dict[str, float]:
     if "compile_s" in metrics:
         metrics["compile_graphs"] = float(compiled_graphs() - graphs)
     return metrics
+
+
+def own_forward(model: torch.nn.Module) -> None:
+    """Give `model` its own forward back. Under bf16 or fp16, accelerate's `prepare` (the Trainer's) replaces
+    `model.forward` for good with an autocast wrapper that casts the outputs to fp32, and keeps the original as
+    `_original_forward`: left on, everything downstream of training (registry references, generation, the probe's
+    answers) would compute in the autocast dtype, while the model they stand for (registered, reloaded, served)
+    computes in its weights' own. Evaluation autocasts explicitly instead (`evaluating`). Not accelerate's
+    `unwrap_model(..., keep_fp32_wrapper=False)`: that follows every `__wrapped__`, past transformers' own
+    decorators of `forward`."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        model.forward = original
 
 
 def _flush_after(error: BaseException, trainer: Trainer, logger: MlflowStepLogger | None) -> None:
@@ -443,10 +484,10 @@ def step_log(trainer: Trainer) -> list[dict]:
 
 
 @contextlib.contextmanager
-def evaluating(model) -> Iterator[None]:
-    """Eval mode under inference mode, autocast on CUDA as the Trainer trains (`device.precision`), and eager
+def evaluating(model, precision: str) -> Iterator[None]:
+    """Eval mode under inference mode, autocast to `precision` as the Trainer trains (on a CPU too), and eager
     execution even for a model compiled for training (its graphs fit the training batches, not these)."""
-    with eval_mode(model), torch.inference_mode(), device.autocast(device.detect()), \
+    with eval_mode(model), torch.inference_mode(), device.autocast(precision, model.device.type), \
             torch.compiler.set_stance("force_eager"):
         yield
 
@@ -461,24 +502,24 @@ def by_length(model, dataset, collator, batch_size: int, columns: list[str]) -> 
     return order, ({key: value.to(model.device) for key, value in batch.items()} for batch in loader)
 
 
-def predict_logits(model, dataset, collator, batch_size: int) -> np.ndarray:
-    """Classifier logits for every row of `dataset`, row i for example i, in eval mode."""
+def predict_logits(model, dataset, collator, batch_size: int, precision: str) -> np.ndarray:
+    """Classifier logits for every row of `dataset`, row i for example i, in eval mode, computed in `precision`."""
     inputs = [c for c in dataset.column_names if c not in ("labels", "length")]
     order, batches = by_length(model, dataset, collator, batch_size, inputs)
-    with evaluating(model):
+    with evaluating(model, precision):
         chunks = [model(**batch).logits.float().cpu().numpy() for batch in batches]
     logits = np.empty((len(order), chunks[0].shape[-1]), dtype=np.float64)
     logits[order] = np.concatenate(chunks)
     return logits
 
 
-def mean_token_loss(model, dataset, collator, batch_size: int) -> float:
+def mean_token_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
     """A causal LM's mean loss per target token over the whole of `dataset` (every labelled token weighs the
-    same, however the examples are batched, padded or packed), in eval mode."""
+    same, however the examples are batched, padded or packed), in eval mode, computed in `precision`."""
     columns = [c for c in dataset.column_names if c != "length"]
     total, count = 0.0, 0
     _, batches = by_length(model, dataset, collator, batch_size, columns)
-    with evaluating(model):
+    with evaluating(model, precision):
         for batch in batches:
             targets = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
             # use_cache=False: with a cache, transformers would not see packed examples (see `packing`)

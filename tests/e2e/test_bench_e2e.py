@@ -10,7 +10,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import load_table, runs_of
+from conftest import launch_in_own_store, load_table, runs_of
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from finetune_lab import bench, contract
@@ -43,7 +43,7 @@ def test_bench_logs_consistent_variants_and_prints_their_table(mlflow_run, clien
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.tags[contract.KIND_TAG] == contract.BENCH and parent.info.status == "FINISHED"
     # No GPU to warm up here; the precision the device trains in is on record (its peak is what MFU is measured by).
-    assert parent.data.metrics["bench_device_warmup_s"] == 0 and parent.data.params["precision"] == "fp32"
+    assert parent.data.metrics["bench_device_warmup_s"] == 0 and parent.data.params["effective_precision"] == "fp32"
     variants = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(variants) == {f"{w}:{v}" for w in ("classify", "lora_sweep") for v in VARIANTS}
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -68,10 +68,9 @@ def test_bench_logs_consistent_variants_and_prints_their_table(mlflow_run, clien
         trained = {(metrics[f"{workload}:{v}"]["bench_examples"], metrics[f"{workload}:{v}"]["bench_tokens"])
                    for v in VARIANTS}
         assert len(trained) == 1 and trained.pop()[0] == examples, (workload, trained)
-        # Logging the steps costs the project's training loop something; the baseline logs no step metrics.
-        assert "bench_logging_ms_per_step" not in metrics[f"{workload}:baseline"]
-        assert all(metrics[f"{workload}:{v}"]["bench_logging_ms_per_step"] > 0 for v in VARIANTS[1:])
-        assert all(metrics[f"{workload}:{v}"]["bench_logging_flush_s"] >= 0 for v in VARIANTS[1:])
+        # Every variant logs its steps the same way (the baseline too), and what that cost its training loop.
+        assert all(metrics[f"{workload}:{v}"]["bench_logging_ms_per_step"] > 0 for v in VARIANTS)
+        assert all(metrics[f"{workload}:{v}"]["bench_logging_flush_s"] >= 0 for v in VARIANTS)
     # classify: 64 examples in 4 steps of 16 (2 of 32 in project_large); the synthetic texts are 32 to 64 tokens.
     for variant, batch in (("baseline", 16), ("project", 16), ("project_large", 32)):
         logged = metrics[f"classify:{variant}"]
@@ -126,3 +125,32 @@ def test_bench_logs_consistent_variants_and_prints_their_table(mlflow_run, clien
     for row in results.itertuples():
         assert row.run_id == variants[f"{row.workload}:{row.variant}"].info.run_id
         assert row.bench_tokens_per_s == pytest.approx(metrics[f"{row.workload}:{row.variant}"]["bench_tokens_per_s"])
+
+
+@pytest.mark.xdist_group("bench_bf16_e2e")
+def test_bench_in_bf16_runs_the_project_in_bf16_against_the_fp32_baseline(tmp_path_factory, empty_store):
+    """`-P precision=bf16` on a CPU: the project's variants train in bf16 (a bf16 LoRA base), the baseline stays the
+    fp32 reference, every variant trains the same examples and logs its steps the same way."""
+    launched = launch_in_own_store(tmp_path_factory.mktemp("bench_bf16"), empty_store, "bench",
+                                   {"tiny": "true", "precision": "bf16", "variants": "baseline,project"},
+                                   "bench-bf16")
+    assert launched.result.returncode == 0, launched.result.stderr[-3000:]
+    runs = launched.runs()
+    assert all(r.info.status == "FINISHED" for r in runs)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.params["effective_precision"] == "bf16" and parent.data.metrics["failed_variants"] == 0
+    variants = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(variants) == {f"{w}:{v}" for w in ("classify", "lora_sweep") for v in ("baseline", "project")}
+    sweep_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == variants[
+        "lora_sweep:project"].info.run_id]
+    assert len(sweep_children) == 4
+    for run in [variants["classify:project"], variants["lora_sweep:project"], *sweep_children]:
+        assert run.data.params["effective_precision"] == "bf16", run.info.run_name
+    for workload, examples in (("classify", 64), ("lora_sweep", 4 * 32)):
+        baseline, project = (variants[f"{workload}:{v}"].data for v in ("baseline", "project"))
+        assert baseline.params["effective_precision"] == "fp32"
+        assert baseline.metrics["bench_examples"] == project.metrics["bench_examples"] == examples
+        assert baseline.metrics["bench_tokens"] == project.metrics["bench_tokens"]
+        assert baseline.metrics["bench_logging_ms_per_step"] > 0 and project.metrics["bench_logging_ms_per_step"] > 0
+    steps = launched.client.get_metric_history(variants["classify:baseline"].info.run_id, "train_loss")
+    assert [m.step for m in steps] == [1, 2, 3, 4], "the baseline's steps, logged as the project's are"

@@ -1,13 +1,23 @@
-"""`mlflow run . -e classify` end to end on a tiny model, read back from the tracking store."""
+"""`mlflow run . -e classify` end to end on a tiny model, read back from the tracking store; once in bf16 (a CPU
+running what a GPU with bf16 runs) with its registration."""
 
 from __future__ import annotations
 
 import math
 
+import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, assert_metrics_match_predictions, download_json, entrypoint, load_table, runs_of
+from conftest import (
+    REPO,
+    assert_metrics_match_predictions,
+    download_json,
+    entrypoint,
+    launch_in_own_store,
+    load_table,
+    runs_of,
+)
 from sklearn.metrics import confusion_matrix
 
 from finetune_lab.data import SAMPLES
@@ -107,3 +117,27 @@ def test_course_report_configurations_are_two_comparable_runs(client, monkeypatc
     assert {"epochs"} <= differing and "learning_rate" not in differing
     assert float(first["learning_rate"]) == 4e-5 and float(second["epochs"]) == 2.0
     assert runs[1].data.metrics["train_steps"] == 2 * runs[0].data.metrics["train_steps"]
+
+
+BF16 = {"model": "tiny", "dataset": "sample", "max_length": 32, "batch_size": 32, "max_train_samples": 128,
+        "max_eval_samples": 64, "learning_rate": 1e-3, "precision": "bf16", "register_as": "sentiment-bf16"}
+
+
+@pytest.mark.xdist_group("classify_bf16_e2e")
+def test_a_bf16_classifier_registers_and_serves_what_its_run_predicted(tmp_path_factory, empty_store):
+    """bf16 on a CPU, what a GPU with bf16 runs: training and evaluation under bf16 autocast, the weights fp32. The
+    reference for the registry is the model's own forward (fp32, as the registered copy computes): exactly equal on
+    a CPU. Served, it predicts the logged held-out predictions up to bf16's rounding."""
+    launched = launch_in_own_store(tmp_path_factory.mktemp("classify_bf16"), empty_store, "classify", BF16,
+                                   "clf-bf16")
+    assert launched.result.returncode == 0, launched.result.stderr[-3000:]
+    (run,) = launched.runs()
+    assert run.info.status == "FINISHED" and run.data.params["effective_precision"] == "bf16"
+    (version,) = launched.client.search_model_versions("name='sentiment-bf16'")
+    assert version.tags["run_id"] == run.info.run_id and version.tags["reload_device"] == "cpu float32"
+    assert float(version.tags["reload_max_logit_diff"]) == 0.0 == float(version.tags["reload_tolerance"])
+    table = load_table(launched.client, run.info.run_id, "predictions.json", launched.folder)
+    assert_metrics_match_predictions(run.data.metrics, table)
+    mlflow.set_tracking_uri(launched.uri)
+    served = mlflow.pyfunc.load_model("models:/sentiment-bf16@champion").predict(list(table["text"]))
+    assert served["prob_1"].to_numpy() == pytest.approx(table["prob_1"].to_numpy(), abs=1e-3)

@@ -112,3 +112,30 @@ def test_the_report_shows_the_sweep_with_its_verdict(swept, tmp_path):
     text = markdown.read_text()
     assert "Classifier sweep" in text and swept.parent.info.run_id[:8] in text and "Other runs" not in text
     assert "learning_rate=0.001" in text and "single seed: not conclusive" in text
+
+
+BF16_SWEEP = {**SWEEP, "learning_rates": "1e-3", "precision": "bf16", "register_as": "sentiment-sweep-bf16"}
+
+
+@pytest.mark.xdist_group("classify_sweep_bf16_e2e")
+def test_a_bf16_sweep_registers_its_best_classifier_against_the_logits_its_child_gave(tmp_path_factory,
+                                                                                       empty_store):
+    """bf16 on a CPU, what a GPU with bf16 runs: the child's reference (taken when it trained, from the model's own
+    forward) and the reload of its logged classifier compare equal, exactly; served, the classifier predicts what
+    the child logged up to bf16's rounding (the child evaluated under bf16 autocast)."""
+    launched = launch_in_own_store(tmp_path_factory.mktemp("classify_sweep_bf16"), empty_store, "classify_sweep",
+                                   BF16_SWEEP, "clf-sweep-bf16")
+    assert launched.result.returncode == 0, launched.result.stderr[-3000:]
+    runs = launched.runs()
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert parent.info.status == child.info.status == "FINISHED"
+    assert parent.data.params["effective_precision"] == child.data.params["effective_precision"] == "bf16"
+    (version,) = launched.client.search_model_versions("name='sentiment-sweep-bf16'")
+    assert version.tags["run_id"] == child.info.run_id and version.tags["reload_device"] == "cpu float32"
+    assert parent.data.metrics["registry_reload_max_logit_diff"] == 0.0 == parent.data.metrics[
+        "registry_reload_tolerance"]
+    logged = load_table(launched.client, child.info.run_id, "predictions.json", launched.folder)
+    mlflow.set_tracking_uri(launched.uri)
+    served = mlflow.pyfunc.load_model("models:/sentiment-sweep-bf16@champion").predict(list(logged["text"]))
+    assert served["prob_1"].to_numpy() == pytest.approx(logged["prob_1"].to_numpy(), abs=1e-3)

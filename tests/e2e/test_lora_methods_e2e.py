@@ -99,13 +99,13 @@ def test_every_logged_adapter_gives_its_held_out_loss_on_the_untouched_base(swep
                             "ranks": (2,), "seeds": (1,)})
     source = models.ModelSource("tiny", parent.data.params["model_path"], "")
     prepared = causal_lm.prepare(config, config.ranks, 1)
-    base, tokenizer = causal_lm.load_base(source)
+    base, tokenizer = causal_lm.load_base(source, "fp32")
     held_out = causal_lm.tokenize(prepared.data.splits, tokenizer, config)["test"]
     for method, child in swept.children.items():
         folder = client.download_artifacts(child.info.run_id, "adapter", str(tmp_path / method))
         with lora.loaded(base, folder) as model:
             loss = training.mean_token_loss(model, held_out, causal_lm.collator(tokenizer, config),
-                                            training.eval_batch_size(config))
+                                            training.eval_batch_size(config), "fp32")
         assert loss == pytest.approx(child.data.metrics["eval_loss"], abs=1e-5), method
 
 

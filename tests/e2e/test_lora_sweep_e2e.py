@@ -8,13 +8,25 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlflow
 import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import load_table, mlflow_run_command, runs_of
+from conftest import (
+    adapter_on_base,
+    greedy_reply,
+    launch_in_own_store,
+    launch_in_store_of,
+    load_table,
+    mlflow_run_command,
+    runs_of,
+)
 from transformers import AutoModelForCausalLM
+
+from finetune_lab import device
 
 SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": "2,4", "seeds": "1,2", "max_steps": 6, "batch_size": 8,
          "max_length": 64, "learning_rate": 1e-3}
@@ -161,3 +173,63 @@ def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
     assert len(table) == 3 and "FINISHED" in set(table["status"]) and "KILLED" in set(table["status"])
     assert parent.data.tags["best_run_id"] in set(table[table["status"] == "FINISHED"]["run_id"])
+
+
+
+# bf16 on a CPU: what a GPU with bf16 runs (a bf16 frozen base, bf16 autocast), registered, then answered by
+# `generate` from the registry; in an xdist group of its own (its launches share nothing with the tests above).
+BF16_SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": 2, "seeds": 7, "max_steps": 12, "batch_size": 8,
+              "max_length": 48, "learning_rate": 1e-2, "precision": "bf16", "register_as": "chat-bf16"}
+BF16_GENERATE = {"model_uri": "models:/chat-bf16@champion", "prompt": "Hello, how are you?", "max_new_tokens": 8,
+                 "precision": "bf16"}
+
+
+@pytest.fixture(scope="module")
+def bf16_registered(tmp_path_factory, empty_store):
+    """The bf16 sweep with its registration, then `generate` from the registered adapter in the same store."""
+    swept = launch_in_own_store(tmp_path_factory.mktemp("lora_bf16"), empty_store, "lora_sweep", BF16_SWEEP,
+                                "sweep-bf16")
+    assert swept.result.returncode == 0, swept.result.stderr[-3000:]
+    runs = swept.runs()
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    answered = launch_in_store_of(swept.folder, "generate", BF16_GENERATE, "generate-bf16")
+    return SimpleNamespace(swept=swept, answered=answered, client=swept.client, parent=parent, child=child)
+
+
+@pytest.mark.xdist_group("lora_sweep_bf16_e2e")
+def test_a_bf16_sweep_registers_an_adapter_that_serves_as_its_reference_computed(bf16_registered, tmp_path):
+    client, parent, child = bf16_registered.client, bf16_registered.parent, bf16_registered.child
+    assert parent.info.status == child.info.status == "FINISHED"
+    assert parent.data.params["effective_precision"] == child.data.params["effective_precision"] == "bf16"
+    (version,) = client.search_model_versions("name='chat-bf16'")
+    # The reference came from the bf16 base the child trained on, the reload was made in bf16: equal, exactly.
+    assert version.tags["reload_device"] == "cpu bfloat16" and version.tags["run_id"] == child.info.run_id
+    assert float(version.tags["reload_max_logit_diff"]) == 0.0 == float(version.tags["reload_tolerance"])
+
+    # Served in bf16 it computes what the logged adapter on the bf16 base computes; on a CPU by default, in fp32.
+    model, tokenizer = adapter_on_base(client, child.info.run_id, parent.data.params["model_path"], tmp_path,
+                                       torch.bfloat16)
+    text = f"{BF16_GENERATE['prompt']}\n"
+    with torch.no_grad():
+        expected = model(**tokenizer(text, return_tensors="pt")).logits.float()
+    mlflow.set_tracking_uri(bf16_registered.swept.uri)
+    with device.serving_on("cpu", "bf16"):
+        served = mlflow.pyfunc.load_model("models:/chat-bf16@champion").unwrap_python_model()
+    assert served.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert torch.equal(served.logits(text), expected)
+    with device.serving_on("cpu", "auto"):
+        served = mlflow.pyfunc.load_model("models:/chat-bf16@champion").unwrap_python_model()
+    assert served.model.get_input_embeddings().weight.dtype == torch.float32
+
+
+@pytest.mark.xdist_group("lora_sweep_bf16_e2e")
+def test_generate_answers_from_the_bf16_adapter_in_bf16(bf16_registered, tmp_path):
+    answered = bf16_registered.answered
+    assert answered.result.returncode == 0, answered.result.stderr[-3000:]
+    (run,) = answered.runs()
+    assert run.info.status == "FINISHED" and run.data.params["effective_precision"] == "bf16"
+    model, tokenizer = adapter_on_base(bf16_registered.client, bf16_registered.child.info.run_id,
+                                       bf16_registered.parent.data.params["model_path"], tmp_path, torch.bfloat16)
+    reply = greedy_reply(model, tokenizer, BF16_GENERATE["prompt"], BF16_GENERATE["max_new_tokens"])
+    assert reply and run.data.tags["reply"] == reply

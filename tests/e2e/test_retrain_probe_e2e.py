@@ -1,5 +1,6 @@
 """`mlflow run . -e retrain_probe` end to end on a tiny Llama: before, after for 1 and 32 copies of the new
-example, and the comparison; the logged NLLs and replies are recomputed from the logged adapters."""
+example, and the comparison; the logged NLLs and replies are recomputed from the logged adapters. Then once in bf16
+(a CPU running what a GPU with bf16 runs)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_table, runs_of
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import adapter_on_base, greedy_reply, launch_in_own_store, load_table, runs_of
 
 PROBE = {"model": "tiny", "dataset": "sample_chat", "repeats_sweep": "0,1,32", "max_steps": 20, "batch_size": 8,
          "max_length": 48, "learning_rate": 1e-2, "max_new_tokens": 10, "seed": 7}
@@ -23,12 +22,6 @@ COMPARED = ["target_nll_before", "target_nll_after", "target_nll_drop", "target_
             "eval_loss_before", "eval_loss_after", "forgetting", "replies_differ", "new_example_step_fraction"]
 
 
-def reload(client, run_id: str, base_path: str, tmp_path: Path):
-    adapter_dir = client.download_artifacts(run_id, "adapter", str(tmp_path / run_id))
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter_dir).eval()
-    return model, AutoTokenizer.from_pretrained(adapter_dir)
-
-
 def nll_of_target(model, tokenizer, user_input: str) -> float:
     """The HF loss of `new_output` + EOS after the plain prompt `input\\n`, the prompt tokens masked out."""
     prompt = tokenizer(f"{user_input}\n", add_special_tokens=False)["input_ids"]
@@ -36,14 +29,6 @@ def nll_of_target(model, tokenizer, user_input: str) -> float:
     with torch.no_grad():
         return float(model(input_ids=torch.tensor([prompt + target]),
                            labels=torch.tensor([[-100] * len(prompt) + target])).loss)
-
-
-def greedy_reply(model, tokenizer, max_new_tokens: int) -> str:
-    prompt = tokenizer(f"{PROBE_INPUT}\n", add_special_tokens=False, return_tensors="pt")
-    with torch.no_grad():
-        output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_probe_before_after_and_dose_response(mlflow_run, client, tmp_path):
@@ -95,10 +80,38 @@ def test_probe_before_after_and_dose_response(mlflow_run, client, tmp_path):
     # Independently: the logged adapters, reloaded on the base, give the logged NLLs and replies.
     base_path = parent.data.params["model_path"]
     for name in ("before", "after-r32"):
-        child = children[name]
-        model, tokenizer = reload(client, child.info.run_id, base_path, tmp_path)
-        assert nll_of_target(model, tokenizer, PROBE_INPUT) == pytest.approx(child.data.metrics["target_nll"],
-                                                                            abs=1e-5)
-        assert nll_of_target(model, tokenizer, NEW_INPUT) == pytest.approx(
-            child.data.metrics["target_nll_new_input"], abs=1e-5)
-        assert greedy_reply(model, tokenizer, PROBE["max_new_tokens"]) == child.data.params["reply"]
+        assert_answers_from_the_logged_adapter(client, children[name], base_path, tmp_path, PROBE, abs=1e-5)
+
+
+def assert_answers_from_the_logged_adapter(client, child, base_path: str, tmp_path: Path, params: dict,
+                                           abs: float, dtype=None) -> None:
+    """The stage's logged adapter, on its base loaded afresh (in `dtype`), gives its logged NLLs (within `abs`)
+    and reply."""
+    model, tokenizer = adapter_on_base(client, child.info.run_id, base_path, tmp_path, dtype)
+    assert nll_of_target(model, tokenizer, PROBE_INPUT) == pytest.approx(child.data.metrics["target_nll"], abs=abs)
+    assert nll_of_target(model, tokenizer, NEW_INPUT) == pytest.approx(child.data.metrics["target_nll_new_input"],
+                                                                       abs=abs)
+    assert greedy_reply(model, tokenizer, PROBE_INPUT, params["max_new_tokens"]) == child.data.params["reply"]
+
+
+BF16_PROBE = {"model": "tiny", "dataset": "sample_chat", "max_steps": 10, "batch_size": 8, "max_length": 48,
+              "learning_rate": 1e-2, "max_new_tokens": 8, "seed": 7, "precision": "bf16"}
+
+
+@pytest.mark.xdist_group("retrain_probe_bf16_e2e")
+def test_a_bf16_probe_answers_as_its_logged_adapters_do_on_the_bf16_base(tmp_path_factory, empty_store):
+    """bf16 on a CPU, what a GPU with bf16 runs: a bf16 frozen base, bf16 autocast; each stage's reply and target
+    NLLs are what its logged adapter gives on the bf16 base (the NLLs up to how the fp32 loss is summed: the
+    transformers loss here)."""
+    launched = launch_in_own_store(tmp_path_factory.mktemp("probe_bf16"), empty_store, "retrain_probe", BF16_PROBE,
+                                   "probe-bf16")
+    assert launched.result.returncode == 0, launched.result.stderr[-3000:]
+    runs = launched.runs()
+    assert all(r.info.status == "FINISHED" for r in runs)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert set(children) == {"before", "after"}
+    assert {r.data.params["effective_precision"] for r in runs} == {"bf16"}
+    for child in children.values():
+        assert_answers_from_the_logged_adapter(launched.client, child, parent.data.params["model_path"],
+                                               launched.folder, BF16_PROBE, abs=1e-5, dtype=torch.bfloat16)

@@ -43,13 +43,16 @@ from finetune_lab.report.verdicts import (
 def run_table(runs: list[Run], metrics: list[str], first_params: tuple[str, ...] = (),
               hidden: tuple[str, ...] = ()) -> list[Block]:
     """Runs side by side: the params that differ between them (`hidden` ones left out), the metrics any of them
-    logged, errors."""
+    logged, errors. A param named like a metric of these runs (`precision`: the compute precision asked for, and a
+    classifier's precision; `train_examples`: in the data, and trained on) is headed `<name> (param)`."""
     differing = differing_params(runs)
     params = [p for p in first_params if p in differing]
     params += [p for p in differing if p not in NOT_CONFIG_PARAMS and p not in params and p not in hidden]
     shown = [m for m in metrics if any(m in r.data.metrics for r in runs)]
+    measured = {m for r in runs for m in r.data.metrics}
     with_error = any(contract.ERROR_TAG in r.data.tags for r in runs)
-    columns = ["run", "run id", "status", *params, *shown, *(["error"] if with_error else [])]
+    columns = ["run", "run id", "status", *(f"{p} (param)" if p in measured else p for p in params), *shown,
+               *(["error"] if with_error else [])]
     rows = []
     for logged in runs:
         row = [label(logged), logged.info.run_id[:8], logged.info.status,
