@@ -50,6 +50,8 @@ CLASSIFY_SWEEP_TABLE_METRICS = [*CLASSIFY_SWEEP_SUMMARY_METRICS, "train_loss", *
 
 # ---------------------------------------------------------------------------------------------- sweep
 COMPARISON_TABLE = "comparison_table.json"
+# A sweep's verdicts, the runner-up's first (the first also as the parent's `verdict` tag).
+VERDICTS_ARTIFACT = "verdicts.txt"
 RANK_SUMMARY = "rank_summary.json"
 LOSS_VS_RANK_FIGURE = "loss_vs_rank.png"
 MEMORY_VS_RANK_FIGURE = "memory_vs_rank.png"

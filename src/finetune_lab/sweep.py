@@ -31,7 +31,6 @@ from finetune_lab.contract import FAILED, FINISHED, KILLED, NOT_RUN
 from finetune_lab.errors import one_line
 from finetune_lab.report.verdicts import verdicts
 
-VERDICTS_ARTIFACT = "verdicts.txt"
 # The unfinished children the `failed_children` tag names, and how much of each one's error it shows.
 TAGGED_FAILURES = 5
 TAGGED_ERROR_CHARS = 150
@@ -347,7 +346,7 @@ def log_summary(children: list[ChildOutcome], design: Design) -> dict | None:
     tracking.log_table(summary, design.summary_artifact)
     best = best_child(table, summary, design)
     lines = verdict_lines(table, design, best)
-    mlflow.log_text("\n".join(lines) + "\n", VERDICTS_ARTIFACT)
+    mlflow.log_text("\n".join(lines) + "\n", contract.VERDICTS_ARTIFACT)
     tracking.set_or_clear_tag("verdict", lines[0] if lines else "")
     design.log_figures(summary, children, best)
     mean = {best_configuration_mean_name(design): best_configuration_mean(summary, best, design)}
