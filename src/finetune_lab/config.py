@@ -211,7 +211,8 @@ class Sweeping(Resumable, Registering):
     """Comma list of seeds to retrain the best `confirm_top` configurations with, at full budget (each 0 to
     2**32 - 1); the verdict then compares them over these seeds (empty = no confirmation)."""
     confirm_top: int = 2
-    """How many of the best configurations `confirm_seeds` retrains."""
+    """How many of the best configurations `confirm_seeds` retrains (a grid's: at most all of them; a search's: at
+    most `trials`)."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -247,10 +248,8 @@ class Sweeping(Resumable, Registering):
         if self.search == ASHA and len(self.seeds) > 1:
             problems.append(problem("seeds", f"search=asha trains each trial with one seed, got "
                                              f"{_shown(self.seeds)}: give one, and confirm_seeds for more"))
-        configurations = self.configurations()
-        if self.confirm_seeds and self.confirm_top > configurations >= 1:
-            what = "trials" if self.search == ASHA else "configurations of the grid"
-            problems.append(problem("confirm_top", f"{self.confirm_top} is more than the {configurations} {what}"))
+        if self.search == ASHA and self.confirm_seeds and self.confirm_top > self.trials >= 1:
+            problems.append(problem("confirm_top", f"{self.confirm_top} is more than the {self.trials} trials"))
         return problems
 
     def grid_sizes(self) -> dict[str, int]:
