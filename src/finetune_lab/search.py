@@ -353,12 +353,7 @@ def search_children(parent: mlflow.ActiveRun, config: Sweeping, design: Design, 
     count = config.trials - len(done)
     trained, stop = sweep.train_children(config, workload.make_trainer, searcher.trials(count), count, searcher.tell)
     trials = sorted([*done, *trained], key=lambda t: t.spec.number)
-    sweep.raise_if_unreachable(stop, parent_run_id)
-    try:
-        best = log_search(trials, design)
-    finally:
-        if stop is not None:  # a signal: the finished trials are recorded, now every open run ends KILLED
-            raise stop
+    best = sweep.summarised(stop, parent_run_id, lambda: log_search(trials, design))
     if best is None:
         raise RuntimeError(f"none of the {len(trials)} trials trained its full budget; first error: "
                            f"{next((t.error for t in trials if t.error), 'none')}")

@@ -368,10 +368,16 @@ def _outage_message(stop: BaseException, parent_run_id: str) -> str:
             f"kept and trains only what is missing. The last error: {tracking.offline()[:200]}")
 
 
-def raise_if_unreachable(stop: BaseException | None, parent_run_id: str) -> None:
-    """A tracking outage stopped the children: nothing more can be logged, so say how to go on."""
+def summarised(stop: BaseException | None, parent_run_id: str, summarise: Callable[[], Any]) -> Any:
+    """`summarise()` the children that ended, also on the way down after a signal (`stop`, raised then, so that every
+    open run ends KILLED); after a tracking outage nothing more can be logged: say how to go on instead."""
     if isinstance(stop, tracking.TrackingUnreachable):
         raise tracking.TrackingUnreachable(_outage_message(stop, parent_run_id)) from stop
+    try:
+        return summarise()
+    finally:
+        if stop is not None:
+            raise stop
 
 
 def register_best(config: Sweeping, design: Design, workload, prepared, best: ChildOutcome) -> list[str]:
@@ -402,12 +408,7 @@ def finish(parent_run_id: str, config: Sweeping, design: Design, workload, prepa
            trained: list[ChildOutcome], stop: BaseException | None, started: float) -> dict:
     """After the children: the summary over `children` (also on the way down after a signal, which is raised
     then), the registration of the best, and the effort (`log_effort`) of those `trained` now."""
-    raise_if_unreachable(stop, parent_run_id)
-    try:
-        outcome = log_summary(children, design)
-    finally:
-        if stop is not None:  # a signal: the finished work is summarised, now every open run ends KILLED
-            raise stop
+    outcome = summarised(stop, parent_run_id, lambda: log_summary(children, design))
     if outcome is None:
         raise RuntimeError(f"all {len(children)} child runs failed; first error: {children[0].error}")
     best = outcome["best"]
