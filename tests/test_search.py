@@ -180,3 +180,31 @@ def test_the_confirmation_retrains_the_best_configurations_with_its_seeds():
     assert [p.name for p in planned] == ["lr0.002-ep1-seed5", "lr0.001-ep1-seed5", "lr0.002-ep1-seed6",
                                          "lr0.001-ep1-seed6"]
     assert not any(math.isnan(p.settings["learning_rate"]) for p in planned)
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_a_trial_stopped_at_a_rung_is_not_judged_by_its_last_steps(client, monkeypatch, stopped):
+    """A trial the study stops at a rung ends with its record, never FAILED by the divergence rule over its last
+    steps (a lr-1e-3 MiniLM trial stopped at step 8 of 64 had a last batch loss of 1.5 after 0.69, and 0.81 held-out
+    accuracy); a trial that trains its full budget is judged as every run is."""
+    import mlflow
+
+    from finetune_lab import classify, health
+
+    monkeypatch.setattr(health, "diagnose", lambda steps, eval_loss, classes: "diverged (made so by the test)")
+    config = ClassifySweepConfig(model="tiny", dataset="sample", max_length=32, batch_size=16, max_train_samples=128,
+                                 max_eval_samples=32, experiment="stopped")
+    child = config.child(1e-3, 1.0, 1, "trial")
+    spec = search.TrialSpec("t0", (("learning_rate", 1e-3), ("epochs", 1.0)), 1, number=0, reduction=2, rungs=2,
+                            objective="accuracy", judge=lambda method, number, rung, value: stopped)
+    watch = search.TrialWatch(spec)
+    mlflow.set_experiment("stopped")
+    with mlflow.start_run():
+        prepared = classify.prepare(child)
+        if not stopped:
+            with pytest.raises(health.TrainingCollapsed):
+                classify.train_and_log(child, prepared, watch=watch)
+            return
+        trained = classify.train_and_log(child, prepared, watch=watch)
+    assert trained.fitted.stopped_early and trained.fitted.metrics["train_steps"] == 2 and watch.stopped
+    assert watch.budget == 8 and [step for step, _ in watch.heldout] == [2]

@@ -133,7 +133,7 @@ def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, s
     then measure the mean loss per target token on `eval_split`. `collate` replaces the training collator (e.g. one
     that also records what each batch held); batches are packed and sized by the config either way. `watch`
     measures the held-out loss where it chooses, and may stop training. Raises health.TrainingCollapsed if
-    training diverged or left a dead model."""
+    training diverged or left a dead model (not judged when the watch stopped it early)."""
 
     def held_out_loss(trained) -> dict[str, float]:
         return {"eval_loss": training.mean_token_loss(trained, eval_split, collator(tokenizer, config),
@@ -147,5 +147,6 @@ def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, s
     eval_loss = held_out_loss(model)["eval_loss"]
     metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
     steps = training.step_log(trainer)
-    health.check(steps, eval_loss, model.config.vocab_size, metrics)
+    if not training.stopped_early(trainer):  # stopped by its watch: never registered, its last steps prove nothing
+        health.check(steps, eval_loss, model.config.vocab_size, metrics)
     return FitResult(metrics, steps)

@@ -147,6 +147,8 @@ class Fitted:
     tokenized: object
     logits: np.ndarray
     """Row i: held-out example i."""
+    stopped_early: bool = False
+    """A watch stopped training before its last step (a search's rung)."""
 
 
 def headline_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -184,7 +186,8 @@ def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "cl
     console.say(f"[2/2] {name}: predicting the {len(tokenized[TEST])} held-out examples")
     # Row i of the logits is held-out example i: the predictions table pairs it with its own text.
     logits = training.predict_logits(model, tokenized[TEST], eval_collator, training.eval_batch_size(config))
-    return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits)
+    return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits,
+                  training.stopped_early(trainer))
 
 
 def preamble_params(prepared: Prepared) -> dict[str, int]:
@@ -208,7 +211,7 @@ def train_and_log(config: ClassifyConfig, prepared: Prepared, name: str = "class
     """Train and evaluate into the active run: training metrics, headline metrics, predictions table, confusion
     matrix and report (`name`: what the console calls it; `watch`: see `fit`). A collapsed classifier (a uniform
     guess after broken training) raises health.TrainingCollapsed after its record is logged, so that its run ends
-    FAILED and it is never registered."""
+    FAILED and it is never registered; one its watch stopped early is not judged (it is never registered)."""
     fitted = fit(config, prepared, mlflow.active_run().info.run_id, name, watch)
     mlflow.log_metrics(fitted.metrics)
     labels = np.asarray(fitted.tokenized[TEST]["labels"])
@@ -217,7 +220,8 @@ def train_and_log(config: ClassifyConfig, prepared: Prepared, name: str = "class
     mlflow.log_metrics(headline)
     texts = prepared.data.splits[TEST][config.text_column]
     _log_predictions(texts, labels, probabilities, prepared.label_names)
-    health.check(fitted.steps, headline["eval_loss"], len(prepared.classes), headline)
+    if not fitted.stopped_early:  # a model stopped mid-schedule is never registered: its last steps prove nothing
+        health.check(fitted.steps, headline["eval_loss"], len(prepared.classes), headline)
     return Trained(fitted, headline, list(texts))
 
 

@@ -442,6 +442,11 @@ def _flush_after(error: BaseException, trainer: Trainer, logger: MlflowStepLogge
                     f"metrics are logged up to step {last}")
 
 
+def stopped_early(trainer: Trainer) -> bool:
+    """Whether a callback stopped training before its last step (a signal or an error raises instead)."""
+    return trainer.state.global_step < trainer.state.max_steps
+
+
 def step_log(trainer: Trainer) -> list[dict]:
     """The Trainer's log entries of training steps (step, loss, grad_norm, learning_rate), in order."""
     return [entry for entry in trainer.state.log_history if "loss" in entry]
