@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 import mlflow
 
-from finetune_lab import heap, tracking
+from finetune_lab import heap, signals, tracking
 from finetune_lab.config import Sweeping
 from finetune_lab.contract import FAILED, KILLED
 from finetune_lab.errors import InputError, one_line, problem
@@ -216,14 +216,15 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
         for child in children:  # every worker is gone
             yield _failed(child, tracking.create_child_run(child.name),
                           f"no Ray worker left to train it (the last one {lost})")
-    except BaseException as error:  # interrupted (or the caller stopped early): the children training end KILLED
+    except BaseException as caught:  # interrupted (or the caller stopped early): the children training end KILLED
+        error = signals.restored(caught)
         reason = "interrupted before it ended" + (f": {error}" if str(error) else "")
         stopped = []
         for _, child in running.values():
             tracking.end_run_by_id(run_ids[child.name], KILLED, reason)
             stopped.append(child.failed(run_ids[child.name], reason, KILLED))
         if isinstance(error, KeyboardInterrupt):  # a signal: the sweep summarises what ended, then stops
-            raise Stopped(stopped, error) from error
+            raise Stopped(stopped, error) from caught
         raise
 
 

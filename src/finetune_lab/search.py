@@ -30,7 +30,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
-from finetune_lab import contract, executors, plots, resume, sweep, tracking
+from finetune_lab import contract, executors, plots, resume, signals, sweep, tracking
 from finetune_lab.config import ASHA, LogRange, Sweeping
 from finetune_lab.contract import FAILED, FINISHED
 from finetune_lab.sweep import ChildOutcome, ChildSpec, Design
@@ -118,7 +118,10 @@ class InActor:
     def __call__(self, method: str, *args):
         import ray
 
-        return ray.get(getattr(self.handle, method).remote(*args))
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args))
+        except KeyboardInterrupt as stop:  # a signal, which ray.get turns into a bare KeyboardInterrupt
+            raise signals.restored(stop) from None
 
 
 class TrialWatch:
