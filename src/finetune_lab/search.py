@@ -36,7 +36,8 @@ from finetune_lab.contract import FAILED, FINISHED
 from finetune_lab.sweep import ChildOutcome, ChildSpec, Design
 
 COMPLETED, STOPPED = "completed", "stopped early"
-# The share of trials TPE samples at random before its model takes over (at least 2, at most Optuna's default 10).
+# TPE samples the first 1/TPE_RANDOM_SHARE of the trials at random before its model takes over (at least 2, at
+# most Optuna's default 10: with that default a search of 10 trials or fewer would be random throughout).
 TPE_RANDOM_SHARE = 4
 
 
@@ -193,7 +194,8 @@ class Searcher:
         self.config, self.design, self.space = config, design, design.space(config)
         seed = config.seeds[0] + len(kept)  # a resumed study samples past the trials it has
         sampler = (optuna.samplers.RandomSampler(seed=seed) if config.sampler == "random" else
-                   optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, config.trials // 4))))
+                   optuna.samplers.TPESampler(seed=seed,
+                                                 n_startup_trials=min(10, max(2, config.trials // TPE_RANDOM_SHARE))))
         self.study = optuna.create_study(
             direction="minimize" if design.lower_is_better else "maximize", sampler=sampler,
             pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=config.reduction))
