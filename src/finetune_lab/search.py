@@ -27,6 +27,7 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import torch
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
@@ -164,7 +165,8 @@ class _Rungs(TrainerCallback):
         if not indices:
             return
         spec = self.watch.spec
-        value = float(self.measure(model)[spec.objective])
+        with torch.random.fork_rng():  # measuring draws from the generator (a DataLoader's seed): training must not
+            value = float(self.measure(model)[spec.objective])  # see it, or a trial would train apart from a child
         self.watch.heldout.append((state.global_step, value))
         mlflow.log_metric(contract.rung_metric(spec.objective), value, step=state.global_step)
         if any(spec.judge("report", spec.number, index, value) for index in indices):
