@@ -6,7 +6,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 UI_PORT ?= 5000
 
-.PHONY: install demo ui server lint test test-fast test-team fetch-models gpu-kit clean
+.PHONY: install demo ui server lint generate test test-fast test-team fetch-models gpu-kit clean
 
 # torch first, pinned: pip then keeps that wheel instead of resolving a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +47,11 @@ server: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# What follows from the table of entry points (src/finetune_lab/entry_points.py) and their configs: MLproject,
+# entrypoints/*.py, docs/parameters.md and the Names table of docs/architecture.md (a test fails when one is stale).
+generate: install
+	$(PY) -m finetune_lab.project_files
 
 # Both tiers, on three processes (pytest-xdist; the slow tier spends much of its time waiting on servers and the
 # processes it starts, so a third keeps two cores busy); `test-fast` leaves out the slow one (real `mlflow run`

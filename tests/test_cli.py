@@ -7,7 +7,8 @@ import sys
 
 import pytest
 from conftest import REPO
-from test_project_files import ENTRY_POINTS
+
+from finetune_lab.entry_points import ENTRY_POINTS
 
 # Run an entry point's `--help` as a user does, then list the top-level modules that were imported.
 HELP_THEN_MODULES = """
@@ -22,15 +23,15 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 HEAVY = {"torch", "transformers", "peft", "datasets", "mlflow", "sklearn", "matplotlib", "pandas"}
 
 
-@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_help_imports_no_heavy_library_and_shows_types_and_defaults(entry):
-    shown = subprocess.run([sys.executable, "-c", HELP_THEN_MODULES, str(REPO / "entrypoints" / f"{entry}.py")],
+@pytest.mark.parametrize("row", ENTRY_POINTS, ids=lambda row: row.name)
+def test_help_imports_no_heavy_library_and_shows_types_and_defaults(row):
+    shown = subprocess.run([sys.executable, "-c", HELP_THEN_MODULES, str(REPO / "entrypoints" / f"{row.name}.py")],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert shown.returncode == 0, shown.stderr
     *help_lines, modules = shown.stdout.strip().splitlines()
     assert not HEAVY & set(json.loads(modules))
     text = " ".join(" ".join(help_lines).split())
-    assert "--experiment TEXT" in text and f"[default: {ENTRY_POINTS[entry]().experiment}]" in text
+    assert "--experiment TEXT" in text and f"[default: {row.experiment}]" in text
 
 
 def test_help_names_integer_float_and_list_types():

@@ -1,26 +1,46 @@
-"""The MLproject, pyproject.toml, python_env.yaml and conda.yaml agree with the code and each other."""
+"""The files `make generate` writes from the table of entry points are what it would write, MLflow reads the
+MLproject as the scripts parse it, and pyproject.toml, python_env.yaml and conda.yaml agree with each other."""
 
 import re
+import shlex
 from dataclasses import fields
 
 import pytest
 import tomllib
 import yaml
 from conftest import REPO
+from mlflow.projects import _project_spec
 
-from finetune_lab.config import (
-    BenchConfig,
-    ClassifyConfig,
-    ClassifySweepConfig,
-    GenerateConfig,
-    ProbeConfig,
-    ReportConfig,
-    SweepConfig,
-    from_strings,
-)
+from finetune_lab import project_files
+from finetune_lab.cli import entry_point
+from finetune_lab.config import from_strings
+from finetune_lab.entry_points import ENTRY_POINTS
 
-ENTRY_POINTS = {"classify": ClassifyConfig, "classify_sweep": ClassifySweepConfig, "lora_sweep": SweepConfig,
-                "retrain_probe": ProbeConfig, "generate": GenerateConfig, "report": ReportConfig, "bench": BenchConfig}
+ROWS = {row.name: row for row in ENTRY_POINTS}
+
+
+@pytest.mark.parametrize("path", sorted(project_files.generated()))
+def test_each_generated_file_is_what_make_generate_writes(path):
+    assert (REPO / path).read_text() == project_files.generated()[path], f"{path} is stale: make generate"
+
+
+def test_every_script_and_mlproject_entry_point_has_a_row():
+    assert sorted(p.stem for p in (REPO / "entrypoints").glob("*.py")) == sorted(ROWS)
+    assert list(yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]) == list(ROWS)
+
+
+@pytest.mark.parametrize("entry", sorted(ROWS))
+def test_mlflow_runs_each_entry_point_with_its_config_defaults(entry):
+    """MLflow's own reading of the MLproject: every field a parameter, and the command it starts without `-P`
+    parses into the config's defaults (no problem the defaults do not have: generate needs a model_uri)."""
+    spec = _project_spec.load_project(REPO).get_entry_point(entry)
+    config_cls = ROWS[entry].config
+    assert list(spec.parameters) == [f.name for f in fields(config_cls)]
+    script, *arguments = shlex.split(spec.compute_command({}, None))[1:]
+    assert script == f"entrypoints/{entry}.py"
+    context = entry_point(entry).make_context(entry, arguments)
+    declared = from_strings(config_cls, context.params)
+    assert declared.problems() == config_cls().problems() and declared == config_cls()
 
 
 def dependencies():
@@ -43,23 +63,6 @@ def test_make_install_installs_every_extra():
     installed = re.search(r'pip install -q -e "\.\[([a-z,]+)\]"', (REPO / "Makefile").read_text()).group(1)
     assert sorted(installed.split(",")) == sorted(extras)
     assert all("==" in requirement for requirements in extras.values() for requirement in requirements)
-
-
-@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_mlproject_parameters_match_the_config(entry):
-    spec = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"][entry]
-    config_cls = ENTRY_POINTS[entry]
-    assert set(spec["parameters"]) == {f.name for f in fields(config_cls)}
-    declared = from_strings(config_cls, {name: p["default"] for name, p in spec["parameters"].items()})
-    # parsed as the CLI parses them: no problem the dataclass defaults do not have (generate needs a model_uri)
-    assert declared.problems() == config_cls().problems() and declared == config_cls()
-    for name in spec["parameters"]:
-        assert f"--{name.replace('_', '-')} {{{name}}}" in spec["command"], name
-
-
-@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
-def test_every_entry_point_script_exists(entry):
-    assert (REPO / "entrypoints" / f"{entry}.py").is_file()
 
 
 def test_the_gpu_measurement_finds_its_kit_and_fits_its_budget(tmp_path):

@@ -21,6 +21,7 @@ import click
 
 from finetune_lab import heap
 from finetune_lab.config import FloatList, FloatSpace, IntList, as_params, field_docs, from_strings
+from finetune_lab.entry_points import named
 from finetune_lab.errors import InputError, one_line
 from finetune_lab.signals import Terminated
 
@@ -81,6 +82,12 @@ def command(config_cls: type, run: str, name: str, records_runs: bool = True) ->
         for f in fields(config_cls)
     ]
     return click.Command(name, callback=callback, params=params, help=(config_cls.__doc__ or "").strip())
+
+
+def entry_point(name: str) -> click.Command:
+    """The click command of the MLproject's entry point `name`, as its row in `entry_points` says."""
+    row = named(name)
+    return command(row.config, row.run, row.name)
 
 
 def keep_traceback(error: BaseException) -> Path:

@@ -4,7 +4,10 @@ never drift apart. Bottom of the stack: it imports nothing of the package."""
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the scripts' `--help` reads the kinds here (`entry_points`): pandas only once a summary is made
+    import pandas as pd
 
 # Every top-level run says which experiment made it; the report sorts runs by this tag, never by guessing.
 KIND_TAG = "finetune_lab.kind"

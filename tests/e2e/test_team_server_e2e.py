@@ -13,8 +13,10 @@ from pathlib import Path
 
 from conftest import REPO
 
+from finetune_lab.entry_points import ENTRY_POINTS
+
 # Each entry point once, as small as it goes (generate answers with the adapter the sweep registered).
-ENTRY_POINTS = [
+SMALLEST_RUNS = [
     ("classify", {"model": "tiny", "dataset": "sample", "max_steps": 2, "batch_size": 8, "max_length": 32}),
     ("classify_sweep", {"model": "tiny", "dataset": "sample", "learning_rates": "1e-3", "epochs": 1, "seeds": 1,
                         "max_steps": 2, "batch_size": 8, "max_length": 32}),
@@ -53,7 +55,8 @@ def refused_with_one_line(result, expected: str) -> None:
 def test_members_run_every_entry_point_and_nothing_else_gets_in(team_server, as_member, caplog, tmp_path):
     alice, bob = team_server.add_user("alice"), team_server.add_user("bob")
     outputs = []
-    for entry, params in ENTRY_POINTS:
+    assert sorted(entry for entry, _ in SMALLEST_RUNS) == sorted(row.name for row in ENTRY_POINTS)
+    for entry, params in SMALLEST_RUNS:
         result = as_member(entry, params, alice)
         outputs.append(result.output)
         assert result.exit_code == 0, f"{entry}: {result.output[-3000:]}"
@@ -61,7 +64,7 @@ def test_members_run_every_entry_point_and_nothing_else_gets_in(team_server, as_
     experiment = as_alice.get_experiment_by_name("team")
     assert experiment.artifact_location.startswith("mlflow-artifacts:"), "artifacts go through the server's proxy"
     runs = as_alice.search_runs([experiment.experiment_id])
-    assert len(runs) >= len(ENTRY_POINTS) and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) >= len(SMALLEST_RUNS) and {r.info.status for r in runs} == {"FINISHED"}
     assert {r.data.tags["mlflow.user"] for r in runs} == {"alice"}
     adapter = as_alice.download_artifacts(
         next(r for r in runs if r.data.tags.get("mlflow.parentRunId") and "lora_r" in r.data.params).info.run_id,
