@@ -13,8 +13,8 @@ from mlflow.projects import _project_spec
 
 from finetune_lab import project_files
 from finetune_lab.cli import entry_point
-from finetune_lab.config import from_strings
 from finetune_lab.entry_points import ENTRY_POINTS
+from finetune_lab.schema import from_strings
 
 ROWS = {row.name: row for row in ENTRY_POINTS}
 

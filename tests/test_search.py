@@ -13,8 +13,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from finetune_lab import classify_sweep, contract, lora_sweep, search, sweep
-from finetune_lab.config import ClassifySweepConfig, LogRange, SweepConfig, as_params, from_strings
+from finetune_lab.config import ClassifySweepConfig, SweepConfig
 from finetune_lab.contract import FAILED, FINISHED, KILLED
+from finetune_lab.schema import LogRange, as_params, from_strings
 
 CLASSIFY = ["--model", "tiny", "--dataset", "sample", "--experiment", "bad-search"]
 LORA = ["--model", "tiny", "--dataset", "sample_chat", "--experiment", "bad-search"]

@@ -18,8 +18,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 
 from finetune_lab import server, tracking
-from finetune_lab.config import ServerConfig, from_strings
 from finetune_lab.errors import InputError
+from finetune_lab.schema import from_strings
+from finetune_lab.server import ServerConfig
 
 PASSWORD = "a-long-enough-password"
 

@@ -56,11 +56,12 @@ from transformers import (
 
 from finetune_lab import causal_lm, classify, contract, device, lora, lora_sweep, models, tracking, training
 from finetune_lab import data as data_lib
-from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig, as_params
+from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig
 from finetune_lab.contract import BASELINE, variant_name
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.errors import InputError, field_of, one_line, problem, raise_if_any
 from finetune_lab.prompts import IGNORE_INDEX
+from finetune_lab.schema import as_params
 
 CLASSIFY, LORA_SWEEP = "classify", "lora_sweep"
 # Common English words that are one token each for the BERT-uncased and SmolLM2 tokenizers (after a space), so a

@@ -20,9 +20,9 @@ from typing import get_type_hints
 import click
 
 from finetune_lab import heap
-from finetune_lab.config import FloatList, FloatSpace, IntList, as_params, field_docs, from_strings
 from finetune_lab.entry_points import named
 from finetune_lab.errors import InputError, one_line
+from finetune_lab.schema import FloatList, FloatSpace, IntList, as_params, field_docs, from_strings
 from finetune_lab.signals import Terminated
 
 # Exit status for bad user input (click's usage errors use the same).

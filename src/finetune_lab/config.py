@@ -1,91 +1,34 @@
-"""Typed experiment configurations.
-
-Every field carries a one-line docstring (the string right below it); `field_docs()` reads them back for
-`--help`. Values arrive as strings from the CLI / `mlflow run -P` (MLflow does not type-check parameters), so
-`from_strings` coerces them, lists of integers included, and remembers what failed to parse; `problems()` then
-returns those together with every rule `validate()` finds, so each mistake is reported once and all at once.
+"""Typed experiment configurations: their fields, each with a one-line docstring (the string right below it: the
+`--help` text), and their rules (`validate()`), shared fields declared once and composed. The machinery they stand
+on (field types given as text, coercion from strings, the docstrings read back, composition) is `schema`'s.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
 import math
 import re
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, get_type_hints
 
 from finetune_lab.errors import field_of, problem
-
-IntList = tuple[int, ...]
-FloatList = tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class LogRange:
-    """A range of positive numbers sampled log-uniformly (`search=asha`), given as `LO:HI`."""
-
-    low: float
-    high: float
-
-    def __str__(self) -> str:
-        return f"{self.low:g}:{self.high:g}"
-
-
-# A list of values (a grid, or a choice for a search) or, for a search, a log-uniform range.
-FloatSpace = FloatList | LogRange
-
-
-def _check(problems: list[str], config, name: str, holds, requirement: str) -> None:
-    """Append `name: requirement, got value` unless `holds(value)`."""
-    value = getattr(config, name)
-    if not holds(value):
-        problems.append(problem(name, f"{requirement}, got {_shown(value)}"))
-
-
-def _shown(value) -> str:
-    if isinstance(value, LogRange):
-        return str(value)
-    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+from finetune_lab.schema import (
+    Config,
+    FloatList,
+    FloatSpace,
+    IntList,
+    LogRange,
+    Part,
+    check,
+    check_list,
+    composed,
+    shown,
+)
 
 
 def _check_int_list(problems: list[str], config, name: str, minimum: int, allow_empty: bool = False) -> None:
     """A list of distinct integers >= minimum (parsed from `4,8,16` by `from_strings`)."""
-    _check_list(problems, config, name, lambda v: v >= minimum, f"integers >= {minimum}", "integer, like 4,8,16",
-                allow_empty)
-
-
-def _check_list(problems: list[str], config, name: str, holds, requirement: str, example: str,
-                allow_empty: bool = False) -> None:
-    """A list of distinct values that each satisfy `holds` (`requirement` says what it asks)."""
-    values = getattr(config, name)
-    if not values and not allow_empty:
-        problems.append(problem(name, f"must list at least one {example}"))
-    elif not all(holds(v) for v in values):
-        problems.append(problem(name, f"must be {requirement}, got {_shown(values)}"))
-    repeated = sorted({v for v in values if values.count(v) > 1})
-    if repeated:
-        problems.append(problem(name, f"lists {', '.join(map(str, repeated))} more than once"))
-
-
-class Config:
-    """What every entry point's configuration can do: report its problems, parse errors included."""
-
-    def validate(self) -> list[str]:
-        """Problems that need no data or model to detect (subclasses extend it)."""
-        return []
-
-    def problems(self) -> list[str]:
-        """Values that failed to parse, then every rule broken by the others (a field is reported once)."""
-        unparsable: dict[str, str] = getattr(self, "_parse_problems", {})
-        return [*unparsable.values(), *(p for p in self.validate() if field_of(p) not in unparsable)]
-
-    def problems_that_stop_loading(self) -> list[str]:
-        """Every problem of the config when one is a seed's, else none: the data are split and shuffled, and tiny
-        models built, with the seed, so nothing can be loaded to find the data's and the model's problems too."""
-        found = self.problems()
-        return found if any(field_of(p) in SEED_FIELDS for p in found) else []
+    check_list(problems, config, name, lambda v: v >= minimum, f"integers >= {minimum}", "integer, like 4,8,16",
+               allow_empty)
 
 
 # The fields several entry points share, each declared once; a configuration composes those it has (listed first
@@ -101,7 +44,7 @@ class Tracked(Config):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check(problems, self, "experiment", lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "experiment", lambda v: bool(v.strip()), "must not be empty")
         return problems
 
 
@@ -109,6 +52,13 @@ class Tracked(Config):
 MAX_SEED = 2**32 - 1
 SEED_RANGE = f"in 0..{MAX_SEED}"
 SEED_FIELDS = ("seed", "seeds")
+
+
+def problems_that_stop_loading(config: Config) -> list[str]:
+    """Every problem of the config when one is a seed's, else none: the data are split and shuffled, and tiny models
+    built, with the seed, so nothing can be loaded to find the data's and the model's problems too."""
+    found = config.problems()
+    return found if any(field_of(p) in SEED_FIELDS for p in found) else []
 
 
 @dataclass
@@ -121,7 +71,7 @@ class Seeded(Config):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check(problems, self, "seed", lambda v: 0 <= v <= MAX_SEED, f"must be {SEED_RANGE}")
+        check(problems, self, "seed", lambda v: 0 <= v <= MAX_SEED, f"must be {SEED_RANGE}")
         return problems
 
 
@@ -166,8 +116,8 @@ class Resumable(Config):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check(problems, self, "resume", lambda v: v in ("", "latest") or re.fullmatch(r"[0-9a-f]{32}", v),
-               "must be empty, `latest` or a parent run id (32 hexadecimal digits)")
+        check(problems, self, "resume", lambda v: v in ("", "latest") or re.fullmatch(r"[0-9a-f]{32}", v),
+              "must be empty, `latest` or a parent run id (32 hexadecimal digits)")
         return problems
 
 
@@ -216,11 +166,11 @@ class Sweeping(Resumable, Registering):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check_list(problems, self, "seeds", lambda v: 0 <= v <= MAX_SEED, SEED_RANGE, "integer, like 1,2,3")
-        _check(problems, self, "executor", lambda v: v in EXECUTORS, f"must be one of {', '.join(EXECUTORS)}")
-        _check(problems, self, "workers", lambda v: v >= 0, "must be >= 0 (0 = one per GPU, or per cpus_per_worker)")
-        _check(problems, self, "cpus_per_worker", lambda v: v >= 1, "must be >= 1")
-        _check(problems, self, "max_children", lambda v: v >= 1, "must be >= 1")
+        check_list(problems, self, "seeds", lambda v: 0 <= v <= MAX_SEED, SEED_RANGE, "integer, like 1,2,3")
+        check(problems, self, "executor", lambda v: v in EXECUTORS, f"must be one of {', '.join(EXECUTORS)}")
+        check(problems, self, "workers", lambda v: v >= 0, "must be >= 0 (0 = one per GPU, or per cpus_per_worker)")
+        check(problems, self, "cpus_per_worker", lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "max_children", lambda v: v >= 1, "must be >= 1")
         problems += self._search_problems()
         sizes = {"trials": self.trials} if self.search == ASHA else {**self.grid_sizes(), "seeds": len(self.seeds)}
         children = math.prod(sizes.values()) + min(self.confirm_top, self.configurations()) * len(self.confirm_seeds)
@@ -236,18 +186,18 @@ class Sweeping(Resumable, Registering):
 
     def _search_problems(self) -> list[str]:
         problems: list[str] = []
-        _check(problems, self, "search", lambda v: v in SEARCHES, f"must be one of {', '.join(SEARCHES)}")
-        _check(problems, self, "trials", lambda v: v >= 1, "must be >= 1")
-        _check(problems, self, "sampler", lambda v: v in SAMPLERS, f"must be one of {', '.join(SAMPLERS)}")
-        _check(problems, self, "reduction", lambda v: v >= 2, "must be >= 2 (a trial goes on only in the top "
-                                                               "1/reduction of its rung)")
-        _check(problems, self, "rungs", lambda v: v >= 1, "must be >= 1")
-        _check_list(problems, self, "confirm_seeds", lambda v: 0 <= v <= MAX_SEED, SEED_RANGE, "integer",
-                    allow_empty=True)
-        _check(problems, self, "confirm_top", lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "search", lambda v: v in SEARCHES, f"must be one of {', '.join(SEARCHES)}")
+        check(problems, self, "trials", lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "sampler", lambda v: v in SAMPLERS, f"must be one of {', '.join(SAMPLERS)}")
+        check(problems, self, "reduction", lambda v: v >= 2, "must be >= 2 (a trial goes on only in the top "
+                                                              "1/reduction of its rung)")
+        check(problems, self, "rungs", lambda v: v >= 1, "must be >= 1")
+        check_list(problems, self, "confirm_seeds", lambda v: 0 <= v <= MAX_SEED, SEED_RANGE, "integer",
+                   allow_empty=True)
+        check(problems, self, "confirm_top", lambda v: v >= 1, "must be >= 1")
         if self.search == ASHA and len(self.seeds) > 1:
             problems.append(problem("seeds", f"search=asha trains each trial with one seed, got "
-                                             f"{_shown(self.seeds)}: give one, and confirm_seeds for more"))
+                                             f"{shown(self.seeds)}: give one, and confirm_seeds for more"))
         if self.search == ASHA and self.confirm_seeds and self.confirm_top > self.trials >= 1:
             problems.append(problem("confirm_top", f"{self.confirm_top} is more than the {self.trials} trials"))
         return problems
@@ -275,7 +225,7 @@ class Precise(Config):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check(problems, self, "precision", lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}")
+        check(problems, self, "precision", lambda v: v in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}")
         return problems
 
 
@@ -298,10 +248,10 @@ class TrainingSetup(Precise):
     def validate(self) -> list[str]:
         problems = super().validate()
         for name in ("model", "dataset"):
-            _check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
-        _check(problems, self, "max_steps", lambda v: v >= 0, "must be >= 0 (0 = train for `epochs`)")
-        _check(problems, self, "batch_size", lambda v: v >= 1, "must be >= 1")
-        _check(problems, self, "max_length", lambda v: v >= 8, "must be >= 8")
+            check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "max_steps", lambda v: v >= 0, "must be >= 0 (0 = train for `epochs`)")
+        check(problems, self, "batch_size", lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "max_length", lambda v: v >= 8, "must be >= 8")
         return problems
 
 
@@ -316,8 +266,8 @@ class TrainingConfig(TrainingSetup):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check(problems, self, "learning_rate", lambda v: v > 0, "must be > 0")
-        _check(problems, self, "epochs", lambda v: v > 0, "must be > 0")
+        check(problems, self, "learning_rate", lambda v: v > 0, "must be > 0")
+        check(problems, self, "epochs", lambda v: v > 0, "must be > 0")
         return problems
 
 
@@ -325,7 +275,7 @@ SWITCHES = ("auto", "on", "off")
 
 
 def _check_switch(problems: list[str], config, name: str) -> None:
-    _check(problems, config, name, lambda v: v in SWITCHES, f"must be one of {', '.join(SWITCHES)}")
+    check(problems, config, name, lambda v: v in SWITCHES, f"must be one of {', '.join(SWITCHES)}")
 
 
 def _check_names(problems: list[str], config, name: str, allowed: tuple[str, ...]) -> None:
@@ -343,8 +293,8 @@ def _check_rates(problems: list[str], config, allow_empty: bool) -> None:
     """`learning_rates`: distinct numbers > 0, or (search=asha only) a range LO:HI with 0 < LO < HI."""
     rates = config.learning_rates
     if not isinstance(rates, LogRange):
-        _check_list(problems, config, "learning_rates", lambda v: v > 0, "numbers > 0",
-                    "learning rate, like 2e-5,4e-5", allow_empty)
+        check_list(problems, config, "learning_rates", lambda v: v > 0, "numbers > 0",
+                   "learning rate, like 2e-5,4e-5", allow_empty)
     elif config.search != ASHA:
         problems.append(problem("learning_rates", f"the range {rates} is sampled by search=asha only: give a comma "
                                                   "list for the grid, or -P search=asha"))
@@ -388,10 +338,10 @@ class ClassifierSetup(TrainingSetup):
     def validate(self) -> list[str]:
         problems = super().validate()
         _check_switch(problems, self, "compile")
-        _check(problems, self, "compile_shapes", lambda v: v in COMPILE_SHAPES,
-               f"must be one of {', '.join(COMPILE_SHAPES)}")
-        _check(problems, self, "max_train_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
-        _check(problems, self, "max_eval_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
+        check(problems, self, "compile_shapes", lambda v: v in COMPILE_SHAPES,
+              f"must be one of {', '.join(COMPILE_SHAPES)}")
+        check(problems, self, "max_train_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
+        check(problems, self, "max_eval_samples", lambda v: v >= 0, "must be >= 0 (0 = all)")
         names = self.label_name_list
         if self.label_names.strip() and (not all(names) or len(set(names)) < len(names)):
             problems.append(problem("label_names", f"must be distinct non-empty names like negative,positive, "
@@ -426,7 +376,7 @@ class ClassifySweepConfig(Tracked, Sweeping, ClassifierSetup):
     def validate(self) -> list[str]:
         problems = super().validate()
         _check_rates(problems, self, allow_empty=False)
-        _check_list(problems, self, "epochs", lambda v: v > 0, "numbers > 0", "epoch count, like 1,2")
+        check_list(problems, self, "epochs", lambda v: v > 0, "numbers > 0", "epoch count, like 1,2")
         if self.max_steps > 0 and len(self.epochs) > 1:
             problems.append(problem("epochs", f"compares nothing when max_steps > 0 (every child stops at step "
                                               f"{self.max_steps}): give one value, or max_steps=0"))
@@ -487,16 +437,16 @@ class LoraTrainingConfig(TrainingConfig):
     def validate(self) -> list[str]:
         problems = super().validate()
         _check_switch(problems, self, "packing")
-        _check(problems, self, "batch_tokens", lambda v: v == 0 or v >= self.max_length,
-               f"must be 0 (= batch_size examples) or at least max_length ({self.max_length}) so every example fits")
+        check(problems, self, "batch_tokens", lambda v: v == 0 or v >= self.max_length,
+              f"must be 0 (= batch_size examples) or at least max_length ({self.max_length}) so every example fits")
         for name, allowed in (("prompt_format", PROMPT_FORMATS), ("loss_on", LOSS_ON)):
-            _check(problems, self, name, lambda v, allowed=allowed: v in allowed,
-                   f"must be one of {', '.join(allowed)}")
-        _check(problems, self, "lora_alpha", lambda v: v >= 0, "must be >= 0 (0 = use alpha_per_rank)")
+            check(problems, self, name, lambda v, allowed=allowed: v in allowed,
+                  f"must be one of {', '.join(allowed)}")
+        check(problems, self, "lora_alpha", lambda v: v >= 0, "must be >= 0 (0 = use alpha_per_rank)")
         if self.lora_alpha == 0:
-            _check(problems, self, "alpha_per_rank", lambda v: v > 0, "must be > 0 when lora_alpha is 0")
-        _check(problems, self, "lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
-        _check(problems, self, "eval_fraction", lambda v: 0 < v <= 0.5, "must be in (0, 0.5]")
+            check(problems, self, "alpha_per_rank", lambda v: v > 0, "must be > 0 when lora_alpha is 0")
+        check(problems, self, "lora_dropout", lambda v: 0 <= v < 1, "must be in [0, 1)")
+        check(problems, self, "eval_fraction", lambda v: 0 < v <= 0.5, "must be in (0, 0.5]")
         if not self.target_modules.strip() or any(not m.strip() for m in self.target_modules.split(",")):
             problems.append(problem("target_modules", "must be `all-linear` or a comma list of module names"))
         return problems
@@ -577,12 +527,12 @@ class ProbeConfig(Tracked, Resumable, Seeded, LoraTrainingConfig):
     def validate(self) -> list[str]:
         problems = super().validate()
         for name in ("probe_input", "new_input", "new_output"):
-            _check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
-        _check(problems, self, "new_example_repeats", lambda v: v >= 1, "must be >= 1")
+            check(problems, self, name, lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "new_example_repeats", lambda v: v >= 1, "must be >= 1")
         _check_int_list(problems, self, "repeats_sweep", minimum=0, allow_empty=True)
-        _check(problems, self, "mode", lambda v: v in PROBE_MODES, f"must be one of {', '.join(PROBE_MODES)}")
-        _check(problems, self, "rank", lambda v: v >= 1, "must be >= 1")
-        _check(problems, self, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "mode", lambda v: v in PROBE_MODES, f"must be one of {', '.join(PROBE_MODES)}")
+        check(problems, self, "rank", lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
         return problems
 
     @property
@@ -614,11 +564,11 @@ class GenerateConfig(Tracked, Precise):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check(problems, self, "model_uri", lambda v: bool(v.strip()), "is required, e.g. models:/NAME@champion")
-        _check(problems, self, "prompt", lambda v: bool(v.strip()), "must not be empty")
-        _check(problems, self, "max_new_tokens", lambda v: v >= 0, "must be >= 0 (0 = the logged setting)")
-        _check(problems, self, "device", lambda v: v in ("", *SERVING_DEVICES),
-               f"must be empty (= FINETUNE_LAB_DEVICE, else auto) or one of {', '.join(SERVING_DEVICES)}")
+        check(problems, self, "model_uri", lambda v: bool(v.strip()), "is required, e.g. models:/NAME@champion")
+        check(problems, self, "prompt", lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "max_new_tokens", lambda v: v >= 0, "must be >= 0 (0 = the logged setting)")
+        check(problems, self, "device", lambda v: v in ("", *SERVING_DEVICES),
+              f"must be empty (= FINETUNE_LAB_DEVICE, else auto) or one of {', '.join(SERVING_DEVICES)}")
         return problems
 
 
@@ -636,82 +586,12 @@ class ReportConfig(Tracked):
         problems = super().validate()
         if not self.experiment_list:
             problems.append(problem("experiments", "must name at least one experiment"))
-        _check(problems, self, "output", lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "output", lambda v: bool(v.strip()), "must not be empty")
         return problems
 
     @property
     def experiment_list(self) -> list[str]:
         return [name.strip() for name in self.experiments.split(",") if name.strip()]
-
-
-@dataclass(frozen=True)
-class Part:
-    """Another entry point's config inside a composite one (the bench's workloads): the part's `fields` become the
-    composite's own, named `prefix + name`, with their types, docstrings and rules."""
-
-    name: str
-    config: type
-    prefix: str
-    fields: tuple[str, ...]
-    defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The composite's defaults where they differ from the part's."""
-    set_by: dict[str, str] = dataclasses.field(default_factory=dict)
-    """More fields of the part that the composite's own fields set: the part's name → the composite's."""
-    notes: dict[str, str] = dataclasses.field(default_factory=dict)
-    """What the composite adds to a composed field's docstring."""
-
-    def sources(self) -> dict[str, str]:
-        """Every field of the part that the composite sets → the composite's field that sets it."""
-        return {**{name: self.prefix + name for name in self.fields}, **self.set_by}
-
-
-class Composite(Config):
-    """A config composed of other entry points' (its `parts`, made by `composed`): it derives their configs, and
-    reports their problems under its own names, each under the field that set the value."""
-
-    parts: ClassVar[dict[str, Part]] = {}
-
-    def derive(self, part: str) -> Config:
-        """The part's config: every field this config sets, the others the part's defaults."""
-        return self.parts[part].config(**self.values(part, self.parts[part].sources()))
-
-    def values(self, part: str, sources: dict[str, str]) -> dict[str, Any]:
-        """Fields of the part's config → the values of this config's fields that set them (`sources`)."""
-        hints = get_type_hints(self.parts[part].config)
-        return {name: _fitted(getattr(self, source), hints[name]) for name, source in sources.items()}
-
-    def named(self, problems: list[str], part: str, set_by: dict[str, str] | None = None) -> list[str]:
-        """Problems of the part's config, each under the name of this config's field that set the value (`set_by`:
-        more of the part's fields that this config's set, as given to `values`)."""
-        sources = {**self.parts[part].sources(), **(set_by or {})}
-        return [sources.get(field_of(line), field_of(line)) + line[len(field_of(line)):] for line in problems]
-
-
-def _fitted(value: Any, kind: Any) -> Any:
-    """`value` for a field of type `kind`: one value sets a list field to just that value (a seed, the seeds)."""
-    return (value,) if kind in (IntList, FloatList) and not isinstance(value, tuple) else value
-
-
-def composed(*parts: Part) -> type:
-    """The base of a composite config: a dataclass of its parts' fields, named with their prefixes."""
-    specs = []
-    for part in parts:
-        hints, defaults = get_type_hints(part.config), {f.name: f.default for f in fields(part.config)}
-        specs += [(part.prefix + name, hints[name], dataclasses.field(default=part.defaults.get(name, defaults[name])))
-                  for name in part.fields]
-    base = dataclasses.make_dataclass("Composed", specs, bases=(Composite,))
-    base.parts = {part.name: part for part in parts}
-    return base
-
-
-def _composed_docs(parts: dict[str, Part]) -> dict[str, str]:
-    docs = {}
-    for part in parts.values():
-        written = field_docs(part.config)
-        for name in part.fields:
-            docs[part.prefix + name] = " ".join(filter(None, [f"`{name}` of `{part.name}`: {written[name]}",
-                                                              part.notes.get(name)]))
-    return docs
 
 
 BENCH_WORKLOADS = ("classify", "lora_sweep")
@@ -779,8 +659,8 @@ class BenchConfig(Tracked, Seeded, Precise, composed(*BENCH_PARTS)):
         _check_names(problems, self, "workloads", BENCH_WORKLOADS)
         _check_names(problems, self, "variants", BENCH_VARIANTS)
         for name in ("classify_examples", "lora_examples", "eval_examples", "large_batch"):
-            _check(problems, self, name, lambda v: v >= 1, "must be >= 1")
-        _check(problems, self, "peak_tflops", lambda v: v >= 0, "must be >= 0 (0 = known from the device name)")
+            check(problems, self, name, lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "peak_tflops", lambda v: v >= 0, "must be >= 0 (0 = known from the device name)")
         return problems
 
     @property
@@ -802,152 +682,3 @@ class BenchConfig(Tracked, Seeded, Precise, composed(*BENCH_PARTS)):
                                    large_batch=32, large_batch_tokens=512)
 
 
-@dataclass
-class ServerConfig(Config):
-    """A team's MLflow tracking server: runs in PostgreSQL, artifacts proxied, accounts with MLflow's basic-auth."""
-
-    host: str = "127.0.0.1"
-    """Interface to listen on (0.0.0.0 = every one; then also set allowed_hosts)."""
-    port: int = 5000
-    """Port to listen on."""
-    data_dir: str = "server"
-    """Folder of the server's own PostgreSQL data, artifacts and auth configuration (kept across restarts)."""
-    database_url: str = ""
-    """An existing PostgreSQL database instead of the server's own: postgresql://user@host/db (password: PGPASSWORD)."""
-    admin_username: str = "admin"
-    """The administrator account, created on the first start."""
-    admin_password_file: str = ""
-    """File with the administrator's password (empty = <data_dir>/admin_password); MLFLOW_AUTH_ADMIN_PASSWORD wins."""
-    default_permission: str = "READ"
-    """What every account may do in an experiment it was not granted (READ, EDIT, MANAGE or NO_PERMISSIONS)."""
-    allowed_hosts: str = ""
-    """Host names the server answers to, comma list (empty = MLflow's default: localhost and private addresses)."""
-    workers: int = 4
-    """Server worker processes."""
-    auth_cache_s: int = 60
-    """Seconds a server worker trusts a checked password (0 = hash it on every request, as MLflow does by default)."""
-
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        _check(problems, self, "host", lambda v: bool(v.strip()), "must not be empty")
-        _check(problems, self, "port", lambda v: 1 <= v <= 65535, "must be a port number 1..65535")
-        _check(problems, self, "data_dir", lambda v: bool(v.strip()), "must not be empty")
-        _check(problems, self, "database_url", lambda v: not v or re.match(r"postgres(ql)?(\+psycopg)?://", v),
-               "must be empty (the server's own PostgreSQL) or a postgresql:// URL")
-        _check(problems, self, "admin_username", lambda v: bool(v.strip()), "must not be empty")
-        _check(problems, self, "default_permission", lambda v: v in PERMISSIONS,
-               f"must be one of {', '.join(PERMISSIONS)}")
-        _check(problems, self, "workers", lambda v: v >= 1, "must be >= 1")
-        _check(problems, self, "auth_cache_s", lambda v: v >= 0, "must be >= 0 (0 = no cache)")
-        return problems
-
-
-PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field, or made for a composed one (a subclass's own docs win)."""
-    docs: dict[str, str] = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        if "parts" in vars(klass):
-            docs.update(_composed_docs(klass.parts))
-            continue
-        body = ast.parse(inspect.getsource(klass)).body[0].body  # type: ignore[attr-defined]
-        for node, following in zip(body, body[1:]):
-            if (
-                isinstance(node, ast.AnnAssign)
-                and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant)
-            ):
-                docs[node.target.id] = str(following.value.value)
-    return docs
-
-
-BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _coerce(name: str, kind: Any, raw: Any) -> tuple[Any, str | None]:
-    if kind is str:
-        return ("" if raw is None else str(raw)), None
-    text = str(raw).strip()
-    if kind is bool:
-        if text.lower() not in BOOLEANS:
-            return None, problem(name, f"must be true or false, got {text!r}")
-        return BOOLEANS[text.lower()], None
-    try:
-        if kind == FloatSpace:
-            return _space(text), None
-        if kind == IntList:
-            return tuple(_integer(item) for item in text.split(",")) if text else (), None
-        if kind == FloatList:
-            return tuple(_finite(item) for item in text.split(",")) if text else (), None
-        if kind is int:
-            return _integer(text), None
-        if kind is float:
-            return _finite(text), None
-    except ValueError:
-        expected = {int: "an integer", float: "a finite number", FloatList: "a comma list of numbers like 2e-5,4e-5",
-                    FloatSpace: "a comma list of numbers like 2e-5,4e-5, or a range LO:HI like 1e-5:1e-3"
-                    }.get(kind, "a comma list of integers like 4,8,16")
-        return None, problem(name, f"must be {expected}, got {text!r}")
-    raise TypeError(f"unsupported config field type {kind!r} for {name}")
-
-
-def _space(text: str) -> FloatList | LogRange:
-    """`LO:HI` → a LogRange, `a,b,...` → a list of numbers (ValueError otherwise)."""
-    if ":" in text:
-        low, high = text.split(":")
-        return LogRange(_finite(low), _finite(high))
-    return tuple(_finite(item) for item in text.split(",")) if text else ()
-
-
-def _finite(text: str) -> float:
-    value = float(text.strip())
-    if math.isnan(value) or math.isinf(value):
-        raise ValueError
-    return value
-
-
-def _integer(text: str) -> int:
-    value = float(text.strip())
-    if not value.is_integer():
-        raise ValueError
-    return int(value)
-
-
-def from_strings(cls: type, raw: dict[str, Any]):
-    """Build `cls` from string values (missing keys keep their defaults); `problems()` on the result lists every
-    mistake. A field that fails to parse keeps its default, so the remaining rules still run."""
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    parse_problems = {k: problem(k, f"unknown parameter; known: {', '.join(sorted(known))}")
-                      for k in raw if k not in known}
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        if raw.get(f.name) is None:
-            continue
-        value, error = _coerce(f.name, hints[f.name], raw[f.name])
-        if error:
-            parse_problems[f.name] = error
-        else:
-            values[f.name] = value
-    config = cls(**values)
-    config._parse_problems = parse_problems
-    return config
-
-
-def as_params(config) -> dict[str, Any]:
-    """Every field as MLflow logs it, in the form it is given in: lists of integers as `4,8,16`, booleans as
-    `true` / `false` (as `mlflow run -P` logs them, so a run called directly compares equal)."""
-    return {f.name: _as_param(getattr(config, f.name)) for f in fields(config)}
-
-
-def _as_param(value: Any) -> Any:
-    if isinstance(value, LogRange):
-        return str(value)
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    if isinstance(value, bool):
-        return str(value).lower()
-    return value

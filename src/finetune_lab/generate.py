@@ -8,8 +8,9 @@ import os
 import mlflow
 
 from finetune_lab import contract, device, tracking
-from finetune_lab.config import GenerateConfig, as_params
+from finetune_lab.config import GenerateConfig
 from finetune_lab.errors import InputError, one_line, problem, raise_if_any
+from finetune_lab.schema import as_params
 
 MAX_REPLY_TAG_CHARS = 5000
 

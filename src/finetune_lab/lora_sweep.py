@@ -37,9 +37,10 @@ from finetune_lab import (
     tracking,
     training,
 )
-from finetune_lab.config import ASHA, LogRange, SweepConfig
+from finetune_lab.config import ASHA, SweepConfig
 from finetune_lab.contract import ADAPTER_ARTIFACT, FAILED, FINISHED
 from finetune_lab.data import TEST, TRAIN
+from finetune_lab.schema import LogRange
 from finetune_lab.sweep import ChildOutcome, ChildSpec
 
 # A prompt every registered adapter is checked and exemplified on.

@@ -15,9 +15,10 @@ import mlflow
 
 from finetune_lab import data as data_lib
 from finetune_lab import device, models, registry, resume, tracking
-from finetune_lab.config import Registering, Resumable, TrainingSetup, as_params
+from finetune_lab.config import Registering, Resumable, TrainingSetup, problems_that_stop_loading
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.errors import field_of, raise_if_any
+from finetune_lab.schema import as_params
 
 Prepared = TypeVar("Prepared")
 
@@ -66,7 +67,7 @@ def begin(config, kind: str, prepare: Callable[[], Prepared],
     run itself."""
     invocation = mlflow.active_run()
     log_config(config)
-    raise_if_any(config.problems_that_stop_loading())
+    raise_if_any(problems_that_stop_loading(config))
     if isinstance(config, Registering) and config.register_as and "register_as" not in map(field_of,
                                                                                             config.problems()):
         registry.check_may_register(config.register_as)  # before anything is loaded or trained

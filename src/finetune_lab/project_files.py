@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import get_type_hints
 
 from finetune_lab.cli import entry_point
-from finetune_lab.config import as_params
 from finetune_lab.entry_points import ENTRY_POINTS, EntryPoint
+from finetune_lab.schema import as_params
 
 REPO = Path(__file__).resolve().parents[2]
 SOURCE = "src/finetune_lab/entry_points.py"

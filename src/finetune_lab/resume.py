@@ -24,12 +24,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from finetune_lab import tracking
-from finetune_lab.config import as_params
 from finetune_lab.contract import (
     CONFIG_ARTIFACT,
     CONFIG_DIGEST_TAG,
     DATA_DIGEST_TAG,
-    ERROR_TAG,
     FINISHED,
     KILLED,
     KIND_TAG,
@@ -38,6 +36,7 @@ from finetune_lab.contract import (
 )
 from finetune_lab.data import LoadedData
 from finetune_lab.errors import InputError, problem
+from finetune_lab.schema import as_params
 
 LATEST = "latest"
 # Fields that do not change what is trained: a resume may differ in them (a sweep begun on Ray workers may be
@@ -145,12 +144,11 @@ def finished_children(parent_run_id: str, tags: dict[str, str]) -> dict[str, Run
 
 def close_stranded(parent_run_id: str, by_run_id: str) -> list[str]:
     """End KILLED, with an `error` tag, the parent's children still RUNNING from an earlier attempt; their names."""
-    client, closed = MlflowClient(), []
+    closed = []
     for child in children(parent_run_id):
         if child.info.status == RUNNING:
-            client.set_tag(child.info.run_id, ERROR_TAG, "left RUNNING by an attempt that stopped without ending it "
-                                                         f"(SIGKILL or a tracking outage); closed by run {by_run_id}")
-            client.set_terminated(child.info.run_id, KILLED)
+            tracking.end_run_by_id(child.info.run_id, KILLED, "left RUNNING by an attempt that stopped without "
+                                   f"ending it (SIGKILL or a tracking outage); closed by run {by_run_id}")
             closed.append(child.info.run_name)
     return closed
 

@@ -32,8 +32,9 @@ from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
 from finetune_lab import contract, executors, plots, resume, signals, sweep, tracking
-from finetune_lab.config import ASHA, LogRange, Sweeping
+from finetune_lab.config import ASHA, Sweeping
 from finetune_lab.contract import FAILED, FINISHED
+from finetune_lab.schema import LogRange
 from finetune_lab.sweep import ChildOutcome, ChildSpec, Design
 
 COMPLETED, STOPPED = "completed", "stopped early"

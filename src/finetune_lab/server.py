@@ -19,6 +19,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import re
 import signal
 import socket
 import stat
@@ -26,11 +27,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune_lab import signals
-from finetune_lab.config import ServerConfig
 from finetune_lab.errors import InputError, problem, raise_if_any
+from finetune_lab.schema import Config, check
 
 PASSWORD_VARIABLE = "MLFLOW_AUTH_ADMIN_PASSWORD"
 PASSWORD_FILE = "admin_password"
@@ -44,6 +46,47 @@ STOP_TIMEOUT_S = 30
 PRIVATE_UMASK = 0o077
 # Started as root, `pgserver` runs PostgreSQL as this system user, which must pass through `<data_dir>`.
 POSTGRES_SYSTEM_USER = "pgserver"
+PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+
+
+@dataclass
+class ServerConfig(Config):
+    """A team's MLflow tracking server: runs in PostgreSQL, artifacts proxied, accounts with MLflow's basic-auth."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 = every one; then also set allowed_hosts)."""
+    port: int = 5000
+    """Port to listen on."""
+    data_dir: str = "server"
+    """Folder of the server's own PostgreSQL data, artifacts and auth configuration (kept across restarts)."""
+    database_url: str = ""
+    """An existing PostgreSQL database instead of the server's own: postgresql://user@host/db (password: PGPASSWORD)."""
+    admin_username: str = "admin"
+    """The administrator account, created on the first start."""
+    admin_password_file: str = ""
+    """File with the administrator's password (empty = <data_dir>/admin_password); MLFLOW_AUTH_ADMIN_PASSWORD wins."""
+    default_permission: str = "READ"
+    """What every account may do in an experiment it was not granted (READ, EDIT, MANAGE or NO_PERMISSIONS)."""
+    allowed_hosts: str = ""
+    """Host names the server answers to, comma list (empty = MLflow's default: localhost and private addresses)."""
+    workers: int = 4
+    """Server worker processes."""
+    auth_cache_s: int = 60
+    """Seconds a server worker trusts a checked password (0 = hash it on every request, as MLflow does by default)."""
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        check(problems, self, "host", lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "port", lambda v: 1 <= v <= 65535, "must be a port number 1..65535")
+        check(problems, self, "data_dir", lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "database_url", lambda v: not v or re.match(r"postgres(ql)?(\+psycopg)?://", v),
+              "must be empty (the server's own PostgreSQL) or a postgresql:// URL")
+        check(problems, self, "admin_username", lambda v: bool(v.strip()), "must not be empty")
+        check(problems, self, "default_permission", lambda v: v in PERMISSIONS,
+              f"must be one of {', '.join(PERMISSIONS)}")
+        check(problems, self, "workers", lambda v: v >= 1, "must be >= 1")
+        check(problems, self, "auth_cache_s", lambda v: v >= 0, "must be >= 0 (0 = no cache)")
+        return problems
 
 
 def password_file(config: ServerConfig) -> Path:

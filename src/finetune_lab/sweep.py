@@ -26,10 +26,11 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import contract, executors, preamble, registry, resume, tracking
-from finetune_lab.config import LogRange, Sweeping
+from finetune_lab.config import Sweeping
 from finetune_lab.contract import FAILED, FINISHED, KILLED, NOT_RUN
 from finetune_lab.errors import one_line
 from finetune_lab.report.verdicts import verdicts
+from finetune_lab.schema import LogRange
 
 # The unfinished children the `failed_children` tag names, and how much of each one's error it shows.
 TAGGED_FAILURES = 5

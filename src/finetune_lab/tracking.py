@@ -4,8 +4,10 @@
 if missing, also when parallel launches race to create it), tags it with the kind of experiment that made it, turns
 on system metrics, and ends it: FINISHED; FAILED with a one-line `error` tag and the traceback as an artifact; or
 KILLED when SIGTERM / Ctrl-C stops the process (`signals`). `child_run` does the same for nested runs (sweep
-children), also in a worker process that fills a child run the driver made (`create_child_run`, `end_run_by_id`);
-`reopened_run` for a finished or interrupted run that is resumed. Nothing else in the package starts or ends runs.
+children), also in a worker process that fills a child run the driver made (`create_child_run`); `end_run_by_id`
+ends one that another process left open (a worker that died, a child an earlier attempt left RUNNING); `reopened_run`
+for a finished or interrupted run that is resumed. Nothing else in the package starts or ends runs (but
+`store_bench`, which measures a store with runs of its own making).
 
 When the tracking server stays unreachable longer than MLflow's own retries, `go_offline` makes every later call
 of this process fail at once instead of retrying for minutes each: the experiment keeps its results locally
@@ -274,7 +276,8 @@ def create_child_run(run_name: str) -> str:
 
 
 def end_run_by_id(run_id: str, status: str, error: str) -> None:
-    """End a run another process was filling (a worker that died, an interrupted child) with its `error` tag."""
+    """End a run another process was filling (a worker that died, an interrupted child, a child an earlier attempt
+    left RUNNING) with its `error` tag."""
     client = MlflowClient()
     client.set_tag(run_id, ERROR_TAG, error[:MAX_LINE_CHARS])
     client.set_terminated(run_id, status)

@@ -25,7 +25,7 @@ from team_server import TeamServer
 
 from finetune_lab import server as server_lib
 from finetune_lab.cli import INPUT_ERROR_EXIT
-from finetune_lab.config import ServerConfig
+from finetune_lab.server import ServerConfig
 
 pytestmark = pytest.mark.team
 NAME = "mlflow.lab.example"

@@ -15,11 +15,12 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import contract, tracking
-from finetune_lab.config import ReportConfig, as_params
+from finetune_lab.config import ReportConfig
 from finetune_lab.errors import raise_if_any
 from finetune_lab.report.render import IMAGES, Bullets, write
 from finetune_lab.report.sections import build
 from finetune_lab.report.store import Artifacts
+from finetune_lab.schema import as_params
 
 
 def write_report(config: ReportConfig) -> dict:
