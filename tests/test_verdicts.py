@@ -51,6 +51,7 @@ def test_fewer_than_two_seeds_or_no_spread_leave_the_seeds_test_out():
     (verdict,) = verdicts.compare({"a": [0.8187, 0.8187], "b": [0.9, 0.9]}, "accuracy", False)
     assert verdict.decided_by == "" and not verdict.shown and verdict.conclusion == verdicts.NOT_CONCLUSIVE
     assert "no spread over 2 and 2 seeds" in verdict.line()
+    assert verdict.record()["seeds"]["p_value"] is None and verdict.record()["adjusted_p"] is None, "JSON has no NaN"
 
 
 def test_mcnemar_exact_matches_the_binomial_test_on_discordant_pairs():
@@ -128,3 +129,51 @@ def test_the_record_holds_the_numbers_of_the_line():
     assert record["shown"] is False and record["correction"] == "none" and record["line"] == verdict.line()
     assert record["seeds_needed"] == verdicts.seeds_needed(-0.009375, math.sqrt(
         (np.var(LOWER_RATE, ddof=1) + np.var(HIGHER_RATE, ddof=1)) / 2))
+
+
+def test_values_on_other_examples_do_not_pair():
+    same = np.array([1.0, 0.0, 1.0])
+    first, second = verdicts.HeldOut(verdicts.CORRECT, same, "split-a"), verdicts.HeldOut(verdicts.CORRECT, same, "b")
+    assert verdicts.paired(first, second) is None
+    (verdict,) = verdicts.compare({"a": [0.6], "b": [0.5]}, "accuracy", False, held_out={"a": first, "b": second})
+    assert verdict.held_out is None and verdict.conclusion == verdicts.NOT_CONCLUSIVE
+    assert verdicts.paired(first, verdicts.HeldOut(verdicts.CORRECT, same, "split-a")).p_value == 1.0
+
+
+def test_paired_t_leaves_out_examples_without_a_loss():
+    """An example whose target tokens were all truncated away has no loss (NaN) on either side."""
+    rng = np.random.default_rng(1)
+    first, second = rng.gamma(2.0, 1.0, 30), rng.gamma(2.0, 1.0, 30)
+    first[[3, 7]] = second[[3, 7]] = np.nan
+    tested = verdicts.paired_t(first, second)
+    kept = np.isfinite(first)
+    assert tested.n == (28,) and tested.p_value == pytest.approx(stats.ttest_rel(first[kept], second[kept]).pvalue)
+
+
+def test_a_held_out_verdict_names_the_side_its_test_found():
+    """One seed each: the paired test decides. Its per-example losses weigh every example the same, the logged
+    eval_loss weighs tokens: here the eval losses favour `a`, while `b` has the lower loss on 90 of 100 examples."""
+    rng = np.random.default_rng(2)
+    a = rng.uniform(2.0, 3.0, 100)
+    b = a - 0.2 + rng.normal(0, 0.05, 100)
+    b[:10] += 1.0  # ten (long) examples that `b` gets worse
+    held_out = {"a": verdicts.HeldOut(verdicts.LOSS, a), "b": verdicts.HeldOut(verdicts.LOSS, b)}
+    (verdict,) = verdicts.compare({"a": [2.40], "b": [2.45]}, "eval_loss", True, reference="a", held_out=held_out)
+    assert verdict.name == "b" and verdict.held_out.difference < 0 and verdict.held_out.p_value < 0.05
+    assert verdict.winner == "b" and verdict.line().endswith(": b is better (on these held-out examples; training "
+                                                             "noise unmeasured)")
+
+
+def test_a_family_leads_with_the_runner_up_and_says_when_there_is_nothing_to_compare():
+    groups = {"far": [0.70, 0.71, 0.72], "best": [0.90, 0.91, 0.92], "close": [0.89, 0.905, 0.91]}
+    found = verdicts.family(groups, "accuracy", False, title="rank 8")
+    assert [v.name for v in found.verdicts] == ["close", "far"] and found.configurations == 3
+    assert found.lines()[0].startswith("rank 8: close vs best: accuracy")
+    assert [r["family"] for r in found.records()] == ["rank 8", "rank 8"]
+    assert found.records()[1]["configuration"] == "far" and found.records()[1]["comparisons"] == 2
+    assert verdicts.family({"only": [0.9, 0.8]}, "accuracy", False).lines() == [
+        "accuracy: one configuration only, nothing to compare"]
+    assert verdicts.family({"none": []}, "accuracy", False).lines() == [] == verdicts.family({}, "x", True).lines()
+    # a named reference that is not the best (a probe's `before`) keeps the given order
+    named = verdicts.family({"before": [3.0], "after-r1": [2.5], "after-r8": [2.0]}, "target_nll", True, "before")
+    assert [v.name for v in named.verdicts] == ["after-r1", "after-r8"]

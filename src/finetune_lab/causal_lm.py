@@ -115,6 +115,8 @@ class FitResult:
     """Throughput, peak memory, held-out loss and perplexity: one value each, for the run to log."""
     steps: list[dict]
     """The Trainer's log entry of every logged step (step, loss, grad_norm, learning_rate)."""
+    held_out: training.ExampleLosses
+    """The loss on every held-out example, from which `eval_loss` is computed."""
 
     @property
     def curve(self) -> list[tuple[int, float]]:
@@ -130,17 +132,17 @@ class FitResult:
 def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str, phase: str,
         collate=None) -> FitResult:
     """Train the adapter on `train_split` (per-step metrics into run `run_id`, `phase` names it on the console),
-    then measure the mean loss per target token on `eval_split`. `collate` replaces the training collator (e.g. one
-    that also records what each batch held); batches are packed and sized by the config either way. Raises
-    health.TrainingCollapsed if training diverged or left a dead model."""
+    then measure the loss on every example of `eval_split` and their mean per target token. `collate` replaces the
+    training collator (e.g. one that also records what each batch held); batches are packed and sized by the config
+    either way. Raises health.TrainingCollapsed if training diverged or left a dead model."""
     with tracking.scratch_dir("lora") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer, config),
                                         config, seed, run_id, phase, batch_tokens=config.batch_tokens,
                                         packed=packed(config))
         metrics = training.train(trainer)
-    eval_loss = training.mean_token_loss(model, eval_split, collator(tokenizer, config),
-                                         training.eval_batch_size(config), device.training_precision(config.precision))
-    metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+    held_out = training.example_losses(model, eval_split, collator(tokenizer, config),
+                                       training.eval_batch_size(config), device.training_precision(config.precision))
+    metrics.update({"eval_loss": held_out.mean, "eval_perplexity": perplexity(held_out.mean)})
     steps = training.step_log(trainer)
-    health.check(steps, eval_loss, model.config.vocab_size, metrics)
-    return FitResult(metrics, steps)
+    health.check(steps, held_out.mean, model.config.vocab_size, metrics)
+    return FitResult(metrics, steps, held_out)

@@ -36,6 +36,7 @@ WELCH, MCNEMAR, PAIRED_T = "welch_t", "mcnemar_exact", "paired_t"
 CORRECT, LOSS = "correct", "loss"
 NOT_CONCLUSIVE = "single seed and no per-example values: not conclusive"
 NO_DIFFERENCE = "no difference shown"
+ONE_CONFIGURATION = "one configuration only, nothing to compare"
 TEST_NAMES = {WELCH: "Welch", MCNEMAR: "McNemar", PAIRED_T: "paired t"}
 
 
@@ -61,8 +62,13 @@ class TestResult:
         return not math.isnan(self.p_value)
 
     def record(self) -> dict:
-        return {"test": self.test, "difference": self.difference, "ci95": [self.low, self.high],
-                "p_value": self.p_value, "n": list(self.n)}
+        return {"test": self.test, "difference": self.difference, "ci95": [_number(self.low), _number(self.high)],
+                "p_value": _number(self.p_value), "n": list(self.n)}
+
+
+def _number(value: float) -> float | None:
+    """A number as a record holds it: JSON has no NaN, a missing value is null."""
+    return None if math.isnan(value) else value
 
 
 def across_seeds(first: Sequence[float], second: Sequence[float]) -> TestResult | None:
@@ -92,8 +98,12 @@ def mcnemar(first_correct: np.ndarray, second_correct: np.ndarray) -> TestResult
 
 def paired_t(first: np.ndarray, second: np.ndarray) -> TestResult:
     """A paired t-test of per-example values (held-out losses): the mean per-example difference, its 95 % interval
-    and p-value. Identical values on every example: no difference, p = 1."""
-    differences = np.asarray(first, float) - np.asarray(second, float)
+    and p-value, over the examples with a value on both sides (an example whose target was truncated away has no
+    loss: NaN). Identical values on every example: no difference, p = 1."""
+    first, second = np.asarray(first, float), np.asarray(second, float)
+    both = np.isfinite(first) & np.isfinite(second)
+    first, second = first[both], second[both]
+    differences = first - second
     if not differences.any():
         return TestResult(PAIRED_T, 0.0, 0.0, 0.0, 1.0, (len(differences),))
     result = stats.ttest_rel(first, second)
@@ -109,23 +119,25 @@ class HeldOut:
     kind: str
     """`correct` (a classifier: 1 right, 0 wrong) or `loss` (a causal LM: each example's mean loss per token)."""
     values: np.ndarray
+    examples: str = ""
+    """What identifies the held-out examples (a digest of them): values pair only on the same examples."""
 
 
-def pooled_classifier(probabilities: Sequence[np.ndarray], labels: np.ndarray) -> HeldOut:
+def pooled_classifier(probabilities: Sequence[np.ndarray], labels: np.ndarray, examples: str = "") -> HeldOut:
     """Which held-out examples the seeds' ensemble gets right: each seed's class probabilities (examples x
     classes) averaged, then the most probable class against the label."""
     mean = np.mean(np.stack([np.asarray(p, float) for p in probabilities]), axis=0)
-    return HeldOut(CORRECT, (mean.argmax(axis=1) == np.asarray(labels)).astype(float))
+    return HeldOut(CORRECT, (mean.argmax(axis=1) == np.asarray(labels)).astype(float), examples)
 
 
-def pooled_losses(losses: Sequence[np.ndarray]) -> HeldOut:
+def pooled_losses(losses: Sequence[np.ndarray], examples: str = "") -> HeldOut:
     """Each held-out example's loss averaged over the seeds."""
-    return HeldOut(LOSS, np.mean(np.stack([np.asarray(x, float) for x in losses]), axis=0))
+    return HeldOut(LOSS, np.mean(np.stack([np.asarray(x, float) for x in losses]), axis=0), examples)
 
 
 def paired(first: HeldOut, second: HeldOut) -> TestResult | None:
     """The held-out test of two configurations (None if their values do not pair: other examples or kinds)."""
-    if first.kind != second.kind or first.values.shape != second.values.shape:
+    if (first.kind, first.examples, first.values.shape) != (second.kind, second.examples, second.values.shape):
         return None
     return (mcnemar if first.kind == CORRECT else paired_t)(first.values, second.values)
 
@@ -191,10 +203,16 @@ class Verdict:
 
     @property
     def winner(self) -> str:
-        """The configuration shown better ("" when no difference is shown)."""
+        """The configuration shown better ("" when no difference is shown), on the side the deciding test found:
+        the held-out test's direction is its own (the per-example values: right answers, or each example's loss
+        with every example weighing the same), which the metric's means (a loss weighted by tokens) may not share."""
         if not self.shown:
             return ""
-        return self.name if (self.mean < self.reference_mean) == self.lower_is_better else self.reference
+        if self.decided_by == "held_out":
+            ahead = self.held_out.difference > 0 if self.held_out.test == MCNEMAR else self.held_out.difference < 0
+        else:
+            ahead = (self.mean < self.reference_mean) == self.lower_is_better
+        return self.name if ahead else self.reference
 
     @property
     def conclusion(self) -> str:
@@ -229,14 +247,14 @@ class Verdict:
                 f"({text}): {self.conclusion}")
 
     def record(self) -> dict:
-        """The verdict's numbers, as a parent's `verdicts.json` holds them."""
+        """The verdict's numbers, as a parent's `verdicts.json` holds them (a value a test does not give: null)."""
         return {
             "configuration": self.name, "reference": self.reference, "metric": self.metric,
             "lower_is_better": self.lower_is_better, "mean": self.mean, "reference_mean": self.reference_mean,
             "difference": self.mean - self.reference_mean,
             "seeds": self.seeds.record() if self.seeds else None,
             "held_out": self.held_out.record() if self.held_out else None,
-            "decided_by": self.decided_by, "comparisons": self.comparisons, "adjusted_p": self.adjusted_p,
+            "decided_by": self.decided_by, "comparisons": self.comparisons, "adjusted_p": _number(self.adjusted_p),
             "correction": "holm" if self.comparisons > 1 else "none",
             "shown": self.shown, "winner": self.winner, "conclusion": self.conclusion, "line": self.line(),
             "seeds_needed": self.seeds_needed,
@@ -273,3 +291,40 @@ def _seeds_needed(first: list[float], second: list[float]) -> int | None:
         return None
     spread = math.sqrt((np.var(first, ddof=1) + np.var(second, ddof=1)) / 2)
     return seeds_needed(float(np.mean(first) - np.mean(second)), spread)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The verdicts a parent states together, one Holm family: every configuration against the reference."""
+
+    title: str
+    """What the family holds, like `rank 8` (methods compared at one rank); "" for a parent's single family."""
+    metric: str
+    configurations: int
+    """How many configurations were measured (0: nothing to say; 1: nothing to compare)."""
+    verdicts: list[Verdict]
+    """The runner-up's verdict first (when the reference is the best), then the others in their given order."""
+
+    def lines(self) -> list[str]:
+        """One line per verdict (the title before it), or the one saying there is nothing to compare."""
+        if not self.configurations:
+            return []
+        texts = [v.line() for v in self.verdicts] or [f"{self.metric}: {ONE_CONFIGURATION}"]
+        return [f"{self.title}: {text}" if self.title else text for text in texts]
+
+    def records(self) -> list[dict]:
+        """Every verdict's numbers (`Verdict.record`) with the family's title, as `verdicts.json` holds them."""
+        return [{"family": self.title, **v.record()} for v in self.verdicts]
+
+
+def family(groups: dict[str, list[float]], metric: str, lower_is_better: bool, reference: str = "",
+           held_out: dict[str, HeldOut] | None = None, title: str = "") -> Family:
+    """`compare` as a parent states it: with the reference the best mean (not named, or named and the best), the
+    runner-up's verdict goes first, since it says whether the best is shown ahead at all."""
+    found = compare(groups, metric, lower_is_better, reference, held_out)
+    measured = [name for name, values in groups.items() if values]
+    if found and all((found[0].reference_mean <= v.mean) if lower_is_better else (found[0].reference_mean >= v.mean)
+                     for v in found):
+        runner_up = (min if lower_is_better else max)(found, key=lambda v: v.mean)
+        found = [runner_up, *(v for v in found if v is not runner_up)]
+    return Family(title, metric, len(measured), found)
