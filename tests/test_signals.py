@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -51,3 +52,21 @@ def test_a_second_signal_waits_until_the_run_is_ended():
                 os.kill(os.getpid(), signal.SIGTERM)
                 finished_the_block = True
         assert finished_the_block and raised.value.exit_code == 143
+
+
+def test_a_signal_that_a_library_turned_into_a_bare_keyboard_interrupt_is_restored():
+    """Ray's blocking calls catch what our handler raises and raise a bare KeyboardInterrupt (click then printed
+    `Aborted!` and the runs' error tags lost the signal); `restored` gives back the signal's Terminated."""
+    with signals.terminating():
+        try:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except signals.Terminated:
+                raise KeyboardInterrupt from None  # what ray.get does
+        except KeyboardInterrupt as bare:
+            restored = signals.restored(bare)
+    assert isinstance(restored, signals.Terminated) and restored.exit_code == 143
+    assert str(restored) == "terminated by SIGTERM"
+    other = ValueError("x")
+    assert signals.restored(other) is other and type(signals.restored(KeyboardInterrupt())) is KeyboardInterrupt

@@ -130,19 +130,29 @@ class FitResult:
 
 
 def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str, phase: str,
-        collate=None) -> FitResult:
+        collate=None, watch: training.Watch | None = None) -> FitResult:
     """Train the adapter on `train_split` (per-step metrics into run `run_id`, `phase` names it on the console),
     then measure the loss on every example of `eval_split` and their mean per target token. `collate` replaces the
     training collator (e.g. one that also records what each batch held); batches are packed and sized by the config
-    either way. Raises health.TrainingCollapsed if training diverged or left a dead model."""
+    either way. `watch` measures the held-out loss where it chooses, and may stop training. Raises
+    health.TrainingCollapsed if training diverged or left a dead model (not judged when the watch stopped it
+    early)."""
+
+    def held_out(trained) -> training.ExampleLosses:
+        return training.example_losses(trained, eval_split, collator(tokenizer, config),
+                                       training.eval_batch_size(config), device.training_precision(config.precision))
+
+    def held_out_loss(trained) -> dict[str, float]:
+        return {"eval_loss": held_out(trained).mean}
+
     with tracking.scratch_dir("lora") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer, config),
                                         config, seed, run_id, phase, batch_tokens=config.batch_tokens,
-                                        packed=packed(config))
+                                        packed=packed(config), callbacks=[watch(held_out_loss)] if watch else [])
         metrics = training.train(trainer)
-    held_out = training.example_losses(model, eval_split, collator(tokenizer, config),
-                                       training.eval_batch_size(config), device.training_precision(config.precision))
-    metrics.update({"eval_loss": held_out.mean, "eval_perplexity": perplexity(held_out.mean)})
+    losses = held_out(model)
+    metrics.update({"eval_loss": losses.mean, "eval_perplexity": perplexity(losses.mean)})
     steps = training.step_log(trainer)
-    health.check(steps, held_out.mean, model.config.vocab_size, metrics)
-    return FitResult(metrics, steps, held_out)
+    if not training.stopped_early(trainer):  # stopped by its watch: never registered, its last steps prove nothing
+        health.check(steps, losses.mean, model.config.vocab_size, metrics)
+    return FitResult(metrics, steps, losses)

@@ -148,28 +148,51 @@ class Fitted:
     tokenized: object
     logits: np.ndarray
     """Row i: held-out example i."""
+    stopped_early: bool = False
+    """A watch stopped training before its last step (a search's rung)."""
 
 
-def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "classify") -> Fitted:
-    """Load the model, tokenize once, train (compiled when `compile` says so; per-step metrics into run `run_id`)
-    and predict the held-out split in its own order."""
+def headline_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, precision, recall, F1, ROC-AUC (where defined) and eval loss of held-out logits."""
+    return {**metrics_lib.classification_metrics(labels, metrics_lib.softmax(logits)),
+            "eval_loss": metrics_lib.cross_entropy(logits, labels)}
+
+
+def held_out_metrics(model, tokenized_test, collator, batch_size: int, precision: str) -> dict[str, float]:
+    """The headline metrics of `model` on the tokenized held-out split, computed in `precision`, now (e.g. in the
+    middle of training)."""
+    logits = training.predict_logits(model, tokenized_test, collator, batch_size, precision)
+    return headline_metrics(logits, np.asarray(tokenized_test["labels"]))
+
+
+def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "classify",
+        watch: training.Watch | None = None) -> Fitted:
+    """Load the model, tokenize once, train (compiled when `compile` says so; per-step metrics into run `run_id`;
+    `watch` measures the held-out split where it chooses, and may stop training) and predict the held-out split in
+    its own order."""
     model, tokenizer = load_model(prepared, config.seed)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     tokenized = tokenize(prepared, tokenizer, config)
     train_collator, eval_collator = collators(tokenizer, config)
     compile_model = training.switch(config.compile)
+    callbacks = [watch(lambda trained: held_out_metrics(trained, tokenized[TEST], eval_collator,
+                                                        training.eval_batch_size(config),
+                                                        device.training_precision(config.precision)))] if watch else []
     with tracking.scratch_dir("classify") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, tokenized[TRAIN], train_collator, config,
-                                        config.seed, run_id, f"[1/2] {name}", drop_last=compile_model)
+                                        config.seed, run_id, f"[1/2] {name}", drop_last=compile_model,
+                                        callbacks=callbacks)
         with (training.compiled(model, config.compile_shapes, config.max_length) if compile_model
               else contextlib.nullcontext()):
             metrics = training.train(trainer)
     console.say(f"[2/2] {name}: predicting the {len(tokenized[TEST])} held-out examples")
     # Row i of the logits is held-out example i: the predictions table pairs it with its own text.
+    precision = device.training_precision(config.precision)
     logits = training.predict_logits(model, tokenized[TEST], eval_collator, training.eval_batch_size(config),
-                                     device.training_precision(config.precision))
-    return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits)
+                                     precision)
+    return Fitted(metrics, training.step_log(trainer), model, tokenizer, tokenized, logits,
+                  training.stopped_early(trainer))
 
 
 def preamble_params(prepared: Prepared) -> dict[str, int]:
@@ -188,23 +211,22 @@ class Trained:
     """The held-out texts, in the order of the predictions."""
 
 
-def train_and_log(config: ClassifyConfig, prepared: Prepared, name: str = "classify") -> Trained:
+def train_and_log(config: ClassifyConfig, prepared: Prepared, name: str = "classify",
+                  watch: training.Watch | None = None) -> Trained:
     """Train and evaluate into the active run: training metrics, headline metrics, predictions table, confusion
-    matrix and report (`name`: what the console calls it). A collapsed classifier (a uniform guess after broken
-    training) raises health.TrainingCollapsed after its record is logged, so that its run ends FAILED and it is
-    never registered."""
-    fitted = fit(config, prepared, mlflow.active_run().info.run_id, name)
+    matrix and report (`name`: what the console calls it; `watch`: see `fit`). A collapsed classifier (a uniform
+    guess after broken training) raises health.TrainingCollapsed after its record is logged, so that its run ends
+    FAILED and it is never registered; one its watch stopped early is not judged (it is never registered)."""
+    fitted = fit(config, prepared, mlflow.active_run().info.run_id, name, watch)
     mlflow.log_metrics(fitted.metrics)
     labels = np.asarray(fitted.tokenized[TEST]["labels"])
     probabilities = metrics_lib.softmax(fitted.logits)
-    headline = {
-        **metrics_lib.classification_metrics(labels, probabilities),
-        "eval_loss": metrics_lib.cross_entropy(fitted.logits, labels),
-    }
+    headline = headline_metrics(fitted.logits, labels)
     mlflow.log_metrics(headline)
     texts = prepared.data.splits[TEST][config.text_column]
     _log_predictions(texts, labels, probabilities, prepared.label_names)
-    health.check(fitted.steps, headline["eval_loss"], len(prepared.classes), headline)
+    if not fitted.stopped_early:  # a model stopped mid-schedule is never registered: its last steps prove nothing
+        health.check(fitted.steps, headline["eval_loss"], len(prepared.classes), headline)
     return Trained(fitted, headline, list(texts))
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification
 
-from finetune_lab import classify, contract, executors, health, models, plots, preamble, sweep, tracking
+from finetune_lab import classify, contract, executors, health, models, plots, preamble, search, sweep, tracking
 from finetune_lab import data as data_lib
 from finetune_lab.config import ClassifyConfig, ClassifySweepConfig
 from finetune_lab.contract import FAILED, FINISHED
@@ -85,14 +85,14 @@ def run_child(work: Workload, spec: ChildSpec, run_id: str = "") -> ChildOutcome
     FAILED and is returned, not raised; a signal or a tracking outage raises executors.Stopped
     (`sweep.recorded`)."""
     config = work.config.child(spec.settings["learning_rate"], spec.settings["epochs"], spec.seed, spec.name)
-    outcome = ChildOutcome(spec, "", FAILED)
+    outcome, trial = ChildOutcome(spec, "", FAILED), search.watch(spec)
     with sweep.recorded(outcome), tracking.child_run(spec.name, work.parent_run_id, run_id) as child:
         outcome.run_id = child.info.run_id
         preamble.log_config(config)
         mlflow.set_tags(work.marks)
         preamble.log_sources(work.prepared, classify.preamble_params(work.prepared))
         try:
-            trained = classify.train_and_log(config, work.prepared, f"{spec.position} {spec.name}")
+            trained = classify.train_and_log(config, work.prepared, f"{spec.position} {spec.name}", trial)
         except health.TrainingCollapsed as dead:
             outcome.metrics = dead.metrics
             raise
@@ -107,6 +107,8 @@ def run_child(work: Workload, spec: ChildSpec, run_id: str = "") -> ChildOutcome
         outcome.curve = [(entry["step"], entry["loss"]) for entry in fitted.steps]
         outcome.metrics = {**fitted.metrics, **trained.headline,
                            "train_loss": outcome.curve[-1][1] if outcome.curve else float("nan")}
+        if trial:
+            trial.record(outcome)
         outcome.status = FINISHED
     return outcome
 
@@ -123,6 +125,12 @@ class ClassifySweep(sweep.Design):
     def configurations(self, config: ClassifySweepConfig) -> list[tuple[str, dict]]:
         return [(child_label(rate, epochs), {"learning_rate": rate, "epochs": epochs})
                 for rate in config.learning_rates for epochs in config.epochs]
+
+    def label(self, settings: dict) -> str:
+        return child_label(settings["learning_rate"], settings["epochs"])
+
+    def space(self, config: ClassifySweepConfig) -> dict:
+        return {"learning_rate": config.learning_rates, "epochs": config.epochs}
 
     def prepare(self, config: ClassifySweepConfig, split_seed: int) -> classify.Prepared:
         # The data and model checks of `classify` on the settings every child shares (the grid's values play no
@@ -175,5 +183,6 @@ DESIGN = ClassifySweep()
 
 
 def run(config: ClassifySweepConfig) -> dict:
-    """The whole sweep inside one parent run (see `sweep.run`); the parent's id, the best child and notes."""
-    return sweep.run(config, DESIGN)
+    """The whole sweep, a grid or a search (see `search.run`), inside one parent run; the parent's id, the best child
+    and notes."""
+    return search.run(config, DESIGN)

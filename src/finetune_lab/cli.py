@@ -20,7 +20,7 @@ from typing import get_type_hints
 import click
 
 from finetune_lab import heap
-from finetune_lab.config import FloatList, IntList, as_params, field_docs, from_strings
+from finetune_lab.config import FloatList, FloatSpace, IntList, as_params, field_docs, from_strings
 from finetune_lab.errors import InputError, one_line
 from finetune_lab.signals import Terminated
 
@@ -30,7 +30,7 @@ INPUT_ERROR_EXIT = 2
 FAILURE_EXIT = 1
 # What --help shows for each field type; click itself never converts (the config does, reporting every problem).
 METAVARS = {str: "TEXT", int: "INTEGER", float: "FLOAT", bool: "true|false", IntList: "INT,INT,...",
-            FloatList: "FLOAT,FLOAT,..."}
+            FloatList: "FLOAT,FLOAT,...", FloatSpace: "FLOAT,FLOAT,...|LO:HI"}
 
 
 def _experiment(target: str):

@@ -22,6 +22,21 @@ IntList = tuple[int, ...]
 FloatList = tuple[float, ...]
 
 
+@dataclass(frozen=True)
+class LogRange:
+    """A range of positive numbers sampled log-uniformly (`search=asha`), given as `LO:HI`."""
+
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.low:g}:{self.high:g}"
+
+
+# A list of values (a grid, or a choice for a search) or, for a search, a log-uniform range.
+FloatSpace = FloatList | LogRange
+
+
 def _check(problems: list[str], config, name: str, holds, requirement: str) -> None:
     """Append `name: requirement, got value` unless `holds(value)`."""
     value = getattr(config, name)
@@ -30,6 +45,8 @@ def _check(problems: list[str], config, name: str, holds, requirement: str) -> N
 
 
 def _shown(value) -> str:
+    if isinstance(value, LogRange):
+        return str(value)
     return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
@@ -155,6 +172,9 @@ class Resumable(Config):
 
 
 EXECUTORS = ("local", "ray")
+GRID, ASHA = "grid", "asha"
+SEARCHES = (GRID, ASHA)
+SAMPLERS = ("tpe", "random")
 
 
 @dataclass
@@ -171,8 +191,28 @@ class Sweeping(Resumable, Registering):
     cpus_per_worker: int = 1
     """CPUs each Ray worker reserves (and its torch threads); with GPUs each worker also takes one GPU."""
     max_children: int = 100
-    """The most child runs (configurations x seeds) the sweep starts; a larger grid is refused before anything runs
-    (a guard against a mistyped list): raise it to run one."""
+    """The most child runs (configurations x seeds, or trials, plus the confirmations) the sweep starts; a larger
+    sweep is refused before anything runs (a guard against a mistyped list): raise it to run one."""
+    search: str = GRID
+    """`grid` = every configuration of the lists, each to the end; `asha` = `trials` configurations sampled from
+    the lists and ranges, each evaluated on the held-out split at rungs of its budget and stopped there unless in
+    the top 1/`reduction` (asynchronous successive halving, Optuna)."""
+    trials: int = 8
+    """Configurations the search samples and trains (search=asha)."""
+    sampler: str = "tpe"
+    """How the search samples configurations (search=asha): `tpe` (Optuna's TPE, model-based, after a few random
+    ones) or `random`."""
+    reduction: int = 3
+    """Successive halving's factor (search=asha): rungs at the budget / reduction, / reduction², ...; a trial goes on
+    past a rung only in the top 1/reduction of the trials that reached it."""
+    rungs: int = 2
+    """How many rungs below a trial's full budget (search=asha): at budget / reduction^k steps, k = 1..rungs."""
+    confirm_seeds: IntList = ()
+    """Comma list of seeds to retrain the best `confirm_top` configurations with, at full budget (each 0 to
+    2**32 - 1); the verdict then compares them over these seeds (empty = no confirmation)."""
+    confirm_top: int = 2
+    """How many of the best configurations `confirm_seeds` retrains (a grid's: at most all of them; a search's: at
+    most `trials`)."""
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -181,18 +221,44 @@ class Sweeping(Resumable, Registering):
         _check(problems, self, "workers", lambda v: v >= 0, "must be >= 0 (0 = one per GPU, or per cpus_per_worker)")
         _check(problems, self, "cpus_per_worker", lambda v: v >= 1, "must be >= 1")
         _check(problems, self, "max_children", lambda v: v >= 1, "must be >= 1")
-        sizes = {**self.grid_sizes(), "seeds": len(self.seeds)}
-        children = math.prod(sizes.values())
+        problems += self._search_problems()
+        sizes = {"trials": self.trials} if self.search == ASHA else {**self.grid_sizes(), "seeds": len(self.seeds)}
+        children = math.prod(sizes.values()) + min(self.confirm_top, self.configurations()) * len(self.confirm_seeds)
         if children > self.max_children >= 1:
-            grid = " x ".join(f"{n} {name}" for name, n in sizes.items())
-            problems.append(problem("max_children", f"the grid has {children:,} children ({grid}), more than "
+            planned = " x ".join(f"{n} {name}" for name, n in sizes.items())
+            if self.confirm_seeds:
+                planned += f", then {self.confirm_top} confirm_top x {len(self.confirm_seeds)} confirm_seeds"
+            sweep = "search" if self.search == ASHA else "grid"
+            problems.append(problem("max_children", f"the {sweep} has {children:,} children ({planned}), more than "
                                                     f"max_children={self.max_children}: give fewer values, or raise "
                                                     "max_children"))
+        return problems
+
+    def _search_problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self, "search", lambda v: v in SEARCHES, f"must be one of {', '.join(SEARCHES)}")
+        _check(problems, self, "trials", lambda v: v >= 1, "must be >= 1")
+        _check(problems, self, "sampler", lambda v: v in SAMPLERS, f"must be one of {', '.join(SAMPLERS)}")
+        _check(problems, self, "reduction", lambda v: v >= 2, "must be >= 2 (a trial goes on only in the top "
+                                                               "1/reduction of its rung)")
+        _check(problems, self, "rungs", lambda v: v >= 1, "must be >= 1")
+        _check_list(problems, self, "confirm_seeds", lambda v: 0 <= v <= MAX_SEED, SEED_RANGE, "integer",
+                    allow_empty=True)
+        _check(problems, self, "confirm_top", lambda v: v >= 1, "must be >= 1")
+        if self.search == ASHA and len(self.seeds) > 1:
+            problems.append(problem("seeds", f"search=asha trains each trial with one seed, got "
+                                             f"{_shown(self.seeds)}: give one, and confirm_seeds for more"))
+        if self.search == ASHA and self.confirm_seeds and self.confirm_top > self.trials >= 1:
+            problems.append(problem("confirm_top", f"{self.confirm_top} is more than the {self.trials} trials"))
         return problems
 
     def grid_sizes(self) -> dict[str, int]:
         """How many values each list of the grid but `seeds` gives: field → count (each sweep says)."""
         return {}
+
+    def configurations(self) -> int:
+        """How many configurations the sweep trains: the trials of a search, or the grid's."""
+        return self.trials if self.search == ASHA else math.prod(self.grid_sizes().values())
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -273,6 +339,24 @@ def _check_names(problems: list[str], config, name: str, allowed: tuple[str, ...
                                       "more than once"))
 
 
+def _check_rates(problems: list[str], config, allow_empty: bool) -> None:
+    """`learning_rates`: distinct numbers > 0, or (search=asha only) a range LO:HI with 0 < LO < HI."""
+    rates = config.learning_rates
+    if not isinstance(rates, LogRange):
+        _check_list(problems, config, "learning_rates", lambda v: v > 0, "numbers > 0",
+                    "learning rate, like 2e-5,4e-5", allow_empty)
+    elif config.search != ASHA:
+        problems.append(problem("learning_rates", f"the range {rates} is sampled by search=asha only: give a comma "
+                                                  "list for the grid, or -P search=asha"))
+    elif not 0 < rates.low < rates.high:
+        problems.append(problem("learning_rates", f"the range {rates} needs 0 < LO < HI, like 1e-5:1e-3"))
+
+
+def _count(values) -> int:
+    """How many values a list gives a grid (a range gives none: a grid refuses it)."""
+    return 1 if isinstance(values, LogRange) else len(values)
+
+
 COMPILE_SHAPES = ("dynamic", "buckets")
 
 
@@ -331,8 +415,9 @@ class ClassifySweepConfig(Tracked, Sweeping, ClassifierSetup):
     """Fine-tune a sequence classifier over learning rates x epochs (x seeds): a parent run, one child per
     configuration x seed, each the record of a `classify` run, all on the same data and held-out split."""
 
-    learning_rates: FloatList = (2e-5,)
-    """Comma list of peak learning rates of AdamW (linear decay) to compare, like 2e-5,4e-5."""
+    learning_rates: FloatSpace = (2e-5,)
+    """Comma list of peak learning rates of AdamW (linear decay) to compare, like 2e-5,4e-5; with search=asha also
+    a range LO:HI sampled log-uniformly, like 1e-5:1e-3."""
     epochs: FloatList = (1.0,)
     """Comma list of passes over the training split to compare, like 1,2 (fractions allowed; 0 < epochs; only one
     value when max_steps > 0, which stops every child at the same step)."""
@@ -340,7 +425,7 @@ class ClassifySweepConfig(Tracked, Sweeping, ClassifierSetup):
 
     def validate(self) -> list[str]:
         problems = super().validate()
-        _check_list(problems, self, "learning_rates", lambda v: v > 0, "numbers > 0", "learning rate, like 2e-5,4e-5")
+        _check_rates(problems, self, allow_empty=False)
         _check_list(problems, self, "epochs", lambda v: v > 0, "numbers > 0", "epoch count, like 1,2")
         if self.max_steps > 0 and len(self.epochs) > 1:
             problems.append(problem("epochs", f"compares nothing when max_steps > 0 (every child stops at step "
@@ -348,7 +433,7 @@ class ClassifySweepConfig(Tracked, Sweeping, ClassifierSetup):
         return problems
 
     def grid_sizes(self) -> dict[str, int]:
-        return {"learning_rates": len(self.learning_rates), "epochs": len(self.epochs)}
+        return {"learning_rates": _count(self.learning_rates), "epochs": len(self.epochs)}
 
     def child(self, learning_rate: float, epochs: float, seed: int, run_name: str) -> ClassifyConfig:
         """The `classify` config of one child: this sweep's settings with one learning rate, epochs and seed (it
@@ -440,12 +525,19 @@ class SweepConfig(Tracked, Sweeping, LoraTrainingConfig):
     alpha/sqrt(r)), `pissa` / `olora` (initialised from the base weights' principal components / QR)."""
     ranks: IntList = (4, 8, 16, 32)
     """Comma list of LoRA ranks r to compare."""
+    learning_rates: FloatSpace = ()
+    """With search=asha: learning rates to sample from, a comma list like 1e-4,2e-4 or a range LO:HI sampled
+    log-uniformly, like 1e-4:1e-2 (empty = `learning_rate`, which a grid always trains at)."""
     experiment: str = "lora_sweep"
 
     def validate(self) -> list[str]:
         problems = super().validate()
         _check_names(problems, self, "methods", LORA_METHODS)
         _check_int_list(problems, self, "ranks", minimum=1)
+        _check_rates(problems, self, allow_empty=True)
+        if self.search == GRID and isinstance(self.learning_rates, tuple) and self.learning_rates:
+            problems.append(problem("learning_rates", "a LoRA grid trains at learning_rate: give one there, or "
+                                                      "-P search=asha to search these"))
         return problems
 
     def grid_sizes(self) -> dict[str, int]:
@@ -784,6 +876,8 @@ def _coerce(name: str, kind: Any, raw: Any) -> tuple[Any, str | None]:
             return None, problem(name, f"must be true or false, got {text!r}")
         return BOOLEANS[text.lower()], None
     try:
+        if kind == FloatSpace:
+            return _space(text), None
         if kind == IntList:
             return tuple(_integer(item) for item in text.split(",")) if text else (), None
         if kind == FloatList:
@@ -793,10 +887,19 @@ def _coerce(name: str, kind: Any, raw: Any) -> tuple[Any, str | None]:
         if kind is float:
             return _finite(text), None
     except ValueError:
-        expected = {int: "an integer", float: "a finite number", FloatList: "a comma list of numbers like 2e-5,4e-5"
+        expected = {int: "an integer", float: "a finite number", FloatList: "a comma list of numbers like 2e-5,4e-5",
+                    FloatSpace: "a comma list of numbers like 2e-5,4e-5, or a range LO:HI like 1e-5:1e-3"
                     }.get(kind, "a comma list of integers like 4,8,16")
         return None, problem(name, f"must be {expected}, got {text!r}")
     raise TypeError(f"unsupported config field type {kind!r} for {name}")
+
+
+def _space(text: str) -> FloatList | LogRange:
+    """`LO:HI` → a LogRange, `a,b,...` → a list of numbers (ValueError otherwise)."""
+    if ":" in text:
+        low, high = text.split(":")
+        return LogRange(_finite(low), _finite(high))
+    return tuple(_finite(item) for item in text.split(",")) if text else ()
 
 
 def _finite(text: str) -> float:
@@ -837,10 +940,12 @@ def from_strings(cls: type, raw: dict[str, Any]):
 def as_params(config) -> dict[str, Any]:
     """Every field as MLflow logs it, in the form it is given in: lists of integers as `4,8,16`, booleans as
     `true` / `false` (as `mlflow run -P` logs them, so a run called directly compares equal)."""
-    return {k: _as_param(v) for k, v in dataclasses.asdict(config).items()}
+    return {f.name: _as_param(getattr(config, f.name)) for f in fields(config)}
 
 
 def _as_param(value: Any) -> Any:
+    if isinstance(value, LogRange):
+        return str(value)
     if isinstance(value, tuple):
         return ",".join(map(str, value))
     if isinstance(value, bool):

@@ -78,6 +78,26 @@ SWEEP_PARENT_METRICS = ["best_rank", "best_configuration_eval_loss_mean", "best_
                         "sweep_wall_s", "child_train_s_sum"]
 
 
+# ---------------------------------------------------------------------------------------------- search (asha)
+# On the parent of a search: every trial's sampled values, state, steps and held-out values at its rungs; the held-out
+# objective against steps for every trial.
+SEARCH_TABLE = "search_table.json"
+SEARCH_CURVES_FIGURE = "search_curves.png"
+# On every trial: its number in the study, its sampled values (JSON, exact), whether it was stopped at a rung.
+TRIAL_TAG = "finetune_lab.trial"
+TRIAL_PARAMS_TAG = "finetune_lab.trial_params"
+EARLY_STOPPED_TAG = "finetune_lab.early_stopped"
+# A trial's full budget (the steps it would have trained unstopped).
+BUDGET_METRIC = "budget_steps"
+SEARCH_PARENT_METRICS = ["trials_finished", "trials_stopped_early", "trial_steps_trained", "trial_steps_full_budget",
+                         "best_trial_number"]
+
+
+def rung_metric(objective: str) -> str:
+    """The metric a trial logs at each rung, by step: its held-out objective there (`rung_accuracy`)."""
+    return f"rung_{objective}"
+
+
 # The LoRA method of the rank sweep as it was before there were methods.
 DEFAULT_LORA_METHOD = "lora"
 

@@ -1,7 +1,8 @@
 """Where a sweep's children train: the seam between the experiment and the processes that do the work.
 
 The sweep hands over its `children` (each with a `name` and `failed(run_id, error, status)`, which makes the
-outcome of a child that could not finish) and `make_trainer`, a picklable factory of
+outcome of a child that could not finish; a list, or an iterator that makes each child when a worker is free to take
+it, as a search asks its next trial then) and `make_trainer`, a picklable factory of
 `trainer(child, run_id="") -> outcome` that loads what the children share (the frozen base) once per process.
 Outcomes come back as children end; a signal (or, in this process, a tracking outage) raises `Stopped` with the
 outcomes of the children it stopped mid-way.
@@ -22,14 +23,14 @@ import importlib.util
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
 
-from finetune_lab import heap, tracking
+from finetune_lab import heap, signals, tracking
 from finetune_lab.config import Sweeping
 from finetune_lab.contract import FAILED, KILLED
 from finetune_lab.errors import InputError, one_line, problem
@@ -77,12 +78,15 @@ def cluster_address() -> str:
     return "" if address == "local" else address
 
 
-def run_children(config: Sweeping, make_trainer: Callable[[], Callable], children: list) -> Iterator:
-    """Each child's outcome as it ends, trained where `config.executor` says."""
-    if not children:
+def run_children(config: Sweeping, make_trainer: Callable[[], Callable], children: Iterable,
+                 count: int | None = None) -> Iterator:
+    """Each child's outcome as it ends, trained where `config.executor` says. `children`: a list, or an iterator of
+    `count` children, each taken from it only when it can start."""
+    count = len(children) if count is None else count
+    if not count:
         return
     if config.executor == RAY:
-        yield from _ray_children(config, make_trainer, children)
+        yield from _ray_children(config, make_trainer, iter(children), count)
         return
     trainer = make_trainer()
     for child in children:
@@ -123,7 +127,7 @@ def worker_capacity(nodes: list[dict[str, Any]], cpus_per_worker: int) -> tuple[
     return capacity, gpus
 
 
-def _ray_children(config: Sweeping, make_trainer, children: list) -> Iterator:
+def _ray_children(config: Sweeping, make_trainer, children: Iterator, count: int) -> Iterator:
     import ray  # the optional extra; `problems` checked that it is installed
 
     address = cluster_address()
@@ -140,8 +144,8 @@ def _ray_children(config: Sweeping, make_trainer, children: list) -> Iterator:
         signal.signal(signal.SIGTERM, on_sigterm)
     workers = []
     try:
-        workers = _start_workers(ray, config, make_trainer, len(children))
-        yield from _hand_out(ray, workers, children)
+        workers = _start_workers(ray, config, make_trainer, count)
+        yield from _hand_out(ray, workers, children, count)
     finally:
         # Killed first: on a cluster that outlives the sweep, and on a busy machine, a worker left to notice the
         # driver's end on its own lingers (one whose base failed to load stayed over 30 s).
@@ -171,19 +175,20 @@ def _start_workers(ray, config: Sweeping, make_trainer, children: int) -> list:
             for _ in range(count)]
 
 
-def _hand_out(ray, workers: list, children: list) -> Iterator:
-    """Children to ready workers until none is left; outcomes as they end. A child's run is made when a worker
-    that has loaded the base takes it (so it starts when its training does); a worker that dies fails its child
-    and takes no more; children left when no worker is, fail."""
+def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
+    """The `count` children to ready workers until none is left, each taken from `children` when a worker is free
+    for it; outcomes as they end. A child's run is made when a worker that has loaded the base takes it (so it
+    starts when its training does); a worker that dies fails its child and takes no more; children left when no
+    worker is, fail."""
     from ray.exceptions import RayError, RayTaskError
 
-    queue, idle, running, run_ids = list(children), [], {}, {}
+    left, idle, running, run_ids = count, [], {}, {}
     starting = {worker.ready.remote(): worker for worker in workers}
     lost, ended = "", 0
     try:
-        while running or (queue and (idle or starting)):
-            while queue and idle:
-                child, worker = queue.pop(0), idle.pop(0)
+        while running or (left and (idle or starting)):
+            while left and idle:
+                child, worker, left = next(children), idle.pop(0), left - 1
                 run_ids[child.name] = tracking.create_child_run(child.name)
                 running[worker.train.remote(child, run_ids[child.name])] = (worker, child)
             [done], _ = ray.wait([*starting, *running], num_returns=1)
@@ -206,19 +211,20 @@ def _hand_out(ray, workers: list, children: list) -> Iterator:
                 lost = f"died: {one_line(error)}"
                 outcome = _failed(child, run_ids[child.name], f"its Ray worker {lost}")
             ended += 1
-            print(f"[ray] {outcome.name} {outcome.status} ({ended}/{len(children)})", file=sys.stderr, flush=True)
+            print(f"[ray] {outcome.name} {outcome.status} ({ended}/{count})", file=sys.stderr, flush=True)
             yield outcome
-        for child in queue:  # every worker is gone
+        for child in children:  # every worker is gone
             yield _failed(child, tracking.create_child_run(child.name),
                           f"no Ray worker left to train it (the last one {lost})")
-    except BaseException as error:  # interrupted (or the caller stopped early): the children training end KILLED
+    except BaseException as caught:  # interrupted (or the caller stopped early): the children training end KILLED
+        error = signals.restored(caught)
         reason = "interrupted before it ended" + (f": {error}" if str(error) else "")
         stopped = []
         for _, child in running.values():
             tracking.end_run_by_id(run_ids[child.name], KILLED, reason)
             stopped.append(child.failed(run_ids[child.name], reason, KILLED))
         if isinstance(error, KeyboardInterrupt):  # a signal: the sweep summarises what ended, then stops
-            raise Stopped(stopped, error) from error
+            raise Stopped(stopped, error) from caught
         raise
 
 

@@ -10,6 +10,7 @@ on disk (`spool`) and recorded by `resume`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import datasets
@@ -31,12 +32,13 @@ from finetune_lab import (
     preamble,
     prompts,
     registry,
+    search,
     spool,
     sweep,
     tracking,
     training,
 )
-from finetune_lab.config import SweepConfig
+from finetune_lab.config import ASHA, LogRange, SweepConfig
 from finetune_lab.contract import ADAPTER_ARTIFACT, FAILED, FINISHED
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.sweep import ChildOutcome, ChildSpec
@@ -122,7 +124,9 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
     raises executors.Stopped (`sweep.recorded`)."""
     work = trainer.workload
     config, tokenizer, outcome = work.config, trainer.tokenizer, ChildOutcome(spec, "", FAILED)
-    method, rank = spec.settings["method"], spec.settings["rank"]
+    method, rank, trial = spec.settings["method"], spec.settings["rank"], search.watch(spec)
+    if "learning_rate" in spec.settings:  # searched
+        config = dataclasses.replace(config, learning_rate=spec.settings["learning_rate"])
     # The logits a reload must reproduce; a converted PiSSA / OLoRA adapter is also checked on a probe prompt.
     texts = work.check_texts or ([PROBE_PROMPT] if method in lora.MUTATE_BASE else [])
     with sweep.recorded(outcome), tracking.scratch_dir("child") as scratch, \
@@ -135,7 +139,8 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
             mlflow.set_tags(work.marks)
             try:
                 fitted = causal_lm.fit(model, tokenizer, work.tokenized[TRAIN], work.tokenized[TEST], config,
-                                       spec.seed, outcome.run_id, f"{spec.position} {spec.name}".strip())
+                                       spec.seed, outcome.run_id, f"{spec.position} {spec.name}".strip(),
+                                       watch=trial)
             except health.TrainingCollapsed as dead:
                 outcome.metrics = dead.metrics
                 mlflow.log_metrics(dead.metrics)  # what the dead model measured, next to the reason
@@ -156,6 +161,8 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
             converted = _check_conversion(trainer, scratch / ADAPTER_ARTIFACT, outcome.reference, texts)
             outcome.reference = converted if work.check_texts else None
         outcome.metrics, outcome.curve = {**metrics, "train_loss": fitted.train_loss}, fitted.curve
+        if trial:
+            trial.record(outcome)
         outcome.status = FINISHED
     return outcome
 
@@ -178,6 +185,15 @@ class LoraSweep(sweep.Design):
     def configurations(self, config: SweepConfig) -> list[tuple[str, dict]]:
         return [(contract.lora_label(method, rank), {"method": method, "rank": rank})
                 for method in config.method_list for rank in config.ranks]
+
+    def label(self, settings: dict) -> str:
+        label = contract.lora_label(settings["method"], settings["rank"])
+        return f"{label}-lr{settings['learning_rate']:g}" if "learning_rate" in settings else label
+
+    def space(self, config: SweepConfig) -> dict:
+        rates = config.learning_rates or (config.learning_rate,)
+        return {"method": tuple(config.method_list), "rank": config.ranks,
+                "learning_rate": rates if isinstance(rates, LogRange) else tuple(rates)}
 
     def prepare(self, config: SweepConfig, split_seed: int) -> causal_lm.Prepared:
         return causal_lm.prepare(config, config.ranks, split_seed, found=executors.problems(config),
@@ -269,7 +285,23 @@ class LoraSweep(sweep.Design):
             return registry.register_verified(config.register_as, candidate, workload.parent_run_id)
 
 
+class SearchedLoraSweep(LoraSweep):
+    """The LoRA sweep as a search (`search=asha`) samples it: the learning rate is one more axis of a configuration,
+    and the configurations it confirms are compared with each other whatever their method and rank."""
+
+    axes = ["method", "rank", "learning_rate"]
+
+    def verdict_groups(self, table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+        return [("", table)]
+
+
 DESIGN = LoraSweep()
+SEARCHED = SearchedLoraSweep()
+
+
+def design(config: SweepConfig) -> LoraSweep:
+    """The design that trains `config`: the grid's, or the search's."""
+    return SEARCHED if config.search == ASHA else DESIGN
 
 
 def plan(config: SweepConfig) -> list[ChildSpec]:
@@ -283,5 +315,6 @@ def execute(config: SweepConfig) -> dict:
 
 
 def run(config: SweepConfig) -> dict:
-    """The whole sweep inside one parent run (see `sweep.run`); the parent's id, the best child and notes."""
-    return sweep.run(config, DESIGN)
+    """The whole sweep, a grid or a search (see `search.run`), inside one parent run; the parent's id, the best child
+    and notes."""
+    return search.run(config, design(config))

@@ -192,3 +192,27 @@ def confusion_figure(matrix: dict) -> plt.Figure:
     axes.set_ylabel("true label")
     axes.set_title("Confusion matrix (evaluation split)")
     return figure
+
+
+def search_curves(curves: dict[str, list[tuple[int, float]]], stopped: set[str], objective: str,
+                  rungs: list[int]) -> plt.Figure:
+    """A search's successive halving: each trial's held-out `objective` against its training steps (at its rungs,
+    then at its end for a trial that trained its full budget), a line per trial, the `rungs` dotted; a trial
+    stopped at a rung ends in a cross there."""
+    figure, axes = plt.subplots(figsize=(7, 5), layout="constrained")
+    for name, points in curves.items():
+        if not points:
+            continue
+        steps, values = zip(*points)
+        line = axes.plot(steps, values, marker="o", markersize=4, linewidth=1.2, label=name)[0]
+        if name in stopped:
+            axes.plot(steps[-1], values[-1], marker="x", markersize=10, color=line.get_color())
+    for step in rungs:
+        axes.axvline(step, color="grey", linewidth=0.6, linestyle=":")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("training step")
+    axes.set_ylabel(f"held-out {objective}")
+    axes.set_title(f"Held-out {objective} per trial (x: stopped at that rung)")
+    axes.grid(alpha=0.3)
+    _legend_outside(figure, axes, columns=3)
+    return figure

@@ -40,12 +40,13 @@ class _State:
     stopping = False
     deferring = 0
     pending: int | None = None
+    received: int | None = None
 
 
 def _on_signal(signum, frame) -> None:
     if _State.stopping:
         return
-    _State.stopping = True
+    _State.stopping, _State.received = True, signum
     if _State.deferring:
         _State.pending = signum
         return
@@ -60,13 +61,21 @@ def terminating() -> Iterator[None]:
         yield
         return
     previous = {signum: signal.signal(signum, _on_signal) for signum in HANDLED}
-    _State.stopping, _State.pending = False, None
+    _State.stopping, _State.pending, _State.received = False, None, None
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _State.stopping, _State.pending = False, None
+        _State.stopping, _State.pending, _State.received = False, None, None
+
+
+def restored(error: BaseException) -> BaseException:
+    """`error`, or the `Terminated` it stands for: Ray's blocking calls (ray.get, ray.wait) catch the exception our
+    handler raises and raise a bare KeyboardInterrupt instead (then `cli` would print click's `Aborted!`)."""
+    if isinstance(error, KeyboardInterrupt) and not isinstance(error, Terminated) and _State.received is not None:
+        return Terminated(_State.received)
+    return error
 
 
 @contextlib.contextmanager

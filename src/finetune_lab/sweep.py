@@ -16,7 +16,7 @@ import abc
 import contextlib
 import numbers
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from finetune_lab import contract, executors, held_out, preamble, registry, resume, tracking, verdicts
-from finetune_lab.config import Sweeping
+from finetune_lab.config import LogRange, Sweeping
 from finetune_lab.contract import FAILED, FINISHED, KILLED, NOT_RUN
 from finetune_lab.errors import one_line
 
@@ -88,6 +88,8 @@ class ChildOutcome:
     """The trained model's logits on the registry's check texts (only when registering, and trained now)."""
     reused: bool = False
     """Finished by an earlier attempt of the parent (`resume`), not trained now."""
+    heldout: list[tuple[int, float]] = field(default_factory=list)
+    """(step, objective on the held-out split) at each rung it reached (a search's trial)."""
 
     @property
     def seed(self) -> int:
@@ -152,6 +154,14 @@ class Design(abc.ABC):
         """The grid: (label, {table column: value}) per configuration, in the order they run."""
 
     @abc.abstractmethod
+    def label(self, settings: dict[str, Any]) -> str:
+        """A configuration's name in run names and tables, from its values ({table column: value})."""
+
+    @abc.abstractmethod
+    def space(self, config: Sweeping) -> dict[str, tuple | LogRange]:
+        """What a search samples: table column → its choices (a tuple) or a log-uniform range."""
+
+    @abc.abstractmethod
     def prepare(self, config: Sweeping, split_seed: int):
         """Check config, data and model together (InputError with every problem); return what was prepared, with
         `data` (data.LoadedData) and `source` (models.ModelSource)."""
@@ -187,22 +197,44 @@ class Design(abc.ABC):
         return plan(self.configurations(config), config.seeds)
 
 
-def train_children(config: Sweeping, make_trainer, specs: list[ChildSpec]
+def train_children(config: Sweeping, make_trainer, specs: Iterable[ChildSpec], count: int | None = None,
+                   on_end: Callable[[ChildOutcome], None] = lambda outcome: None
                    ) -> tuple[list[ChildOutcome], BaseException | None]:
-    """Train `specs` where the config says (`executors`), until a signal or a tracking outage stops it. Returns an
-    outcome per spec, in the planned order (NOT_RUN for those never started), and what stopped it (None if
-    nothing did)."""
+    """Train `specs` (a list, or an iterator of `count` made one at a time when each can start) where the config
+    says (`executors`), until a signal or a tracking outage stops it; `on_end` is told each outcome as it ends,
+    before the next spec is taken. Returns an outcome per spec taken (per spec of a list: NOT_RUN for those never
+    started), in order, and what stopped it (None if nothing did)."""
     ended: dict[str, ChildOutcome] = {}
+    taken: list[ChildSpec] = []
     stop: BaseException | None = None
+
+    def taking() -> Iterator[ChildSpec]:
+        for spec in specs:
+            taken.append(spec)
+            yield spec
+
     try:
-        for outcome in executors.run_children(config, make_trainer, specs):
+        for outcome in executors.run_children(config, make_trainer, taking(), len(specs) if count is None else count):
             ended[outcome.name] = outcome
+            on_end(outcome)
     except executors.Stopped as stopped:
         ended.update({outcome.name: outcome for outcome in stopped.outcomes})
         stop = stopped.cause
     except KeyboardInterrupt as between_children:
         stop = between_children
-    return [ended.get(spec.name) or ChildOutcome(spec, "", NOT_RUN, error=f"not run: {stop}") for spec in specs], stop
+    planned = specs if isinstance(specs, list) else taken
+    return [ended.get(spec.name) or ChildOutcome(spec, "", NOT_RUN, error=f"not run: {stop}") for spec in planned], stop
+
+
+def train_planned(config: Sweeping, design: Design, workload, specs: list[ChildSpec], parent_run_id: str,
+                  marks: dict[str, str]) -> tuple[list[ChildOutcome], list[ChildOutcome], BaseException | None]:
+    """`specs` reused when the parent already finished them with the same config and data, recorded when kept on
+    disk during an outage, trained otherwise: (their outcomes in order, those trained now, what stopped it)."""
+    done = reused_children(parent_run_id, specs, marks)
+    done.update(design.record_kept(workload, [s for s in specs if s.name not in done]))
+    trained, stop = train_children(config, workload.make_trainer, [s for s in specs if s.name not in done])
+    outcomes = {**done, **{c.name: c for c in trained}}
+    return [outcomes[s.name] for s in specs], trained, stop
 
 
 def reused_children(parent_run_id: str, specs: list[ChildSpec], marks: dict[str, str]) -> dict[str, ChildOutcome]:
@@ -217,6 +249,18 @@ def reused_children(parent_run_id: str, specs: list[ChildSpec], marks: dict[str,
             reused[spec.name] = ChildOutcome(spec, run.info.run_id, FINISHED, dict(run.data.metrics),
                                              sorted((m.step, m.value) for m in history), reused=True)
     return reused
+
+
+def confirm_plan(config: Sweeping, design: Design, children: list[ChildOutcome]) -> list[ChildSpec]:
+    """`confirm_seeds` x the best `confirm_top` configurations among `children` (by their mean objective over the
+    seeds that finished, at full budget), best first."""
+    table = comparison_table(children, [design.objective])
+    if not (table["status"] == FINISHED).any():
+        return []
+    summary = contract.summarise(table, design.axes, [design.objective])
+    ranked = summary.sort_values(f"{design.objective}_mean", ascending=design.lower_is_better, kind="stable")
+    best = [{axis: _plain(row[axis]) for axis in design.axes} for _, row in ranked.head(config.confirm_top).iterrows()]
+    return plan([(design.label(settings), settings) for settings in best], config.confirm_seeds)
 
 
 def comparison_table(children: list[ChildOutcome], metrics: list[str]) -> pd.DataFrame:
@@ -348,68 +392,104 @@ def _outage_message(stop: BaseException, parent_run_id: str) -> str:
             f"kept and trains only what is missing. The last error: {tracking.offline()[:200]}")
 
 
-def sweep_children(parent: mlflow.ActiveRun, config: Sweeping, design: Design, prepared, marks: dict[str, str],
-                   started: float) -> dict:
-    """Every planned child of `parent`: reused when the parent already finished it with the same config and data,
-    recorded when kept on disk during an outage, trained otherwise; then the summary, the registration, and
-    `sweep_wall_s` (since `started`) and `child_train_s_sum` (the children trained now) on the parent."""
-    parent_run_id = parent.info.run_id
-    specs = design.plan(config)
-    done = reused_children(parent_run_id, specs, marks)
-    workload = design.workload(config, prepared, marks, parent_run_id)
-    done.update(design.record_kept(workload, [s for s in specs if s.name not in done]))
-    trained, stop = train_children(config, workload.make_trainer, [s for s in specs if s.name not in done])
-    outcomes = {**done, **{c.name: c for c in trained}}
-    children = [outcomes[s.name] for s in specs]
-    if isinstance(stop, tracking.TrackingUnreachable):  # nothing more can be logged: say how to go on
+def summarised(stop: BaseException | None, parent_run_id: str, summarise: Callable[[], Any]) -> Any:
+    """`summarise()` the children that ended, also on the way down after a signal (`stop`, raised then, so that every
+    open run ends KILLED); after a tracking outage nothing more can be logged: say how to go on instead."""
+    if isinstance(stop, tracking.TrackingUnreachable):
         raise tracking.TrackingUnreachable(_outage_message(stop, parent_run_id)) from stop
     try:
-        outcome = log_summary(children, design)
+        return summarise()
     finally:
-        if stop is not None:  # a signal: the finished work is summarised, now every open run ends KILLED
+        if stop is not None:
             raise stop
+
+
+def register_best(config: Sweeping, design: Design, workload, prepared, best: ChildOutcome) -> list[str]:
+    """With `register_as`: register `best`'s model; the line that says so (none otherwise)."""
+    if not config.register_as:
+        return []
+    result = design.register(workload, prepared, best)
+    return [f"registered {result['model_uri']} (champion {result['decision']})"]
+
+
+def log_effort(started: float, trained: list[ChildOutcome]) -> None:
+    """On the parent: `sweep_wall_s` (since `started`), and the training time and steps of the children trained
+    now (`child_train_s_sum`, `child_train_steps_sum`)."""
+    mlflow.log_metrics({"sweep_wall_s": time.perf_counter() - started,
+                        "child_train_s_sum": sum(c.metrics.get("train_runtime_s", 0.0) for c in trained),
+                        "child_train_steps_sum": sum(c.metrics.get("train_steps", 0.0) for c in trained)})
+
+
+def child_notes(children: list[ChildOutcome], objective: str) -> list[str]:
+    """A line per child for the console: its name, status, and objective or error."""
+    width = max(len(c.name) for c in children) + 1
+    return [f"  {c.name:<{width}} {c.status:<9} "
+            + (f"{objective} {c.metrics[objective]:.4f}" if c.status == FINISHED else c.error)
+            + (" (finished earlier, reused)" if c.reused else "") for c in children]
+
+
+def finish(parent_run_id: str, config: Sweeping, design: Design, workload, prepared, children: list[ChildOutcome],
+           trained: list[ChildOutcome], stop: BaseException | None, started: float) -> dict:
+    """After the children: the summary over `children` (also on the way down after a signal, which is raised
+    then), the registration of the best, and the effort (`log_effort`) of those `trained` now."""
+    outcome = summarised(stop, parent_run_id, lambda: log_summary(children, design))
     if outcome is None:
         raise RuntimeError(f"all {len(children)} child runs failed; first error: {children[0].error}")
     best = outcome["best"]
-    registered = []
-    if config.register_as:
-        result = design.register(workload, prepared, next(c for c in children if c.run_id == best["run_id"]))
-        registered = [f"registered {result['model_uri']} (champion {result['decision']})"]
-    mlflow.log_metrics({"sweep_wall_s": time.perf_counter() - started,
-                        "child_train_s_sum": sum(c.metrics.get("train_runtime_s", 0.0) for c in trained)})
-    width = max(len(c.name) for c in children) + 1
-    notes = [f"  {c.name:<{width}} {c.status:<9} "
-             + (f"{design.objective} {c.metrics[design.objective]:.4f}" if c.status == FINISHED else c.error)
-             + (" (finished earlier, reused)" if c.reused else "") for c in children]
+    registered = register_best(config, design, workload, prepared,
+                               next(c for c in children if c.run_id == best["run_id"]))
+    log_effort(started, trained)
     return {
         "run_id": parent_run_id,
         "metrics": {**{f"best_{axis}": _plain(best[axis]) for axis in design.axes},
                     **outcome["best_configuration_mean"], f"best_{design.objective}": float(best[design.objective])},
         "children": children,
-        "notes": ["children:", *notes, *outcome["verdicts"], f"best child run: {best['run_id']}", *registered],
+        "notes": ["children:", *child_notes(children, design.objective), *outcome["verdicts"],
+                  f"best child run: {best['run_id']}", *registered],
     }
 
 
-def execute(config: Sweeping, design: Design) -> dict:
+def sweep_children(parent: mlflow.ActiveRun, config: Sweeping, design: Design, prepared, marks: dict[str, str],
+                   started: float) -> dict:
+    """Every planned child of `parent`, then with `confirm_seeds` the best configurations again with those seeds:
+    each reused when the parent already finished it with the same config and data, recorded when kept on disk
+    during an outage, trained otherwise; then the summary over them all, the registration, and the effort."""
+    parent_run_id = parent.info.run_id
+    workload = design.workload(config, prepared, marks, parent_run_id)
+    specs = design.plan(config)
+    children, trained, stop = train_planned(config, design, workload, specs, parent_run_id, marks)
+    if stop is None and config.confirm_seeds:
+        planned = {s.name for s in specs}
+        confirm = [s for s in confirm_plan(config, design, children) if s.name not in planned]
+        confirmed, trained_now, stop = train_planned(config, design, workload, confirm, parent_run_id, marks)
+        children, trained = children + confirmed, trained + trained_now
+    return finish(parent_run_id, config, design, workload, prepared, children, trained, stop, started)
+
+
+# How a sweep trains its children in the parent run and summarises them (`sweep_children` for a grid).
+SweepChildren = Callable[[mlflow.ActiveRun, Sweeping, Design, Any, dict[str, str], float], dict]
+
+
+def execute(config: Sweeping, design: Design, children: SweepChildren = sweep_children) -> dict:
     """The whole sweep inside the active run: the parent of its children (with `resume`: the run that reopens the
-    earlier parent). Validate, train every planned child through the executor, summarise, register. Return the
-    parent's id, the best child, the children and notes."""
+    earlier parent). Validate, train the children through the executor (`children`), summarise, register. Return
+    the parent's id, the best child, the children and notes."""
     started = time.perf_counter()
     # The held-out split (and the tiny model) come from the first seed: identical for every child.
     split_seed = config.seeds[0] if config.seeds else 0
     with preamble.begin(config, design.kind, lambda: design.prepare(config, split_seed),
                         lambda prepared: {"split_seed": split_seed, **design.preamble_params(prepared)}) as begun:
         prepared = begun.prepared
-        result = sweep_children(begun.parent, config, design, prepared, resume.marks(config, prepared.data), started)
+        result = children(begun.parent, config, design, prepared, resume.marks(config, prepared.data), started)
     result["notes"][:0] = begun.notes
     return result
 
 
-def run(config: Sweeping, design: Design) -> dict:
+def run(config: Sweeping, design: Design, children: SweepChildren = sweep_children) -> dict:
     """The whole sweep inside one parent run (with `resume`: inside the earlier parent, reopened, under a run of
     its own); return the parent's id, the best child and the notes."""
     kind = contract.RESUME if config.resume else design.kind
     with tracking.experiment_run(kind, config.experiment, config.run_name) as invocation:
-        result = execute(config, design)
+        result = execute(config, design, children)
         return {"run_id": result["run_id"], "metrics": result["metrics"], "notes": result["notes"],
                 "ui": tracking.ui_hint(invocation.info.experiment_id)}

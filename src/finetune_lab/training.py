@@ -14,7 +14,7 @@ import math
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,14 +125,14 @@ class TokenBudgetTrainer(Trainer):
 
 def make_trainer(model, tokenizer, output_dir: Path, train_dataset, collator, config: TrainingConfig, seed: int,
                  run_id: str, phase: str, batch_tokens: int = 0, packed: bool = False,
-                 drop_last: bool = False) -> Trainer:
+                 drop_last: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> Trainer:
     """The HF Trainer every experiment uses: the config's optimisation settings, per-step metrics logged into run
     `run_id`, and on the console the line `<phase>: training N steps` then a progress bar (no per-step dicts).
     `batch_tokens` > 0: batches by that token budget (`packed`: counted in real tokens) instead of batch_size
-    examples; `drop_last`: see `training_arguments`."""
+    examples; `drop_last`: see `training_arguments`; `callbacks`: more of them (a search's held-out rungs)."""
     settings = dict(model=model, args=training_arguments(output_dir, config, seed, drop_last),
                     train_dataset=train_dataset, processing_class=tokenizer, data_collator=collator,
-                    callbacks=[PhaseLine(phase)])
+                    callbacks=[PhaseLine(phase), *callbacks])
     trainer = TokenBudgetTrainer(**settings, batch_tokens=batch_tokens, packed=packed) if batch_tokens else \
         Trainer(**settings)
     return step_logged(trainer, run_id)
@@ -201,6 +201,11 @@ def compiled(model: torch.nn.Module, shapes: str, max_length: int) -> Iterator[N
     # lengths 40 to 512, dynamic=True built two graphs with inductor and one with the eager backend).
     with torch._dynamo.config.patch(recompile_limit=graph_budget(shapes, max_length) + 1):
         yield
+
+
+# A watch on training (`search`): given how to measure the model on the held-out split (model → metrics), the
+# callback that measures it at the steps the watch chooses and may stop training there.
+Watch = Callable[[Callable[[torch.nn.Module], dict[str, float]]], TrainerCallback]
 
 
 class PhaseLine(TrainerCallback):
@@ -476,6 +481,11 @@ def _flush_after(error: BaseException, trainer: Trainer, logger: MlflowStepLogge
         last = int(steps[-1]["step"]) if steps else 0
         console.say(f"training stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; its step "
                     f"metrics are logged up to step {last}")
+
+
+def stopped_early(trainer: Trainer) -> bool:
+    """Whether a callback stopped training before its last step (a signal or an error raises instead)."""
+    return trainer.state.global_step < trainer.state.max_steps
 
 
 def step_log(trainer: Trainer) -> list[dict]:

@@ -221,6 +221,58 @@ def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
         r.data.params.get("lora_method", contract.DEFAULT_LORA_METHOD), r.data.params.get("lora_r")), "eval_loss", True)
 
 
+# What a search's parent says about its kind of sweep: objective, and the summary its confirmation logs.
+SEARCH_KINDS = {contract.CLASSIFY_SWEEP: ("accuracy", contract.CONFIGURATION_SUMMARY, contract.CLASSIFY_METRICS),
+                contract.SWEEP: ("eval_loss", contract.RANK_SUMMARY, contract.SWEEP_CHILD_METRICS)}
+# The search table's columns the report leaves out (the run id is shown short).
+SEARCH_HIDDEN = ("run_id", "error", "reused")
+
+
+def is_search(parent: Run) -> bool:
+    """Whether a sweep's parent ran a search (`search=asha`) rather than a grid."""
+    return parent.data.params.get("search") == "asha"
+
+
+def search_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
+    """A search: how many trials, how many stopped early and the steps they trained beside their full budgets, the
+    best trial, every trial (`search_table.json`) and the objective against steps; then the confirmation: its
+    children, their summary per configuration and the verdicts the parent logged."""
+    tags, metrics, params = parent.data.tags, parent.data.metrics, parent.data.params
+    objective, summary_artifact, child_metrics = SEARCH_KINDS[kind_of(parent)]
+    heading = Heading(3, f"Search {label(parent)} ({parent.info.run_id[:8]}), status {parent.info.status}")
+    table = artifacts.table(parent, contract.SEARCH_TABLE)
+    if table is None:
+        return [heading, without_children(parent)]
+    trained, full = metrics.get("trial_steps_trained"), metrics.get("trial_steps_full_budget")
+    share = f" ({100 * trained / full:.0f} %)" if trained is not None and full else ""
+    best = ", ".join(f"{k.removeprefix('best_trial_')}={v}" for k, v in sorted(tags.items())
+                     if k.startswith("best_trial_") and k != "best_trial_run_id")
+    stopped, best_value = number(metrics.get("trials_stopped_early")), number(metrics.get(f"best_trial_{objective}"))
+    blocks: list[Block] = [heading, Text(
+        f"ASHA over {counted(len(table), 'trial')} ({params.get('sampler', 'tpe')} sampler, reduction "
+        f"{params.get('reduction', '3')}, {params.get('rungs', '2')} rungs): {stopped} stopped early; the trials "
+        f"trained {number(trained)} steps of the {number(full)} they would have at full budget{share}. Best trial: "
+        f"{best or 'none'}, {objective} {best_value}.")]
+    shown = [c for c in table.columns if c not in SEARCH_HIDDEN]
+    blocks.append(Table([*shown, "run id"], [[cell(row[c]) for c in shown] + [str(row["run_id"])[:8]]
+                                             for _, row in table.iterrows()]))
+    figure = artifacts.raw(parent, contract.SEARCH_CURVES_FIGURE)
+    if figure is not None:
+        blocks.append(Figures([Figure(f"held-out {objective} per trial", f"search_curves-{label(parent)}", figure)]))
+    confirmed = [c for c in children if contract.TRIAL_TAG not in c.data.tags]
+    if confirmed:
+        blocks += [Text(f"Confirmation of the best configurations with seeds {params.get('confirm_seeds', '')}:"),
+                   *run_table(confirmed, child_metrics, first_params=("seed",))]
+        summary = artifacts.table(parent, summary_artifact)
+        if summary is not None:
+            axes = [c for c in summary.columns if c != "seeds" and not c.endswith(("_mean", "_std"))]
+            blocks.append(summary_table(summary, axes))
+        logged = artifacts.raw(parent, contract.VERDICTS_TEXT)
+        if logged is not None:
+            blocks.append(Bullets([line for line in logged.decode("utf-8").splitlines() if line]))
+    return blocks
+
+
 def probe_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
     """The probe's child runs (`before`, `after` or `after-r<N>`), the before/after comparison and its figures."""
     params = parent.data.params
@@ -331,12 +383,18 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
         by_kind.setdefault(kind_of(logged), []).append(logged)
     if contract.CLASSIFICATION in by_kind:
         blocks += classification_section(by_kind[contract.CLASSIFICATION], artifacts)
+    searches = [p for kind in SEARCH_KINDS for p in by_kind.get(kind, []) if is_search(p)]
     for parent in by_kind.get(contract.CLASSIFY_SWEEP, []):
-        blocks += classify_sweep_section(parent, found.children_of(parent), artifacts)
+        if parent not in searches:
+            blocks += classify_sweep_section(parent, found.children_of(parent), artifacts)
     sweeps, probes = by_kind.get(contract.SWEEP, []), by_kind.get(contract.PROBE, [])
+    sweeps = [p for p in sweeps if p not in searches]
     blocks += parents_overview("LoRA rank sweeps", sweeps, contract.SWEEP_PARENT_METRICS)
     for parent in sweeps:
         blocks += sweep_section(parent, found.children_of(parent), artifacts)
+    blocks += parents_overview("Searches", searches, contract.SEARCH_PARENT_METRICS)
+    for parent in searches:
+        blocks += search_section(parent, found.children_of(parent), artifacts)
     blocks += parents_overview("Retraining probes", probes, contract.PROBE_METRICS)
     for parent in probes:
         blocks += probe_section(parent, found.children_of(parent), artifacts)
