@@ -127,7 +127,7 @@ def test_the_workload_travels_with_its_rows_not_cache_file_paths(tmp_path):
     from_files = datasets.load_from_disk(str(tmp_path / "saved"))
     assert from_files.cache_files
     workload = lora_sweep.Workload(tiny_sweep(), models.ModelSource("tiny", "/nowhere", ""),
-                                   datasets.DatasetDict({"train": from_files}), [], {}, "")
+                                   datasets.DatasetDict({"train": from_files}), [], {}, "", "")
     sent = pickle.dumps(workload)
     shutil.rmtree(tmp_path / "saved")
     received = pickle.loads(sent)

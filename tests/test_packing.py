@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,14 +113,40 @@ def test_changing_one_packed_example_leaves_the_others_logits_unchanged(lm):
     assert not torch.allclose(after[tuple(changed["input_ids"])][0], before[tuple(rows[2]["input_ids"])][0])
 
 
-def test_eval_loss_is_the_same_packed_or_padded(lm):
+def test_each_held_out_examples_loss_is_its_own_whether_packed_or_padded(lm):
+    """Per example: the loss of its own forward alone; packed rows hold several examples in an order of their own
+    (longest first), which the losses must not be attributed by. The split's eval loss is the token-weighted mean of
+    them, the model's own mean loss over the batches' targets."""
     model, tokenizer, tokenized = lm
     split = tokenized["test"]
-    pad = training.mean_token_loss(model, split, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
-                                   batch_size=8, precision="fp32")
-    flat = training.mean_token_loss(model, split, PackedRows(tokenizer.pad_token_id, MAX_LENGTH), batch_size=8,
-                                    precision="fp32")
-    assert flat == pytest.approx(pad, rel=1e-5)
+    alone = []
+    with torch.no_grad():
+        for row in split:
+            ids = torch.tensor([row["input_ids"]])
+            alone.append(example_loss(model(input_ids=ids, use_cache=False).logits[0], torch.tensor(row["labels"])))
+    pad = training.example_losses(model, split, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+                                  batch_size=8, precision="fp32")
+    packer = PackedRows(tokenizer.pad_token_id, 3 * MAX_LENGTH)  # rows of several examples, longest first
+    assert any(len(row) > 1 for row in packer.layout(sorted(split["length"])[:8])), "examples share packed rows"
+    flat = training.example_losses(model, split, packer, batch_size=8, precision="fp32")
+    for losses in (pad, flat):
+        assert losses.per_example == pytest.approx(torch.stack(alone).numpy(), rel=1e-5)
+        assert list(losses.targets) == [sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in split]
+    # the model's own loss, batch by batch in the split's order, weighted by each batch's targets
+    total = count = 0
+    for start in range(0, len(split), 8):
+        batch = padded(tokenizer, [split[i] for i in range(start, min(start + 8, len(split)))])
+        targets = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+        with torch.no_grad():
+            total += float(model(**batch, use_cache=False).loss) * targets
+        count += targets
+    assert flat.mean == pytest.approx(total / count, rel=1e-5) and pad.mean == pytest.approx(total / count, rel=1e-5)
+
+
+def test_an_example_whose_targets_were_truncated_away_has_no_loss_and_no_weight():
+    losses = training.ExampleLosses(np.array([2.0, 0.0, 3.0]), np.array([1, 0, 2]))
+    assert losses.per_example[[0, 2]].tolist() == [2.0, 1.5] and np.isnan(losses.per_example[1])
+    assert losses.mean == pytest.approx(5.0 / 3)
 
 
 @pytest.mark.parametrize("packed", [True, False])

@@ -13,18 +13,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import REPO, entrypoint, load_table
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
+from scipy import stats
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import (
     causal_lm,
     classify,
     device,
+    held_out,
     lora,
     lora_sweep,
     models,
@@ -181,6 +184,109 @@ def test_registered_adapter_reloads_exactly_in_a_process_without_finetune_lab(cl
     assert sum(weights.values()) < base_size / 2
 
 
+def record_run(losses=None, correct=None) -> str:
+    """A run holding a per-example held-out record: an adapter's losses, or a classifier's predictions (right where
+    `correct`); its id. None of either: a run without a record."""
+    with mlflow.start_run() as run:
+        if losses is not None:
+            held_out.log_losses(held_out.losses_record(np.asarray(losses), np.full(len(losses), 4), "held-out"))
+        if correct is not None:
+            labels = np.arange(len(correct)) % 2
+            predicted = np.where(correct, labels, 1 - labels)
+            classify._log_predictions([f"review {k}" for k in range(len(correct))], labels,
+                                      np.eye(2)[predicted] * 0.8 + 0.1, ["negative", "positive"])
+    return run.info.run_id
+
+
+def version(number: int, run_id: str, eval_loss: float, digest: str = "held-out"):
+    return SimpleNamespace(version=str(number), tags={"run_id": run_id, "eval_loss": repr(eval_loss),
+                                                      "eval_set_digest": digest})
+
+
+def test_the_champion_moves_only_to_a_version_shown_better_on_the_same_held_out_examples(client):
+    """Adapters: the paired t-test of the per-example losses their runs logged decides, not the lower eval_loss."""
+    mlflow.set_experiment("champion-rule")
+    rng = np.random.default_rng(0)
+    base = rng.uniform(2.0, 3.0, 40)
+    champion_losses, better_losses = base + 0.3 + rng.normal(0, 0.1, 40), base + rng.normal(0, 0.1, 40)
+    close_losses = champion_losses + rng.normal(0, 0.3, 40)
+    champion = version(1, record_run(champion_losses), 2.8)
+    close = version(2, record_run(close_losses), 2.79)  # a lower eval_loss, within the held-out examples' noise
+    kept, why = registry.champion_decision(champion, close)
+    assert stats.ttest_rel(close_losses, champion_losses).pvalue > 0.05
+    assert not kept and why.startswith("kept on v1: v2 vs v1: eval_loss 2.79 vs 2.8") and why.endswith(
+        ": no difference shown")
+
+    better = version(3, record_run(better_losses), 2.5)
+    moved, why = registry.champion_decision(champion, better)
+    paired = stats.ttest_rel(better_losses, champion_losses)
+    assert moved and why.startswith("moved from v1: v3 vs v1: eval_loss 2.5 vs 2.8 (difference -0.3, single seed: "
+                                    f"training noise unmeasured; held-out paired t p = {paired.pvalue:.2g}")
+    assert why.endswith("v3 is better (on these held-out examples; training noise unmeasured)")
+
+    elsewhere = version(4, better.tags["run_id"], 2.5, digest="another split")
+    assert registry.champion_decision(champion, elsewhere) == (
+        False, "kept on v1: its eval set differs, the versions are not comparable")
+
+
+def test_a_champion_without_a_per_example_record_cannot_be_shown_worse(client):
+    mlflow.set_experiment("champion-rule")
+    unrecorded, recorded = record_run(), record_run([1.0] * 10)
+    assert registry.champion_decision(version(1, unrecorded, 3.0), version(2, recorded, 1.0)) == (
+        False, f"kept on v1: its run {unrecorded} has no per-example held-out record, so it cannot be shown worse")
+    assert registry.champion_decision(version(1, recorded, 3.0), version(2, unrecorded, 1.0)) == (
+        False, f"kept on v1: this version's run {unrecorded} has no per-example held-out record to test it with")
+    assert registry.champion_decision(None, version(1, unrecorded, 3.0)) == (
+        True, "first version with an eval loss: alias set")
+
+
+def test_classifiers_are_compared_by_mcnemars_test_on_their_predictions(client):
+    mlflow.set_experiment("champion-rule")
+    champion_right = np.arange(60) < 36  # 36 of 60
+    challenger_right = np.arange(60) < 50  # the same 36, and 14 more
+    champion = version(1, record_run(correct=champion_right), 0.6)
+    moved, why = registry.champion_decision(champion, version(2, record_run(correct=challenger_right), 0.7))
+    expected = stats.binomtest(14, 14, 0.5).pvalue
+    assert moved and why.startswith("moved from v1: v2 vs v1: accuracy 0.8333 vs 0.6 (difference +0.23")
+    assert f"held-out McNemar p = {expected:.2g} over 60 examples" in why
+    few_more = np.arange(60) < 38  # 2 more right: not shown
+    assert not registry.champion_decision(champion, version(3, record_run(correct=few_more), 0.5))[0]
+
+
+class OneModelRegistry:
+    """The registry calls `settle_champion` makes, on one registered model's versions held in memory."""
+
+    def __init__(self, versions):
+        self.versions, self.alias = versions, None
+
+    def search_model_versions(self, filter_string):
+        return self.versions
+
+    def get_model_version_by_alias(self, name, alias):
+        if self.alias is None:
+            raise mlflow.exceptions.MlflowException("no alias", error_code="INVALID_PARAMETER_VALUE")
+        return next(v for v in self.versions if v.version == self.alias)
+
+    def set_registered_model_alias(self, name, alias, number):
+        self.alias = number
+
+
+def test_settling_reads_each_runs_record_once(client, monkeypatch):
+    mlflow.set_experiment("champion-rule")
+    rng = np.random.default_rng(1)
+    base = rng.uniform(2.0, 3.0, 40)
+    runs = [record_run(base + shift + rng.normal(0, 0.05, 40)) for shift in (0.5, 0.0, 0.02)]
+    versions = [version(k + 1, run_id, 2.5) for k, run_id in enumerate(runs)]
+    downloads = []
+    original = MlflowClient.download_artifacts
+    monkeypatch.setattr(MlflowClient, "download_artifacts",
+                        lambda self, run_id, *args, **kwargs: downloads.append(run_id) or original(self, run_id, *args,
+                                                                                                   **kwargs))
+    champion, taken_from = registry.settle_champion(OneModelRegistry(versions), NAME, held_out.Records(client))
+    assert champion.version == "2" and taken_from == {"2": None}, "v3 is not shown better than v2"
+    assert sorted(downloads) == sorted(runs)
+
+
 def test_champion_moves_only_on_improvement(client):
     lora_sweep.run(tiny_sweep(max_steps=2, learning_rate=1e-3))
     lora_sweep.run(tiny_sweep(max_steps=12))
@@ -203,7 +309,7 @@ def test_champion_stays_when_the_eval_set_differs(client):
     versions = {str(v.version): v for v in client.search_model_versions("name='sentiment'")}
     first, second = versions["1"].tags, versions["2"].tags
     assert first["eval_set_digest"] != second["eval_set_digest"], "the digest must describe the eval set used"
-    assert second["champion_decision"] == "kept on v1: its eval set differs, losses are not comparable"
+    assert second["champion_decision"] == "kept on v1: its eval set differs, the versions are not comparable"
     assert str(client.get_model_version_by_alias("sentiment", registry.CHAMPION).version) == "1"
 
 

@@ -12,17 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, create_experiment, entrypoint, load_table, runs_of
+from conftest import REPO, create_experiment, download_json, entrypoint, load_table, runs_of
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from finetune_lab import classify, classify_sweep, lora_sweep, probe, report
 from finetune_lab.config import ClassifyConfig, ClassifySweepConfig, ProbeConfig, ReportConfig, SweepConfig
 from finetune_lab.report import render, sections
+from finetune_lab.report.configurations import config_label
 from finetune_lab.report.store import Artifacts, read_experiment
-from finetune_lab.report.verdicts import config_label
 
 TINY_CLASSIFY = dict(model="tiny", dataset="sample", max_train_samples=64, max_eval_samples=32, max_length=32,
                      batch_size=16, seed=7, experiment="classification")
@@ -282,28 +284,48 @@ def test_a_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_chi
     assert computed["peak_cuda_mem_allocated_mb_mean"].isna().all()
 
 
-def test_verdicts_follow_the_seeds(store):
-    verdicts = {name: [line for line in section(store.markdown, f"### LoRA rank sweep {name} ({run_id[:8]})")
-                       .splitlines() if line.startswith("- **verdict**")] for name, run_id in store.sweeps.items()}
-    (single,) = verdicts["one-seed"]
-    assert single.endswith("single seed: not conclusive") and "eval_loss" in single
+def verdict_lines(text: str) -> list[str]:
+    return [html.unescape(line.removeprefix("- **verdict** ")) for line in text.splitlines()
+            if line.startswith("- **verdict**")]
 
-    # Recompute the 2-seed verdict from the children's own metrics.
+
+def test_verdicts_are_the_lines_the_sweeps_parents_logged(store, tmp_path):
+    for name, run_id in store.sweeps.items():
+        shown = verdict_lines(section(store.markdown, f"### LoRA rank sweep {name} ({run_id[:8]})"))
+        assert shown == download_json(store.client, run_id, "verdicts.json", tmp_path / name)["lines"], name
+    (single,) = verdict_lines(section(store.markdown, f"### LoRA rank sweep one-seed ({store.sweeps['one-seed'][:8]})"))
+    assert "single seed: training noise unmeasured; held-out paired t p = " in single and "over 19 examples" in single
+
+    # the 2-seed verdict's Welch test, recomputed from the children's own metrics
     children = [r for r in runs_of(store.client, "lora_sweep")
                 if r.data.tags.get("mlflow.parentRunId") == store.sweeps["two-seeds"]]
     losses = {rank: [c.data.metrics["eval_loss"] for c in children if c.data.params["lora_r"] == rank]
               for rank in ("2", "4")}
     best, other = sorted(losses, key=lambda r: statistics.fmean(losses[r]))
-    spread = max(statistics.stdev(v) for v in losses.values())
-    larger = abs(statistics.fmean(losses[other]) - statistics.fmean(losses[best])) > spread
-    (double,) = verdicts["two-seeds"]
-    assert double.startswith(f"- **verdict** r{other} vs r{best}: eval_loss")
-    assert f"{'is' if larger else 'is not'} larger than the seed-to-seed spread" in double
-    assert "2 and 2 seeds" in double and "single seed" not in double
+    welch = stats.ttest_ind(losses[other], losses[best], equal_var=False)
+    two_seeds = section(store.markdown, f"### LoRA rank sweep two-seeds ({store.sweeps['two-seeds'][:8]})")
+    (double,) = verdict_lines(two_seeds)
+    assert double.startswith(f"rank={other} vs rank={best}: eval_loss")
+    assert f"Welch p = {welch.pvalue:.2g} over 2 and 2 seeds; held-out paired t p = " in double
+    assert double.endswith(f"rank={best} is better" if welch.pvalue < 0.05 else "no difference shown")
 
-    (classification,) = [line for line in section(store.markdown, "### Classification runs").splitlines()
-                         if line.startswith("- **verdict**")]
-    assert "learning_rate=" in classification and classification.endswith("single seed: not conclusive")
+    classify_sweep = section(store.markdown, f"### Classifier sweep three-classes ({store.classify_sweep_run_id[:8]})")
+    assert verdict_lines(classify_sweep) == download_json(store.client, store.classify_sweep_run_id, "verdicts.json",
+                                                          tmp_path / "classify_sweep")["lines"]
+
+
+def test_independent_classification_runs_are_compared_by_mcnemar_on_their_predictions(store, tmp_path):
+    """Two runs of one seed each on the same held-out split: McNemar's test on the examples each got right,
+    recomputed from their predictions tables."""
+    (line,) = verdict_lines(section(store.markdown, "### Classification runs (2)"))
+    runs = {r.data.params["learning_rate"]: r for r in runs_of(store.client, "classification")}
+    right = {rate: (lambda t: t["label"] == t["prediction"])(
+        load_table(store.client, run.info.run_id, "predictions.json", tmp_path / rate)) for rate, run in runs.items()}
+    best, other = sorted(runs, key=lambda rate: -runs[rate].data.metrics["accuracy"])
+    only_other, only_best = int((right[other] & ~right[best]).sum()), int((~right[other] & right[best]).sum())
+    expected = stats.binomtest(only_other, only_other + only_best, 0.5).pvalue if only_other + only_best else 1.0
+    assert line.startswith(f"learning_rate={other} vs learning_rate={best}: accuracy")
+    assert f"single seed: training noise unmeasured; held-out McNemar p = {expected:.2g} over 32 examples" in line
 
 
 def test_probe_before_after_table_and_verdict(store, tmp_path):
@@ -319,9 +341,16 @@ def test_probe_before_after_table_and_verdict(store, tmp_path):
         assert after == pytest.approx(comparison[f"{measure}_after"][0], rel=1e-5)
     for change in ("target_nll_drop", "forgetting", "replies_differ"):
         assert cells[change][0] == "" and float(cells[change][1]) == pytest.approx(comparison[change][0], rel=1e-5)
-    (verdict,) = [line for line in text.splitlines() if line.startswith("- **verdict**")]
-    assert verdict.startswith("- **verdict** after vs before: target_nll")
-    assert verdict.endswith("single seed: not conclusive")
+    nll, forgetting = verdict_lines(text)
+    assert nll.startswith("after vs before: target_nll") and nll.endswith(
+        "single seed: training noise unmeasured): single seed and no per-example values: not conclusive")
+    # forgetting: the held-out loss after against before, paired example by example
+    stages = {r.info.run_name: download_json(store.client, r.info.run_id, "held_out_losses.json",
+                                             tmp_path / r.info.run_name)
+              for r in runs_of(store.client, "retrain_probe") if "mlflow.parentRunId" in r.data.tags}
+    paired = stats.ttest_rel(*(np.array(stages[name]["loss"], dtype=float) for name in ("after", "before")))
+    assert forgetting.startswith("after vs before: eval_loss")
+    assert f"held-out paired t p = {paired.pvalue:.2g}" in forgetting and "over 19 examples" in forgetting
 
 
 def test_html_is_one_file_with_embedded_images(store):
@@ -332,7 +361,7 @@ def test_html_is_one_file_with_embedded_images(store):
     # 2 confusion matrices + loss and memory vs rank for each of the 2 sweeps + the classifier sweep's figure of its
     # metrics and its 4 children's confusion matrices, as in the markdown
     assert len(sources) == len(re.findall(r"!\[[^]]*\]\(report_images/", store.markdown)) == 11
-    assert store.html.count('class="verdict"') == store.markdown.count("- **verdict**") == 5
+    assert store.html.count('class="verdict"') == store.markdown.count("- **verdict**") == 6
 
 
 def test_wide_tables_and_figures_fit_the_page(store):

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import math
 import traceback
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import entrypoint, runs_of
 from peft import PeftModel
+from scipy import stats
 from transformers import AutoModelForCausalLM
 
-from finetune_lab import contract, lora, lora_sweep, models, prompts, sweep
+from finetune_lab import contract, held_out, lora, lora_sweep, models, prompts, sweep, verdicts
 from finetune_lab.config import SweepConfig
 
 PROBE = "Hello, how are you?\n"
@@ -44,19 +47,117 @@ def test_the_best_child_is_the_best_finished_seed_of_the_best_configuration():
 
 
 def test_verdicts_compare_methods_at_equal_rank_runner_up_first():
-    lines = sweep.verdict_lines(children_table(), lora_sweep.DESIGN)
+    (family,) = sweep.verdict_families(children_table(), lora_sweep.DESIGN)
+    lines = family.lines()
     assert lines[0].startswith("rank 4: method=pissa vs method=dora") and lines[0].endswith(
-        "single seed: not conclusive")
+        "single seed: training noise unmeasured): single seed and no per-example values: not conclusive")
+    welch = stats.ttest_ind([2.0, 2.2], [1.0, 1.1], equal_var=False)
     assert lines[1].startswith("rank 4: method=lora vs method=dora: eval_loss 2.1 vs 1.05")
-    assert lines[1].endswith("dora is better")
+    assert f"Welch p = {welch.pvalue:.2g} over 2 and 2 seeds" in lines[1]
+    # the single seed's comparison tests nothing: Holm's family is the one comparison tested
+    assert family.verdicts[1].adjusted_p == pytest.approx(welch.pvalue)
+    assert lines[1].endswith(": method=dora is better") and welch.pvalue < 0.05
 
 
 def test_a_tie_is_reported_against_the_configuration_chosen_as_best():
     table = children_table()[lambda t: t["method"] != "dora"].assign(eval_loss=1.0)
     summary = contract.summarise(table, lora_sweep.DESIGN.axes, ["eval_loss"])
     best = sweep.best_child(table, summary, lora_sweep.DESIGN)
-    lines = sweep.verdict_lines(table, lora_sweep.DESIGN, best)
+    lines = [line for family in sweep.verdict_families(table, lora_sweep.DESIGN, best) for line in family.lines()]
     assert all(line.split(" vs ")[1].startswith(f"method={best['method']}:") for line in lines), lines
+
+
+def test_the_best_configurations_family_comes_first():
+    """Methods compared at each rank: the family holding the best configuration (rank 8 here) leads, so that the
+    first line (the `verdict` tag) compares the best with its runner-up."""
+    rows = [("lora", 4, 1, 3.0), ("dora", 4, 1, 3.1), ("lora", 8, 1, 2.0), ("dora", 8, 1, 2.5)]
+    table = pd.DataFrame(rows, columns=["method", "rank", "seed", "eval_loss"]).assign(
+        status="FINISHED", run_id=lambda t: [f"run{k}" for k in range(len(t))])
+    summary = contract.summarise(table, lora_sweep.DESIGN.axes, ["eval_loss"])
+    best = sweep.best_child(table, summary, lora_sweep.DESIGN)
+    families = sweep.verdict_families(table, lora_sweep.DESIGN, best)
+    assert [f.title for f in families] == ["rank 8", "rank 4"]
+    assert families[0].lines()[0].startswith("rank 8: method=dora, rank=8 vs method=lora, rank=8")
+
+
+def stored_losses(per_example: np.ndarray, digest: str = "held-out") -> str:
+    """A finished child run in the active experiment with these per-example losses as its record; its id."""
+    with mlflow.start_run() as child:
+        held_out.log_losses(held_out.losses_record(per_example, np.full(len(per_example), 4), digest))
+    return child.info.run_id
+
+
+def test_the_parent_logs_each_verdict_with_its_numbers_from_the_childrens_stored_records(client, tmp_path):
+    """Four methods at one rank, their children's per-example held-out losses in the store: `dora` (2 seeds) best;
+    `lora` (2 seeds) decided across seeds; `pissa` (1 seed) by the paired test against dora's seeds pooled; `olora`
+    (1 seed, no record) by nothing. Every number of verdicts.json recomputed with scipy."""
+    from conftest import download_json
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 3.0, 40)
+    mlflow.set_experiment("verdicts")
+    losses = {("dora", 1): base + rng.normal(0, 0.05, 40), ("dora", 2): base + rng.normal(0, 0.05, 40),
+              ("lora", 1): base + 0.3 + rng.normal(0, 0.05, 40), ("lora", 2): base + 0.28 + rng.normal(0, 0.05, 40),
+              ("pissa", 1): base + 0.1 + rng.normal(0, 0.05, 40)}
+    rows = [(method, 8, seed, float(values.mean()), stored_losses(values)) for (method, seed), values in losses.items()]
+    rows.append(("olora", 8, 1, 2.9, ""))
+    table = pd.DataFrame(rows, columns=["method", "rank", "seed", "eval_loss", "run_id"]).assign(status="FINISHED")
+    summary = contract.summarise(table, lora_sweep.DESIGN.axes, ["eval_loss"])
+    best = sweep.best_child(table, summary, lora_sweep.DESIGN)
+    with mlflow.start_run() as parent:
+        lines = sweep.log_verdicts(table, lora_sweep.DESIGN, best)
+    logged = client.get_run(parent.info.run_id)
+    text = Path(client.download_artifacts(parent.info.run_id, "verdicts.txt", str(tmp_path))).read_text()
+    record = download_json(client, parent.info.run_id, "verdicts.json", tmp_path)
+    assert text.splitlines() == lines == record["lines"] and logged.data.tags["verdict"] == lines[0]
+    assert record["best_configuration"] == "method=dora" and record["objective"] == "eval_loss"
+    assert record["best_shown_better"] is True and logged.data.tags["best_shown_better"] == "true"
+    found = {v["configuration"]: v for v in record["verdicts"]}
+    assert [v["configuration"] for v in record["verdicts"]] == ["method=pissa", "method=lora", "method=olora"]
+    assert {v["family"] for v in record["verdicts"]} == {"rank 8"} and lines[0].startswith("rank 8: method=pissa vs")
+
+    def seeds(method):
+        return [float(losses[(method, seed)].mean()) for seed in (1, 2) if (method, seed) in losses]
+
+    dora_pooled = (losses[("dora", 1)] + losses[("dora", 2)]) / 2
+    welch = stats.ttest_ind(seeds("lora"), seeds("dora"), equal_var=False)
+    lora = found["method=lora"]
+    assert lora["decided_by"] == "seeds" and lora["seeds"]["test"] == "welch_t" and lora["seeds"]["n"] == [2, 2]
+    assert lora["seeds"]["p_value"] == pytest.approx(welch.pvalue)
+    assert lora["seeds"]["ci95"] == pytest.approx(list(welch.confidence_interval(0.95)))
+    lora_paired = stats.ttest_rel((losses[("lora", 1)] + losses[("lora", 2)]) / 2, dora_pooled)
+    assert lora["held_out"]["test"] == "paired_t" and lora["held_out"]["n"] == [40]
+    assert lora["held_out"]["p_value"] == pytest.approx(lora_paired.pvalue)
+    pissa = found["method=pissa"]
+    pissa_paired = stats.ttest_rel(losses[("pissa", 1)], dora_pooled)
+    assert pissa["seeds"] is None and pissa["decided_by"] == "held_out"
+    assert pissa["held_out"]["p_value"] == pytest.approx(pissa_paired.pvalue)
+    # Holm over the two comparisons a test decides (olora's decides nothing)
+    low, high = sorted([welch.pvalue, pissa_paired.pvalue])
+    adjusted = {p: max(2 * low, high) if p == high else 2 * low for p in (low, high)}
+    assert lora["adjusted_p"] == pytest.approx(min(1, adjusted[welch.pvalue]))
+    assert pissa["adjusted_p"] == pytest.approx(min(1, adjusted[pissa_paired.pvalue]))
+    assert pissa["shown"] is True and pissa["winner"] == "method=dora" and pissa["correction"] == "holm"
+    assert lora["seeds_needed"] == verdicts.seeds_needed(lora["difference"], float(np.sqrt(
+        (np.var(seeds("lora"), ddof=1) + np.var(seeds("dora"), ddof=1)) / 2)))
+    olora = found["method=olora"]
+    assert olora["decided_by"] == "" and olora["held_out"] is None and olora["shown"] is False
+    assert olora["conclusion"] == verdicts.NOT_CONCLUSIVE
+
+
+def test_a_runner_up_not_shown_behind_tags_the_parent_best_shown_better_false(client):
+    rng = np.random.default_rng(3)
+    base = rng.uniform(1.0, 3.0, 30)
+    mlflow.set_experiment("not-shown")
+    rows = [(rank, 1, float(values.mean()), stored_losses(values))
+            for rank, values in ((4, base + rng.normal(0, 0.3, 30)), (8, base + rng.normal(0, 0.3, 30)))]
+    table = pd.DataFrame(rows, columns=["rank", "seed", "eval_loss", "run_id"]).assign(status="FINISHED",
+                                                                                      method="lora")
+    summary = contract.summarise(table, lora_sweep.DESIGN.axes, ["eval_loss"])
+    with mlflow.start_run() as parent:
+        (line,) = sweep.log_verdicts(table, lora_sweep.DESIGN, sweep.best_child(table, summary, lora_sweep.DESIGN))
+    assert line.endswith(": no difference shown") and "held-out paired t p = " in line
+    assert client.get_run(parent.info.run_id).data.tags["best_shown_better"] == "false"
 
 
 def test_the_failed_children_tag_stays_short_and_points_to_the_table(client, tmp_path):

@@ -115,6 +115,8 @@ class FitResult:
     """Throughput, peak memory, held-out loss and perplexity: one value each, for the run to log."""
     steps: list[dict]
     """The Trainer's log entry of every logged step (step, loss, grad_norm, learning_rate)."""
+    held_out: training.ExampleLosses
+    """The loss on every held-out example, from which `eval_loss` is computed."""
 
     @property
     def curve(self) -> list[tuple[int, float]]:
@@ -130,24 +132,27 @@ class FitResult:
 def fit(model, tokenizer, train_split, eval_split, config: LoraTrainingConfig, seed: int, run_id: str, phase: str,
         collate=None, watch: training.Watch | None = None) -> FitResult:
     """Train the adapter on `train_split` (per-step metrics into run `run_id`, `phase` names it on the console),
-    then measure the mean loss per target token on `eval_split`. `collate` replaces the training collator (e.g. one
-    that also records what each batch held); batches are packed and sized by the config either way. `watch`
-    measures the held-out loss where it chooses, and may stop training. Raises health.TrainingCollapsed if
-    training diverged or left a dead model (not judged when the watch stopped it early)."""
+    then measure the loss on every example of `eval_split` and their mean per target token. `collate` replaces the
+    training collator (e.g. one that also records what each batch held); batches are packed and sized by the config
+    either way. `watch` measures the held-out loss where it chooses, and may stop training. Raises
+    health.TrainingCollapsed if training diverged or left a dead model (not judged when the watch stopped it
+    early)."""
+
+    def held_out(trained) -> training.ExampleLosses:
+        return training.example_losses(trained, eval_split, collator(tokenizer, config),
+                                       training.eval_batch_size(config), device.training_precision(config.precision))
 
     def held_out_loss(trained) -> dict[str, float]:
-        return {"eval_loss": training.mean_token_loss(trained, eval_split, collator(tokenizer, config),
-                                                      training.eval_batch_size(config),
-                                                      device.training_precision(config.precision))}
+        return {"eval_loss": held_out(trained).mean}
 
     with tracking.scratch_dir("lora") as scratch:
         trainer = training.make_trainer(model, tokenizer, scratch, train_split, collate or collator(tokenizer, config),
                                         config, seed, run_id, phase, batch_tokens=config.batch_tokens,
                                         packed=packed(config), callbacks=[watch(held_out_loss)] if watch else [])
         metrics = training.train(trainer)
-    eval_loss = held_out_loss(model)["eval_loss"]
-    metrics.update({"eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+    losses = held_out(model)
+    metrics.update({"eval_loss": losses.mean, "eval_perplexity": perplexity(losses.mean)})
     steps = training.step_log(trainer)
     if not training.stopped_early(trainer):  # stopped by its watch: never registered, its last steps prove nothing
-        health.check(steps, eval_loss, model.config.vocab_size, metrics)
-    return FitResult(metrics, steps)
+        health.check(steps, losses.mean, model.config.vocab_size, metrics)
+    return FitResult(metrics, steps, losses)

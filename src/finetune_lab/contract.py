@@ -32,6 +32,10 @@ ADAPTER_ARTIFACT = "adapter"
 MODEL_ARTIFACT = "model"
 
 MEMORY_METRICS = ["peak_cuda_mem_allocated_mb", "peak_rss_mb"]
+# A causal LM's per-example held-out record (`held_out`): each example's mean loss per target token and its number
+# of target tokens, in held-out order, and the digest of the held-out split. A classifier's is its predictions
+# table. The paired tests of the verdicts and of the registry's champion read them back.
+EXAMPLE_LOSSES = "held_out_losses.json"
 
 # ---------------------------------------------------------------------------------------------- classify
 PREDICTIONS_TABLE = "predictions.json"
@@ -53,8 +57,11 @@ CLASSIFY_SWEEP_TABLE_METRICS = [*CLASSIFY_SWEEP_SUMMARY_METRICS, "train_loss", *
 
 # ---------------------------------------------------------------------------------------------- sweep
 COMPARISON_TABLE = "comparison_table.json"
-# A sweep's verdicts, the runner-up's first (the first also as the parent's `verdict` tag).
-VERDICTS_ARTIFACT = "verdicts.txt"
+# A sweep parent's verdicts (`sweep.log_summary`): the lines, and their numbers; the report shows the same lines.
+VERDICTS_TEXT = "verdicts.txt"
+VERDICTS_RECORD = "verdicts.json"
+# Tag: "true" when the best configuration is shown better than the runner-up (the `verdict` tag's line).
+BEST_SHOWN_BETTER_TAG = "best_shown_better"
 RANK_SUMMARY = "rank_summary.json"
 LOSS_VS_RANK_FIGURE = "loss_vs_rank.png"
 MEMORY_VS_RANK_FIGURE = "memory_vs_rank.png"

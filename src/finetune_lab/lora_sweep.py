@@ -25,6 +25,7 @@ from finetune_lab import (
     device,
     executors,
     health,
+    held_out,
     lora,
     models,
     plots,
@@ -63,6 +64,8 @@ class Workload:
     marks: dict[str, str]
     """The config and data digests every child is tagged with (`resume`)."""
     parent_run_id: str
+    eval_set_digest: str
+    """The held-out split's digest, in each child's per-example record (`held_out`)."""
     trainer: ChildTrainer | None = field(default=None, repr=False, compare=False)
     """This process's trainer, made by the first `make_trainer()`."""
 
@@ -92,12 +95,13 @@ class ChildTrainer:
 
 
 def _keep_locally(trainer: ChildTrainer, spec: ChildSpec, model, params: dict, metrics: dict, fitted,
-                  error: BaseException):
+                  losses: dict, error: BaseException):
     """The tracking server is gone after `spec` trained: keep its adapter and record on disk (`spool`)."""
     tracking.go_offline(error)
     work = trainer.workload
     kept = spool.keep(work.parent_run_id, spec.name, model, trainer.tokenizer,
-                      {"params": params, "tags": work.marks, "metrics": metrics, "steps": fitted.steps})
+                      {"params": params, "tags": work.marks, "metrics": metrics, "steps": fitted.steps,
+                       "held_out_losses": losses})
     return tracking.TrackingUnreachable(f"{spec.name} finished training; its adapter is kept in {kept}")
 
 
@@ -143,13 +147,16 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
                 mlflow.log_metrics(dead.metrics)  # what the dead model measured, next to the reason
                 raise
             metrics = {**fitted.metrics, "trainable_params": lora.trainable_params(model)}
+            losses = held_out.losses_record(fitted.held_out.per_example, fitted.held_out.targets,
+                                            work.eval_set_digest)
             try:
                 metrics["adapter_size_bytes"] = lora.log_adapter(model, tokenizer, keep_in=scratch)
+                held_out.log_losses(losses)
                 mlflow.log_metrics(metrics)
             except Exception as error:  # noqa: BLE001 - only an unreachable server is kept for later here
                 if not (tracking.offline() or tracking.unreachable(error)):
                     raise
-                raise _keep_locally(trainer, spec, model, params, metrics, fitted, error) from error
+                raise _keep_locally(trainer, spec, model, params, metrics, fitted, losses, error) from error
             outcome.reference = registry.reference(model, tokenizer, texts)
         if method in lora.MUTATE_BASE:  # the base holds its own weights again
             converted = _check_conversion(trainer, scratch / ADAPTER_ARTIFACT, outcome.reference, texts)
@@ -198,7 +205,8 @@ class LoraSweep(sweep.Design):
         tokenizer = causal_lm.load_tokenizer(prepared.source)
         tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
         check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
-        return Workload(config, prepared.source, tokenized, check_texts, marks, parent_run_id)
+        return Workload(config, prepared.source, tokenized, check_texts, marks, parent_run_id,
+                        prepared.data.eval_digest)
 
     def record_kept(self, workload: Workload, specs: list[ChildSpec]) -> dict[str, ChildOutcome]:
         """The planned children whose training finished during a tracking outage and was kept on this machine
@@ -220,6 +228,8 @@ class LoraSweep(sweep.Design):
                 training.log_steps(MlflowClient(), child.info.run_id, record["steps"])
                 mlflow.log_metrics(metrics)
                 mlflow.log_artifacts(str(adapter), ADAPTER_ARTIFACT)
+                if "held_out_losses" in record:  # kept by a version that logged no per-example record
+                    held_out.log_losses(record["held_out_losses"])
             spool.discard(folder)
             curve = [(entry["step"], entry["loss"]) for entry in record["steps"]]
             recorded[spec.name] = ChildOutcome(spec, child.info.run_id, FINISHED,

@@ -66,9 +66,14 @@ class PackedRows:
         self.row_tokens = row_tokens
         self.flatten = DataCollatorWithFlattening()
 
+    def layout(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Which of the batch's examples (by their `lengths`, in the batch's order) each row holds, in the order
+        they follow each other in it."""
+        return best_fit_decreasing(lengths, self.row_tokens)
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(f["input_ids"]) for f in features]
-        rows = [self.flatten([features[i] for i in row]) for row in best_fit_decreasing(lengths, self.row_tokens)]
+        rows = [self.flatten([features[i] for i in row]) for row in self.layout(lengths)]
         width = max(row["input_ids"].shape[1] for row in rows)
         filled = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX}
         batch: dict[str, list[torch.Tensor]] = {"input_ids": [], "labels": [], "position_ids": []}

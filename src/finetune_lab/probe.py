@@ -31,7 +31,7 @@ import torch
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import causal_lm, contract, device, lora, plots, preamble, prompts, resume, tracking
+from finetune_lab import causal_lm, contract, device, held_out, lora, plots, preamble, prompts, resume, tracking
 from finetune_lab import data as data_lib
 from finetune_lab import metrics as metrics_lib
 from finetune_lab.config import ProbeConfig
@@ -130,6 +130,8 @@ def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared
         recorder = BatchRecorder(causal_lm.collator(tokenizer, config), new_row[0]["input_ids"])
         fitted = causal_lm.fit(model, tokenizer, train, tokenized[TEST], config, config.seed, child.info.run_id,
                                f"{position} {name}", collate=recorder)
+        held_out.log_losses(held_out.losses_record(fitted.held_out.per_example, fitted.held_out.targets,
+                                                   prepared.data.eval_digest))
         reply, measured = measure(model, tokenizer, config)
         measured.update(recorder.exposure(int(fitted.metrics["train_steps"])))
         tracking.log_params({"reply": reply})

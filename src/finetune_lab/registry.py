@@ -6,8 +6,9 @@ The pyfunc classes live in `pyfunc_models` (lean: it is what runs wherever a reg
   project of that name is on PyPI), and a signature plus an input example describe the call.
 - `register_verified`: log → reload from the logged URI on the device and in the dtype the in-memory model ran in
   → compare logits (exactly on a CPU, within rounding of the dtype on a GPU: `device.reload_tolerance`) → only
-  then register, tag, and settle the `champion` alias on the best version (`champion_decision` compares two; the
-  settling holds when registrations into one name run at the same moment).
+  then register, tag, and settle the `champion` alias (`champion_decision` compares two versions: the alias moves
+  only to a version shown better on the same held-out examples by the paired test; the settling holds when
+  registrations into one name run at the same moment).
 - `check_may_register`: on a server with accounts, refuse a `register_as` the account may not write, up front.
 """
 
@@ -26,7 +27,7 @@ from mlflow.models import ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
 
-from finetune_lab import console, device, models, tracking
+from finetune_lab import console, device, held_out, models, tracking, verdicts
 from finetune_lab.contract import MODEL_ARTIFACT
 from finetune_lab.errors import InputError, problem
 from finetune_lab.pyfunc_models import AdapterModel, ClassifierModel, base_settings
@@ -113,41 +114,65 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
-def champion_decision(current, challenger) -> tuple[bool, str]:
+def champion_decision(current, challenger, records: held_out.Records | None = None) -> tuple[bool, str]:
     """Whether model version `challenger` takes the `champion` alias from `current` (the champion version, or None),
-    and why. The one place where two versions are compared: every move of the alias asks it."""
+    and why. The one place where two versions are compared: every move of the alias asks it.
+
+    The alias moves only when the challenger is shown better on the same held-out examples (same `eval_set_digest`)
+    by the paired test of the per-example records of the runs their `run_id` tags name (`held_out`): McNemar's exact
+    test for classifiers, the paired t-test of per-example losses for adapters, at the 5 % level. One model each:
+    the test set's noise is measured, training's is not. `records`: the records read so far (a settle call reads
+    each run's once)."""
     if current is None:
         return True, "first version with an eval loss: alias set"
-    old_loss = float(current.tags.get("eval_loss", "inf"))
-    new_loss = float(challenger.tags["eval_loss"])
+    kept = f"kept on v{current.version}"
     if current.tags.get("eval_set_digest") != challenger.tags.get("eval_set_digest"):
-        return False, f"kept on v{current.version}: its eval set differs, losses are not comparable"
-    if new_loss < old_loss:
-        return True, f"moved from v{current.version}: eval_loss {new_loss:.4f} < {old_loss:.4f}"
-    return False, f"kept on v{current.version}: eval_loss {new_loss:.4f} >= {old_loss:.4f}"
+        return False, f"{kept}: its eval set differs, the versions are not comparable"
+    records = records or held_out.Records()
+    challenging, holding = (records.of(v.tags.get("run_id", "")) for v in (challenger, current))
+    if challenging is None:
+        return False, (f"{kept}: this version's run {challenger.tags.get('run_id', '(none named)')} has no per-example "
+                       "held-out record to test it with")
+    if holding is None:
+        return False, (f"{kept}: its run {current.tags.get('run_id', '(none named)')} has no per-example held-out "
+                       "record, so it cannot be shown worse")
+    if (challenging.kind, challenging.examples) != (holding.kind, holding.examples):
+        return False, f"{kept}: their held-out records are not on the same examples"
+    new, old = f"v{challenger.version}", f"v{current.version}"
+    if challenging.kind == verdicts.CORRECT:  # the accuracy McNemar's test compares
+        metric, means = "accuracy", [float(record.values.mean()) for record in (challenging, holding)]
+    else:
+        metric, means = "eval_loss", [float(version.tags["eval_loss"]) for version in (challenger, current)]
+    (verdict,) = verdicts.compare({new: [means[0]], old: [means[1]]}, metric, metric == "eval_loss", reference=old,
+                                  held_out={new: challenging.held_out(), old: holding.held_out()})
+    if verdict.winner == new:
+        return True, f"moved from v{current.version}: {verdict.line()}"
+    return False, f"{kept}: {verdict.line()}"
 
 
-def _best_version(client: MlflowClient, name: str, current):
+def _best_version(client: MlflowClient, name: str, current, records: held_out.Records):
     """The version that ends with the alias when every version of `name` with an eval loss, oldest first,
     challenges the champion (`current`) in turn."""
     best = current
     for version in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         if "eval_loss" in version.tags and (best is None or version.version != best.version):
-            if champion_decision(best, version)[0]:
+            if champion_decision(best, version, records)[0]:
                 best = version
     return best
 
 
-def settle_champion(client: MlflowClient, name: str):
+def settle_champion(client: MlflowClient, name: str, records: held_out.Records | None = None):
     """Move `champion` until it rests on the best version of `name`; return that version and, for each version this
     call moved the alias to, the version it took it from. Registrations into one name at the same moment each read
     the alias, decide and write it: the last writer would win, whatever its loss. Each of them settles after
     creating its version instead, re-reading the versions after every move: the last to move the alias has then seen
-    every version created before its move, and a version created later is settled by its own registration."""
-    taken_from = {}
+    every version created before its move, and a version created later is settled by its own registration. The
+    alias only moves to a version shown better than the one holding it, so it cannot go round in circles. `records`:
+    the runs' per-example records read so far (default: none yet); each is downloaded once per call."""
+    taken_from, records = {}, records or held_out.Records(client)
     for _ in range(SETTLE_ROUNDS):
         current = _champion(client, name)
-        best = _best_version(client, name, current)
+        best = _best_version(client, name, current, records)
         if best is None or (current is not None and best.version == current.version):
             return best, taken_from
         client.set_registered_model_alias(name, CHAMPION, best.version)
@@ -219,11 +244,13 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
     created_model = _ensure_registered_model(client, name)
     version = client.create_model_version(name, info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id)
     try:
-        champion, taken_from = settle_champion(client, name)
+        records = held_out.Records(client)
+        champion, taken_from = settle_champion(client, name, records)
         won = champion is not None and champion.version == version.version
         # the winner is compared with the version it took the alias from (the champion it found, unless a
         # registration at the same moment moved it meanwhile), the others with the champion they end under
-        decision = champion_decision(taken_from.get(version.version, previous) if won else champion, version)[1]
+        decision = champion_decision(taken_from.get(version.version, previous) if won else champion, version,
+                                     records)[1]
         client.set_model_version_tag(name, version.version, "champion_decision", decision)
         client.log_batch(run_id, tags=[RunTag("registered_model", f"{name}/{version.version}"),
                                        RunTag("champion_decision", decision)])

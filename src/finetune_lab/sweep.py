@@ -25,11 +25,10 @@ import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import contract, executors, preamble, registry, resume, tracking
+from finetune_lab import contract, executors, held_out, preamble, registry, resume, tracking, verdicts
 from finetune_lab.config import Sweeping
 from finetune_lab.contract import FAILED, FINISHED, KILLED, NOT_RUN
 from finetune_lab.errors import one_line
-from finetune_lab.report.verdicts import verdicts
 from finetune_lab.schema import LogRange
 
 # The unfinished children the `failed_children` tag names, and how much of each one's error it shows.
@@ -300,23 +299,50 @@ def configuration_label(row, axes: list[str], table: pd.DataFrame) -> str:
     return ", ".join(f"{a}={row[a]}" for a in varying)
 
 
-def verdict_lines(table: pd.DataFrame, design: Design, best: pd.Series | None = None) -> list[str]:
-    """`report.verdicts` over the finished children: each configuration's mean objective against the best's (the
-    configuration of `best` where a family holds it, so that a tie names the same best), and whether the difference
-    is beyond the seeds' spread; the runner-up's line first."""
-    lines = []
+def held_out_by_configuration(table: pd.DataFrame, design: Design, records: held_out.Records
+                               ) -> dict[str, verdicts.HeldOut]:
+    """Each configuration's per-example held-out values, its finished seeds' records pooled (`held_out.Records`),
+    where every one of them logged its record on the same examples."""
+    finished = table[table["status"] == FINISHED]
+    run_ids: dict[str, list[str]] = {}
+    for _, row in finished.iterrows():
+        run_ids.setdefault(configuration_label(row, design.axes, table), []).append(row["run_id"])
+    pooled = {name: records.pooled(ids) for name, ids in run_ids.items()}
+    return {name: values for name, values in pooled.items() if values is not None}
+
+
+def verdict_families(table: pd.DataFrame, design: Design, best: pd.Series | None = None,
+                     held_out_values: dict[str, verdicts.HeldOut] | None = None) -> list[verdicts.Family]:
+    """The verdicts over the finished children, a family per `design.verdict_groups` (`verdicts.family`: Holm within
+    it): each configuration's mean objective over its seeds against the best's (the configuration of `best` where
+    the family holds it, so that a tie names the same best), with the paired test on `held_out_values`
+    (configuration → its pooled record) where both sides have one. The family of `best` first, and in each the
+    runner-up's verdict first: the first verdict says whether the best is shown ahead of the runner-up."""
+    reference = "" if best is None else configuration_label(best, design.axes, table)
+    families = []
     for title, rows in design.verdict_groups(table[table["status"] == FINISHED]):
         groups: dict[str, list[float]] = {}
         for _, row in rows.iterrows():
             groups.setdefault(configuration_label(row, design.axes, table), []).append(float(row[design.objective]))
-        means = {name: sum(values) / len(values) for name, values in groups.items()}
-        ranked = sorted(means, key=means.get, reverse=not design.lower_is_better)
-        reference = "" if best is None else configuration_label(best, design.axes, table)
-        ranked.sort(key=lambda name: name != reference)  # the best first, whatever a tie's order
-        found = verdicts(groups, design.objective, design.lower_is_better, reference)
-        # the runner-up's line (it names the runner-up first) leads: it says whether the best is really ahead
-        found.sort(key=lambda line: not (len(ranked) > 1 and line.startswith(f"{ranked[1]} vs ")))
-        lines += [f"{title}: {line}" if title else line for line in found]
+        families.append((reference not in groups, verdicts.family(groups, design.objective, design.lower_is_better,
+                                                                  reference, held_out_values, title)))
+    return [found for _, found in sorted(families, key=lambda pair: pair[0])]
+
+
+def log_verdicts(table: pd.DataFrame, design: Design, best: pd.Series) -> list[str]:
+    """On the parent: the verdicts (`verdict_families`, each configuration's seeds' held-out records read back from
+    the store) as `verdicts.txt` and, with their numbers, `verdicts.json`; the first line as the tag `verdict`, and
+    whether it shows the best ahead as the tag `best_shown_better`. Returns the lines."""
+    families = verdict_families(table, design, best, held_out_by_configuration(table, design, held_out.Records()))
+    lines = [line for found in families for line in found.lines()]
+    shown = bool(families and families[0].verdicts and families[0].verdicts[0].shown)
+    mlflow.log_text("\n".join(lines) + "\n", contract.VERDICTS_TEXT)
+    mlflow.log_dict({"objective": design.objective, "lower_is_better": design.lower_is_better,
+                     "best_configuration": configuration_label(best, design.axes, table), "best_shown_better": shown,
+                     "lines": lines, "verdicts": [record for found in families for record in found.records()]},
+                    contract.VERDICTS_RECORD)
+    tracking.set_or_clear_tag("verdict", lines[0] if lines else "")
+    mlflow.set_tag(contract.BEST_SHOWN_BETTER_TAG, str(shown).lower())
     return lines
 
 
@@ -346,9 +372,7 @@ def log_summary(children: list[ChildOutcome], design: Design) -> dict | None:
     summary = contract.summarise(table, design.axes, design.summary_metrics)
     tracking.log_table(summary, design.summary_artifact)
     best = best_child(table, summary, design)
-    lines = verdict_lines(table, design, best)
-    mlflow.log_text("\n".join(lines) + "\n", contract.VERDICTS_ARTIFACT)
-    tracking.set_or_clear_tag("verdict", lines[0] if lines else "")
+    lines = log_verdicts(table, design, best)
     design.log_figures(summary, children, best)
     mean = {best_configuration_mean_name(design): best_configuration_mean(summary, best, design)}
     mlflow.log_metrics({**{f"best_{axis}": float(best[axis]) for axis in design.axes

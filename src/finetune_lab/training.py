@@ -523,16 +523,67 @@ def predict_logits(model, dataset, collator, batch_size: int, precision: str) ->
     return logits
 
 
-def mean_token_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
-    """A causal LM's mean loss per target token over the whole of `dataset` (every labelled token weighs the
-    same, however the examples are batched, padded or packed), in eval mode, computed in `precision`."""
+@dataclass
+class ExampleLosses:
+    """A causal LM's loss on every held-out example, row i for example i of the dataset."""
+
+    sums: np.ndarray
+    """The summed loss of each example's target tokens."""
+    targets: np.ndarray
+    """How many target tokens each example has (0 where truncation left none)."""
+
+    @property
+    def per_example(self) -> np.ndarray:
+        """Each example's mean loss per target token (NaN for an example without targets)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.targets > 0, self.sums / np.maximum(self.targets, 1), np.nan)
+
+    @property
+    def mean(self) -> float:
+        """The mean loss per target token over the whole split: every target token weighs the same."""
+        total = int(self.targets.sum())
+        return float(self.sums.sum() / total) if total else math.nan
+
+
+def example_losses(model, dataset, collator, batch_size: int, precision: str) -> ExampleLosses:
+    """A causal LM's loss on every example of `dataset`, in eval mode, computed in `precision`, however the examples
+    are batched, padded or packed. A batch's row holds one example, except with a packing collator (one with
+    `layout`, `packing.PackedRows`): its rows hold the examples `layout` puts there, one after the other, each
+    starting where `position_ids` restart at 0 (a row may end with a block of filler, labels ignored). Each target
+    token (a label other than the ignored index) belongs to the example it sits in: the token before it predicts
+    it, and no example's first label is a target in a packed row, so no target straddles two examples."""
     columns = [c for c in dataset.column_names if c != "length"]
-    total, count = 0.0, 0
-    _, batches = by_length(model, dataset, collator, batch_size, columns)
+    lengths = np.asarray(dataset["length"] if "length" in dataset.column_names else
+                         [len(ids) for ids in dataset["input_ids"]])
+    order, batches = by_length(model, dataset, collator, batch_size, columns)
+    sums, targets = np.zeros(len(order)), np.zeros(len(order), dtype=np.int64)
+    layout = getattr(collator, "layout", None)
     with evaluating(model, precision):
-        for batch in batches:
-            targets = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+        for start, batch in zip(range(0, len(order), batch_size), batches):
+            members = order[start:start + batch_size]
+            labels = batch.pop("labels")
             # use_cache=False: with a cache, transformers would not see packed examples (see `packing`)
-            total += float(model(**batch, use_cache=False).loss) * targets  # the mean over these targets
-            count += targets
-    return total / count if count else math.nan
+            logits = model(**batch, use_cache=False).logits
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
+                                                       ignore_index=IGNORE_INDEX, reduction="none")
+            if layout is None:  # one example per row
+                owner = torch.as_tensor(members, device=labels.device)[:, None].expand_as(labels)
+            else:
+                rows = [[members[k] for k in row] for row in layout(lengths[members].tolist())]
+                owner = _packed_owners(batch["position_ids"], rows)
+            owner, target = owner[:, 1:], labels[:, 1:] != IGNORE_INDEX
+            sums += np.bincount(owner[target].cpu().numpy(), weights=losses[target].double().cpu().numpy(),
+                                minlength=len(order))
+            targets += np.bincount(owner[target].cpu().numpy(), minlength=len(order))
+    return ExampleLosses(sums, targets)
+
+
+def _packed_owners(position_ids: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """The example each position of packed rows belongs to: row r holds `rows[r]` in turn, each a block that starts
+    where the positions restart at 0; a block past them (the row's filler) belongs to none (-1)."""
+    block = torch.cumsum((position_ids == 0).long(), dim=1) - 1
+    owners = torch.full_like(position_ids, -1)
+    for r, examples in enumerate(rows):
+        for k, example in enumerate(examples):
+            owners[r][block[r] == k] = example
+    return owners

@@ -4,13 +4,16 @@ children; the best configuration's classifier registered."""
 
 from __future__ import annotations
 
+import html
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
 import pytest
 from conftest import assert_metrics_match_predictions, download_json, launch_in_own_store, load_table
+from scipy import stats
 
 from finetune_lab.contract import CONFIG_DIGEST_TAG, DATA_DIGEST_TAG
 
@@ -85,10 +88,33 @@ def test_the_parent_table_summary_and_verdict_come_from_the_children(swept, tmp_
     assert parent.data.metrics["best_accuracy"] == pytest.approx(best.data.metrics["accuracy"])
     assert download_json(client, parent.info.run_id, "best_confusion_matrix.json", tmp_path / "parent") == \
         download_json(client, best.info.run_id, "confusion_matrix.json", tmp_path / "best")
-    assert parent.data.tags["verdict"].endswith("single seed: not conclusive")
     assert parent.data.metrics["failed_children"] == 0
-    assert {"metrics_by_configuration.png", "best_confusion_matrix.png", "verdicts.txt"} <= {
+    assert {"metrics_by_configuration.png", "best_confusion_matrix.png", "verdicts.txt", "verdicts.json"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_the_verdict_is_mcnemars_test_on_the_childrens_predictions(swept, tmp_path):
+    """One seed each: the held-out test decides, on the 64 examples both children predicted; recomputed from their
+    predictions tables."""
+    client, parent = swept.client, swept.parent
+    record = download_json(client, parent.info.run_id, "verdicts.json", tmp_path / "parent")
+    text = Path(client.download_artifacts(parent.info.run_id, "verdicts.txt", str(tmp_path))).read_text()
+    (verdict,) = record["verdicts"]
+    assert text.splitlines() == record["lines"] == [verdict["line"]] and parent.data.tags["verdict"] == verdict["line"]
+    best = parent.data.tags["best_run_id"]
+    (other,) = [c for c in swept.children if c.info.run_id != best]
+    right = {run_id: (lambda t: (t["label"] == t["prediction"]).to_numpy())(
+        load_table(client, run_id, "predictions.json", tmp_path / run_id)) for run_id in (best, other.info.run_id)}
+    only_other = int((right[other.info.run_id] & ~right[best]).sum())
+    discordant = only_other + int((~right[other.info.run_id] & right[best]).sum())
+    expected = stats.binomtest(only_other, discordant, 0.5).pvalue if discordant else 1.0
+    assert verdict["seeds"] is None and verdict["decided_by"] == "held_out" and verdict["comparisons"] == 1
+    assert verdict["held_out"]["test"] == "mcnemar_exact" and verdict["held_out"]["n"] == [64]
+    assert verdict["held_out"]["p_value"] == pytest.approx(expected) == verdict["adjusted_p"]
+    assert f"single seed: training noise unmeasured; held-out McNemar p = {expected:.2g} over 64 examples" in \
+        verdict["line"]
+    assert verdict["shown"] == (expected < 0.05) and record["best_shown_better"] == verdict["shown"]
+    assert parent.data.tags["best_shown_better"] == str(verdict["shown"]).lower()
 
 
 def test_the_best_configuration_is_registered_and_predicts_what_its_run_logged(swept, tmp_path):
@@ -111,7 +137,7 @@ def test_the_report_shows_the_sweep_with_its_verdict(swept, tmp_path):
     markdown, _ = write(build(swept.client, ["clf-sweep"], Artifacts(swept.client, tmp_path)), tmp_path / "report")
     text = markdown.read_text()
     assert "Classifier sweep" in text and swept.parent.info.run_id[:8] in text and "Other runs" not in text
-    assert "learning_rate=0.001" in text and "single seed: not conclusive" in text
+    assert f"- **verdict** {html.escape(swept.parent.data.tags['verdict'], quote=False)}" in text
 
 
 BF16_SWEEP = {**SWEEP, "learning_rates": "1e-3", "precision": "bf16", "register_as": "sentiment-sweep-bf16"}

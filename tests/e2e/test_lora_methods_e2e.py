@@ -10,9 +10,11 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, launch_in_own_store, load_table
+from conftest import download_json, entrypoint, launch_in_own_store, load_table
+from scipy import stats
 
 from finetune_lab import causal_lm, lora, models, training
 from finetune_lab.config import SweepConfig
@@ -84,12 +86,41 @@ def test_the_parent_groups_by_method_and_rank_and_compares_methods(swept, tmp_pa
     best = by_id[parent.data.tags["best_run_id"]]
     assert best.data.metrics["eval_loss"] == min(c.data.metrics["eval_loss"] for c in swept.children.values())
     assert parent.data.tags["best_method"] == best.data.params["lora_method"]
-    verdicts = Path(client.download_artifacts(parent.info.run_id, "verdicts.txt", str(tmp_path))).read_text()
-    lines = verdicts.splitlines()
-    assert len(lines) == len(METHODS) - 1 and all(line.startswith("rank 2: method=") for line in lines)
-    assert all(line.endswith("single seed: not conclusive") for line in lines)
     assert {"methods_by_rank.png", "loss_vs_rank.png", "rank_summary.json"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_one_seed_each_the_methods_are_compared_on_the_held_out_examples(swept, tmp_path):
+    """Four comparisons with the best method at rank 2, each the paired t-test of the per-example held-out losses
+    the children logged (one seed: training's noise unmeasured), Holm-adjusted over the four; recomputed here."""
+    client, parent = swept.client, swept.parent
+    lines = Path(client.download_artifacts(parent.info.run_id, "verdicts.txt", str(tmp_path))).read_text().splitlines()
+    record = download_json(client, parent.info.run_id, "verdicts.json", tmp_path / "record")
+    assert lines == record["lines"] and len(lines) == len(METHODS) - 1
+    assert all(line.startswith("rank 2: method=") and "single seed: training noise unmeasured; held-out paired t p = "
+               in line for line in lines)
+    best = parent.data.tags["best_method"]
+    assert record["best_configuration"] == f"method={best}" and parent.data.tags["verdict"] == lines[0]
+    losses = {method: np.array([np.nan if x is None else x for x in download_json(
+        client, child.info.run_id, "held_out_losses.json", tmp_path / method)["loss"]], dtype=float)
+        for method, child in swept.children.items()}
+    raw = {}
+    for verdict in record["verdicts"]:
+        method = verdict["configuration"].removeprefix("method=")
+        both = np.isfinite(losses[method]) & np.isfinite(losses[best])  # examples whose targets were cut: no loss
+        expected = stats.ttest_rel(losses[method][both], losses[best][both])
+        assert verdict["held_out"]["p_value"] == pytest.approx(expected.pvalue), method
+        assert verdict["held_out"]["ci95"] == pytest.approx(list(expected.confidence_interval(0.95)))
+        assert verdict["decided_by"] == "held_out" and verdict["family"] == "rank 2" and verdict["comparisons"] == 4
+        raw[method] = expected.pvalue
+    ranked = sorted(raw, key=raw.get)
+    holm = {}
+    for rank, method in enumerate(ranked):
+        holm[method] = max([min(1.0, (len(ranked) - rank) * raw[method]), *(holm[m] for m in ranked[:rank])])
+    for verdict in record["verdicts"]:
+        assert verdict["adjusted_p"] == pytest.approx(holm[verdict["configuration"].removeprefix("method=")])
+    assert record["best_shown_better"] == record["verdicts"][0]["shown"]
+    assert parent.data.tags["best_shown_better"] == str(record["best_shown_better"]).lower()
 
 
 def test_every_logged_adapter_gives_its_held_out_loss_on_the_untouched_base(swept, tmp_path):
@@ -104,9 +135,13 @@ def test_every_logged_adapter_gives_its_held_out_loss_on_the_untouched_base(swep
     for method, child in swept.children.items():
         folder = client.download_artifacts(child.info.run_id, "adapter", str(tmp_path / method))
         with lora.loaded(base, folder) as model:
-            loss = training.mean_token_loss(model, held_out, causal_lm.collator(tokenizer, config),
-                                            training.eval_batch_size(config), "fp32")
-        assert loss == pytest.approx(child.data.metrics["eval_loss"], abs=1e-5), method
+            losses = training.example_losses(model, held_out, causal_lm.collator(tokenizer, config),
+                                             training.eval_batch_size(config), "fp32")
+        assert losses.mean == pytest.approx(child.data.metrics["eval_loss"], abs=1e-5), method
+        record = download_json(client, child.info.run_id, "held_out_losses.json", tmp_path / f"{method}-record")
+        assert record["eval_set_digest"] == parent.data.tags["finetune_lab.data_digest"].split("/")[1]
+        assert record["target_tokens"] == list(losses.targets)
+        assert [x for x in record["loss"]] == pytest.approx(list(losses.per_example), abs=1e-5), method
 
 
 def test_the_best_adapter_is_registered_and_generates(swept, monkeypatch):
@@ -132,4 +167,6 @@ def test_the_report_shows_each_method_and_rank(swept, tmp_path):
     text = markdown.read_text()
     for label in ("pissa-r2", "olora-r2", "dora-r2", "rslora-r2"):
         assert f"| {label} |" in text, label
-    assert "dora-r2 vs " in text or " vs dora-r2" in text
+    record = download_json(swept.client, swept.parent.info.run_id, "verdicts.json", tmp_path / "record")
+    assert [line.removeprefix("- **verdict** ") for line in text.splitlines() if line.startswith("- **verdict**")] \
+        == record["lines"], "the parent's lines"

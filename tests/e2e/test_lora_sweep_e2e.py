@@ -11,12 +11,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pandas as pd
 import psutil
 import pytest
 import torch
 from conftest import (
     adapter_on_base,
+    download_json,
     greedy_reply,
     launch_in_own_store,
     launch_in_store_of,
@@ -24,6 +26,7 @@ from conftest import (
     mlflow_run_command,
     runs_of,
 )
+from scipy import stats
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import device
@@ -108,6 +111,33 @@ def test_sweep_parent_children_metrics_and_summary(mlflow_run, client, tmp_path)
     best_run = client.get_run(parent.data.tags["best_run_id"])
     assert int(best_run.data.params["lora_r"]) == best_rank
     assert parent.data.metrics["failed_children"] == 0
+
+    # The verdict: Welch's test on the two ranks' eval losses over their seeds decides; the paired test on the
+    # children's per-example held-out losses, each rank's seeds averaged, is beside it. Both recomputed here.
+    other_rank = ({2, 4} - {best_rank}).pop()
+    record = download_json(client, parent.info.run_id, "verdicts.json", tmp_path / "verdicts")
+    (verdict,) = record["verdicts"]
+    assert verdict["configuration"] == f"rank={other_rank}" and verdict["reference"] == f"rank={best_rank}"
+    losses = {rank: [c.data.metrics["eval_loss"] for c in children if int(c.data.params["lora_r"]) == rank]
+              for rank in (2, 4)}
+    welch = stats.ttest_ind(losses[other_rank], losses[best_rank], equal_var=False)
+    assert verdict["seeds"]["p_value"] == pytest.approx(welch.pvalue) and verdict["decided_by"] == "seeds"
+    assert verdict["seeds"]["ci95"] == pytest.approx(list(welch.confidence_interval(0.95)))
+    pooled = {rank: np.mean([[np.nan if x is None else x for x in download_json(
+        client, c.info.run_id, "held_out_losses.json", tmp_path / c.info.run_id)["loss"]]
+        for c in children if int(c.data.params["lora_r"]) == rank], axis=0) for rank in (2, 4)}
+    both = np.isfinite(pooled[2]) & np.isfinite(pooled[4])
+    paired = stats.ttest_rel(pooled[other_rank][both], pooled[best_rank][both])
+    assert verdict["held_out"]["p_value"] == pytest.approx(paired.pvalue) and verdict["held_out"]["n"] == [
+        int(both.sum())]
+    assert verdict["shown"] == (welch.pvalue < 0.05) and record["lines"] == [verdict["line"]]
+    assert parent.data.tags["verdict"] == verdict["line"]
+    assert parent.data.tags["best_shown_better"] == str(verdict["shown"]).lower()
+    for child in children:  # eval_loss is the token-weighted mean of the child's per-example losses
+        logged = download_json(client, child.info.run_id, "held_out_losses.json", tmp_path / child.info.run_id)
+        counted = [(loss, n) for loss, n in zip(logged["loss"], logged["target_tokens"]) if n]
+        assert sum(loss * n for loss, n in counted) / sum(n for _, n in counted) == pytest.approx(
+            child.data.metrics["eval_loss"], rel=1e-6)
     # The sweep's whole wall time, and the part of it the children spent training.
     child_train = sum(c.data.metrics["train_runtime_s"] for c in children)
     assert parent.data.metrics["child_train_s_sum"] == pytest.approx(child_train)

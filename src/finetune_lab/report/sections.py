@@ -13,8 +13,15 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import contract, plots
+from finetune_lab import contract, held_out, plots, verdicts
 from finetune_lab.errors import InputError
+from finetune_lab.report.configurations import (
+    NOT_CONFIG_PARAMS,
+    PROVENANCE_PARAMS,
+    config_label,
+    differing_params,
+    seed_groups,
+)
 from finetune_lab.report.render import (
     Block,
     Bullets,
@@ -30,14 +37,6 @@ from finetune_lab.report.render import (
     short,
 )
 from finetune_lab.report.store import Artifacts, ExperimentRuns, kind_of, label, read_experiment
-from finetune_lab.report.verdicts import (
-    NOT_CONFIG_PARAMS,
-    PROVENANCE_PARAMS,
-    config_label,
-    differing_params,
-    seed_groups,
-    verdicts,
-)
 
 
 def run_table(runs: list[Run], metrics: list[str], first_params: tuple[str, ...] = (),
@@ -75,7 +74,35 @@ def summary_table(summary: pd.DataFrame, columns: list[str]) -> Table:
     return Table([*columns, "seeds", *metrics], rows)
 
 
-def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]:
+def family_lines(runs_per_configuration: dict[str, list[Run]], metric: str, lower_is_better: bool,
+                 records: held_out.Records | None, reference: str = "") -> list[str]:
+    """The verdict lines of one family (`verdicts.family`, as a sweep's parent states them): each configuration's
+    runs (its seeds) give the metric's values and, with `records` (for the metric the per-example held-out records
+    measure: a classifier's accuracy, a language model's eval_loss), where every one of them logged its record on
+    the same examples, their pooled held-out values for the paired test."""
+    groups = {name: [r.data.metrics[metric] for r in runs] for name, runs in runs_per_configuration.items()}
+    pooled = {name: records.pooled([r.info.run_id for r in runs]) for name, runs in runs_per_configuration.items()
+              if records is not None}
+    return verdicts.family(groups, metric, lower_is_better, reference,
+                           {name: values for name, values in pooled.items() if values is not None}).lines()
+
+
+def parent_verdicts(parent: Run, children: list[Run], artifacts: Artifacts, name, metric: str,
+                    lower_is_better: bool) -> list[Block]:
+    """A sweep's verdicts as its parent stated them (`verdicts.json`); for a parent without them (it logged none),
+    the same statistics computed from its finished children (`name` labels a child's configuration), said so."""
+    logged = artifacts.json(parent, contract.VERDICTS_RECORD)
+    if logged is not None:
+        return [Bullets(logged["lines"])] if logged["lines"] else []
+    lines = family_lines(seed_groups(children, name, metric), metric, lower_is_better, artifacts.records)
+    if not lines:
+        return []
+    return [Text(f"Verdicts computed from the children (the parent has no `{contract.VERDICTS_RECORD}`):"),
+            Bullets(lines)]
+
+
+def classification_runs(runs: list[Run], artifacts: Artifacts) -> list[Block]:
+    """Classification runs side by side, and their confusion matrices."""
     blocks: list[Block] = [Heading(3, f"Classification runs ({len(runs)})"),
                            *run_table(runs, contract.CLASSIFY_METRICS)]
     matrices = []
@@ -88,9 +115,16 @@ def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]
                                    f"confusion_matrix-{label(logged)}", png(figure)))
     if matrices:
         blocks += [Text("Confusion matrices on each run's evaluation split:"), Figures(matrices)]
-    finished = [r for r in runs if r.info.status == contract.FINISHED]
-    blocks.append(Bullets(verdicts(seed_groups(finished, config_label(finished), "accuracy"), "accuracy", False)))
     return blocks
+
+
+def classification_section(runs: list[Run], artifacts: Artifacts) -> list[Block]:
+    """Independent classification runs, and the verdicts on their accuracy (runs that differ only in their seed are
+    one configuration)."""
+    finished = [r for r in runs if r.info.status == contract.FINISHED]
+    lines = family_lines(seed_groups(finished, config_label(finished), "accuracy"), "accuracy", False,
+                         artifacts.records)
+    return [*classification_runs(runs, artifacts), Bullets(lines)]
 
 
 # A classifier sweep's configuration: its summary's columns → (the children's param, its type).
@@ -99,7 +133,7 @@ CLASSIFY_SWEEP_AXES = {"learning_rate": ("learning_rate", float), "epochs": ("ep
 
 def classify_sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> list[Block]:
     """A classifier sweep: its best configuration and best child, the summary per configuration (mean ± std over
-    seeds) with its figure, then its children as classification runs side by side."""
+    seeds) with its figure, its verdicts, then its children as classification runs side by side."""
     tags, metrics = parent.data.tags, parent.data.metrics
     heading = Heading(3, f"Classifier sweep {label(parent)} ({parent.info.run_id[:8]}), status {parent.info.status}")
     if not children:
@@ -120,7 +154,8 @@ def classify_sweep_section(parent: Run, children: list[Run], artifacts: Artifact
     if figure is not None:
         blocks.append(Figures([Figure("metrics by configuration", f"metrics_by_configuration-{label(parent)}",
                                       figure)]))
-    return blocks + classification_section(children, artifacts)
+    return [*blocks, *parent_verdicts(parent, children, artifacts, config_label(children), "accuracy", False),
+            *classification_runs(children, artifacts)]
 
 
 def sweep_summary(parent: Run, children: list[Run], artifacts: Artifacts, artifact: str,
@@ -182,10 +217,8 @@ def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
                                                        zip(summary["method"], summary["rank"])]), "configuration"
         blocks += [Text(f"Per rank, mean ± std over seeds (`{contract.RANK_SUMMARY}`):"),
                    summary_table(summary, [x]), Figures(figures)]
-    groups = seed_groups(children, lambda r: contract.lora_label(
-        r.data.params.get("lora_method", contract.DEFAULT_LORA_METHOD), r.data.params.get("lora_r")), "eval_loss")
-    blocks.append(Bullets(verdicts(groups, "eval_loss", True)))
-    return blocks
+    return blocks + parent_verdicts(parent, children, artifacts, lambda r: contract.lora_label(
+        r.data.params.get("lora_method", contract.DEFAULT_LORA_METHOD), r.data.params.get("lora_r")), "eval_loss", True)
 
 
 # What a search's parent says about its kind of sweep: objective, and the summary its confirmation logs.
@@ -234,7 +267,7 @@ def search_section(parent: Run, children: list[Run], artifacts: Artifacts) -> li
         if summary is not None:
             axes = [c for c in summary.columns if c != "seeds" and not c.endswith(("_mean", "_std"))]
             blocks.append(summary_table(summary, axes))
-        logged = artifacts.raw(parent, contract.VERDICTS_ARTIFACT)
+        logged = artifacts.raw(parent, contract.VERDICTS_TEXT)
         if logged is not None:
             blocks.append(Bullets([line for line in logged.decode("utf-8").splitlines() if line]))
     return blocks
@@ -290,8 +323,10 @@ def before_after_table(comparison: pd.DataFrame) -> Table:
     return Table(columns, rows)
 
 
-def probe_verdicts(parents: list[Run], found: ExperimentRuns) -> list[Block]:
-    """Each `after` child against `before` on the target's NLL, over probe runs that differ only in their seed."""
+def probe_verdicts(parents: list[Run], found: ExperimentRuns, records: held_out.Records) -> list[Block]:
+    """Each `after` child against `before`, over probe runs that differ only in their seed: on the target's NLL
+    (did the new example become more likely?), and on the held-out loss (forgetting), with the paired test of the
+    per-example held-out losses."""
     name = config_label(parents)
     by_config: dict[str, list[Run]] = {}
     for parent in parents:
@@ -299,8 +334,10 @@ def probe_verdicts(parents: list[Run], found: ExperimentRuns) -> list[Block]:
     lines = []
     for config, stages in by_config.items():
         prefix = "" if len(by_config) == 1 else f"[{config}] "
-        groups = seed_groups(stages, label, "target_nll")
-        lines += [prefix + line for line in verdicts(groups, "target_nll", True, reference=contract.BEFORE)]
+        # the target's NLL is measured on one text: only the seeds can test it
+        for metric, paired in (("target_nll", None), ("eval_loss", records)):
+            lines += [prefix + line for line in family_lines(seed_groups(stages, label, metric), metric, True, paired,
+                                                             reference=contract.BEFORE)]
     return [Bullets(lines)]
 
 
@@ -362,7 +399,7 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
     for parent in probes:
         blocks += probe_section(parent, found.children_of(parent), artifacts)
     if probes:
-        blocks += probe_verdicts(probes, found)
+        blocks += probe_verdicts(probes, found, artifacts.records)
     if contract.RESUME in by_kind:
         blocks += resume_section(by_kind[contract.RESUME], found)
     if contract.BENCH in by_kind:
@@ -381,8 +418,11 @@ def build(client: MlflowClient, experiments: list[str], artifacts: Artifacts, sk
     blocks: list[Block] = [
         Heading(1, "finetune-lab report"),
         Text(f"Generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')} from `{mlflow.get_tracking_uri()}`. A verdict "
-             "compares means over seeds: a difference counts when it is larger than the seed-to-seed spread "
-             "(the larger standard deviation over seeds); with a single seed it is not conclusive."),
+             "compares a configuration with the best: the difference of the means over seeds with its 95 % "
+             "interval and Welch's p (with 2 or more seeds a side), and the paired test on the same held-out "
+             "examples (McNemar's for classifiers, a paired t-test of per-example losses for language models); "
+             "with several configurations the deciding p-values are Holm-adjusted. A difference is shown when the "
+             "deciding test (across seeds when both sides have them, else the held-out one) gives p < 0.05."),
     ]
     for name in experiments:
         found = read_experiment(client, name, skip_run_id)

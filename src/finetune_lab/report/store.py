@@ -12,6 +12,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from finetune_lab import held_out
 from finetune_lab.contract import KIND_TAG
 
 OTHER = "other"
@@ -60,10 +61,13 @@ def label(logged: Run) -> str:
 
 
 class Artifacts:
-    """Top-level artifacts of runs, downloaded into a scratch folder; None where a run lacks one."""
+    """Top-level artifacts of runs, downloaded into a scratch folder; None where a run lacks one. The per-example
+    held-out records of runs (`records`) come through `held_out`, as the sweeps and the registry read them."""
 
     def __init__(self, client: MlflowClient, scratch: Path):
         self.client, self.scratch = client, scratch
+        self.records = held_out.Records(client)
+        """The runs' per-example held-out records, each read once per report."""
 
     def raw(self, logged: Run, path: str) -> bytes | None:
         """The bytes of a top-level artifact."""
