@@ -411,9 +411,11 @@ class LoraTrainingConfig(TrainingConfig):
     output_column: str = "output"
     """Column holding the reply to learn."""
     prompt_format: str = "plain"
-    """`plain` = input + newline + output + EOS (the original recipe's text); `chat` = the tokenizer's chat template."""
+    """`plain` = input + newline + output + EOS (the original recipe's text, see docs/reference-experiments.md);
+    `chat` = the tokenizer's chat template."""
     loss_on: str = "all"
-    """`all` = loss on the whole text (the original recipe's); `output` = prompt tokens masked out of the loss."""
+    """`all` = loss on the whole text (the original recipe's, see docs/reference-experiments.md); `output` = prompt
+    tokens masked out of the loss."""
     lora_alpha: float = 0.0
     """Fixed LoRA alpha for every rank (scale alpha/r then shrinks as r grows); 0 = use `alpha_per_rank`."""
     alpha_per_rank: float = 2.0

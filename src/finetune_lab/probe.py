@@ -6,8 +6,9 @@ child answers `probe_input` greedily and measures the mean per-token NLL of `new
 and given `new_input`, the ROUGE-L of its reply against `new_output`, and the held-out loss (the same split for
 all). The parent compares each `after` with `before`: replies, NLL drop, similarity, forgetting.
 
-`mode=continue` (the default; what the original recipe's code did: it trained, then called train again on the augmented
-data with the same model object) starts every `after` from the trained `before` adapter with a fresh optimizer;
+`mode=continue` (the default; what the original recipe's code did, see docs/reference-experiments.md: it trained,
+then called train again on the augmented data with the same model object) starts every `after` from the trained
+`before` adapter with a fresh optimizer;
 `mode=from_scratch` starts it from the initialisation `before` started from (the same seed gives the same fresh
 adapter). Either way every repeats value starts from that same saved state, never from the previous value's.
 

@@ -1,7 +1,8 @@
 """How an input/output pair becomes training tokens, and an input becomes a generation prompt.
 
 Training and generation must format the prompt identically, so both go through `prompt_text`.
-- `plain` (the original recipe's): the text is input + "\\n" + output, ended with the EOS token.
+- `plain` (the original recipe's, see docs/reference-experiments.md): the text is input + "\\n" + output, ended
+  with the EOS token.
 - `chat`: the tokenizer's chat template (user turn = input, assistant turn = output).
 `loss_on="output"` masks the prompt tokens out of the loss (label -100); `"all"` trains on the whole text.
 """
