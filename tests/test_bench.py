@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, runs_of
+from support.paths import entrypoint
+from support.store import runs_of
 
 from finetune_lab import bench, causal_lm
 from finetune_lab.config import BenchConfig

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, assert_metrics_match_predictions, download_json, entrypoint, load_table, runs_of
+from support.checks import assert_metrics_match_predictions
+from support.paths import REPO, entrypoint
+from support.store import download_json, load_table, parent_and_children, runs_of, top_level
 
 from finetune_lab import classify_sweep, health
 from finetune_lab.contract import KIND_TAG
@@ -22,7 +24,7 @@ def sweep_cli(*args: str):
 def test_sigterm_leaves_a_partial_table_and_resume_finishes_it(client, tmp_path, sigterm_at_second_child):
     rates = ("--learning-rates", "1e-3,5e-4,2e-4")
     assert sweep_cli(*rates).exit_code == 143  # the first child finished, the second killed, the third not run
-    (parent,) = [r for r in runs_of(client, "clf-stop") if "mlflow.parentRunId" not in r.data.tags]
+    parent, _ = parent_and_children(runs_of(client, "clf-stop"))
     assert parent.info.status == "KILLED" and parent.data.tags["error"] == "terminated by SIGTERM"
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path / "stopped")
     assert list(table["status"]) == ["FINISHED", "KILLED", "NOT_RUN"]
@@ -40,6 +42,7 @@ def test_sigterm_leaves_a_partial_table_and_resume_finishes_it(client, tmp_path,
         "classify_sweep", "resume"]
 
 
+@pytest.mark.slow  # trains repeatedly: a classifier sweep
 def test_a_collapsed_child_is_never_best(client, monkeypatch):
     """A child whose model collapsed has the best accuracy of the sweep here, and still ends FAILED, not best."""
     original = health.check
@@ -58,7 +61,7 @@ def test_a_collapsed_child_is_never_best(client, monkeypatch):
     assert result.exit_code == 0, result.output
     runs = {r.info.run_name: r for r in runs_of(client, "collapse")}
     assert runs["lr0.001-ep1-seed1"].info.status == "FAILED"
-    (parent,) = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = top_level(runs.values())
     assert parent.data.tags["best_run_id"] == runs["lr0.0005-ep1-seed1"].info.run_id
     assert parent.data.metrics["failed_children"] == 1
 
@@ -121,13 +124,14 @@ def three_classes(tmp_path):
     return path
 
 
+@pytest.mark.slow  # trains repeatedly: a classifier sweep of four children
 def test_a_sweep_over_three_classes_ends_with_its_best_child_and_confusion_matrix(client, tmp_path, three_classes):
     result = sweep_cli("--dataset", str(three_classes), "--learning-rates", "1e-3,5e-3", "--seeds", "1,2",
                        "--max-train-samples", "96", "--max-eval-samples", "48", "--experiment", "three")
     assert result.exit_code == 0, result.output
     runs = runs_of(client, "three")
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.info.run_id: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    parent, children = parent_and_children(runs)
+    children = {r.info.run_id: r for r in children}
     assert parent.info.status == "FINISHED" and len(children) == 4
     assert {c.info.status for c in children.values()} == {"FINISHED"} and parent.data.params["num_labels"] == "3"
     for child in children.values():

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from support.paths import REPO
 
 from finetune_lab.entry_points import ENTRY_POINTS
 

@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, runs_of
+from support.paths import entrypoint
+from support.store import runs_of
 
 
 @pytest.fixture

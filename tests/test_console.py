@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from support.paths import REPO
 from transformers import AutoModel, AutoTokenizer
 
 from finetune_lab import models

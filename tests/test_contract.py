@@ -2,8 +2,8 @@
 
 import ast
 
-from conftest import REPO
 from mlflow.entities import RunStatus
+from support.paths import REPO
 
 from finetune_lab import contract
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import entrypoint
+from support.paths import entrypoint
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import causal_lm, device, lora, models, registry, tracking, training

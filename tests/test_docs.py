@@ -4,7 +4,7 @@ to users (no issue numbers, no paths outside the repository)."""
 import re
 
 import pytest
-from conftest import REPO
+from support.paths import REPO
 
 from finetune_lab.cli import entry_point
 from finetune_lab.entry_points import ENTRY_POINTS

@@ -17,7 +17,9 @@ import datasets
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, load_table, of_ray_instance, ray_left_behind, runs_of
+from support.paths import entrypoint
+from support.ray_processes import of_ray_instance, ray_left_behind
+from support.store import children_of, load_table, parent_and_children, runs_of
 from test_sweep import tiny_sweep
 
 from finetune_lab import causal_lm, executors, lora_sweep, models
@@ -135,6 +137,8 @@ def test_the_workload_travels_with_its_rows_not_cache_file_paths(tmp_path):
     assert received.config == workload.config and workload.tokenized["train"].cache_files, "the sender is untouched"
 
 
+@pytest.mark.slow  # starts a local Ray instance
+@pytest.mark.xdist_group("ray")  # two Ray instances on two cores only slow each other down
 def test_a_worker_that_dies_fails_only_its_child(client, local_ray, tmp_path):
     """SIGKILL one of the two workers while it trains: that child ends FAILED with its error, the other worker
     trains the rest, the parent lists the failure, and Ray is gone afterwards."""
@@ -176,6 +180,8 @@ def test_a_worker_that_dies_fails_only_its_child(client, local_ray, tmp_path):
     assert ray_left_behind(local_ray) == []
 
 
+@pytest.mark.slow  # starts a local Ray instance
+@pytest.mark.xdist_group("ray")  # two Ray instances on two cores only slow each other down
 def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypatch):
     """The base is gone when the workers load it: no worker ever takes a child, and every child ends FAILED with
     the reason, and so does the parent."""
@@ -191,7 +197,7 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
                                            r"\(the last one could not start: OSError"):
         lora_sweep.run(tiny_sweep(ranks=(2,), seeds=(1, 2), executor="ray", workers=2, experiment="nostart"))
     runs = runs_of(client, "nostart")
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = children_of(runs)
     assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
     for child in children:
         assert child.data.tags["error"].startswith("no Ray worker left to train it (the last one could not start: "
@@ -199,6 +205,8 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
     assert ray_left_behind(local_ray) == []
 
 
+@pytest.mark.slow  # starts a local Ray instance
+@pytest.mark.xdist_group("ray")  # two Ray instances on two cores only slow each other down
 def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(client, local_ray, monkeypatch,
                                                                                tmp_path):
     """SIGTERM to the driver while it hands out the third child: the child still training on the other worker
@@ -219,11 +227,11 @@ def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(c
         lora_sweep.run(tiny_sweep(seeds=(1, 2), executor="ray", workers=2, experiment="ray-sigterm"))
     runs = runs_of(client, "ray-sigterm")
     assert not [r for r in runs if r.info.status == "RUNNING"], "no run may stay RUNNING"
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parent, _ = parent_and_children(runs)
     assert parent.info.status == "KILLED" and parent.data.tags["error"] == "terminated by SIGTERM"
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
     statuses = dict(zip(table["run_id"], table["status"]))
-    children = {r.info.run_id: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    children = {r.info.run_id: r for r in children_of(runs)}
     assert sorted(table["status"]) == ["FINISHED", "KILLED", "NOT_RUN", "NOT_RUN"]
     for run_id, child in children.items():
         assert statuses[run_id] == child.info.status

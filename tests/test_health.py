@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import load_table, runs_of
+from support.store import load_table, parent_and_children, runs_of
 
 from finetune_lab import health, lora_sweep
 from finetune_lab.config import SweepConfig
@@ -54,8 +54,7 @@ def test_a_collapsed_sweep_fails_every_child_and_registers_nothing(client, tmp_p
                                            "collapsed"):
         lora_sweep.run(config)
     runs = runs_of(client, "collapse")
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent, children = parent_and_children(runs)
     assert parent.info.status == "FAILED" and "best_run_id" not in parent.data.tags
     assert len(children) == 2
     for child in children:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, runs_of
+from support.paths import entrypoint
+from support.store import runs_of
 
 # Each with another mistake, reported with the seed's.
 CLASSIFIER = ["--model", "tiny", "--dataset", "sample", "--batch-size", "0"]

@@ -9,7 +9,8 @@ import datasets
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import entrypoint, runs_of
+from support.paths import entrypoint
+from support.store import children_of, runs_of
 
 from finetune_lab import causal_lm, lora, metrics, probe, prompts
 from finetune_lab.config import ProbeConfig
@@ -67,7 +68,8 @@ def trained_rows(kwargs) -> list[list[int]]:
     return rows
 
 
-@pytest.mark.parametrize("batching", [{}, {"packing": "on"}, {"packing": "on", "batch_tokens": 1024}])
+@pytest.mark.parametrize("batching", [{}, *(pytest.param(b, marks=pytest.mark.slow)  # a probe each (trains twice)
+                                      for b in ({"packing": "on"}, {"packing": "on", "batch_tokens": 1024}))])
 def test_steps_that_saw_the_new_example_are_counted_from_the_batches_trained_on(tiny_setup, tracking_uri, batching):
     """The collator's count against an independent one: the training-mode forwards the model actually ran,
     padded or packed, by example count or by token budget."""
@@ -107,13 +109,14 @@ def test_steps_that_saw_the_new_example_are_counted_from_the_batches_trained_on(
                                         "new_example_copies_seen": float(sum(forwards))}
 
 
+@pytest.mark.slow  # trains repeatedly: a probe (before, after)
 def test_one_repeats_value_logs_before_and_after_and_their_comparison(client, tmp_path):
-    from conftest import load_table
+    from support.store import load_table
 
     result = probe.run(tiny_probe(new_example_repeats=4))
     runs = runs_of(client, "probe-unit")
     parent = client.get_run(result["run_id"])
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result["run_id"]}
+    children = {r.info.run_name: r for r in children_of(runs, result["run_id"])}
     assert set(children) == {"before", "after"}
     assert all(r.info.status == "FINISHED" for r in [parent, *children.values()])
     before, after = children["before"].data, children["after"].data
@@ -155,8 +158,7 @@ def test_each_stage_logs_the_training_data_it_used(client):
     config = tiny_probe(new_example_repeats=3)
     result = probe.run(config)
     parent = client.get_run(result["run_id"])
-    children = {r.info.run_name: r for r in runs_of(client, "probe-unit")
-                if r.data.tags.get("mlflow.parentRunId") == result["run_id"]}
+    children = {r.info.run_name: r for r in children_of(runs_of(client, "probe-unit"), result["run_id"])}
     assert training_digest(children["before"]) == training_digest(parent) == parent.data.params["dataset_digest"]
     train = data.load(config.dataset, config.seed, config.eval_fraction)[0].splits[TRAIN].to_pandas()
     copies = pd.DataFrame({"input": [config.new_input] * 3, "output": [config.new_output] * 3})
@@ -164,6 +166,7 @@ def test_each_stage_logs_the_training_data_it_used(client):
     assert training_digest(children["after"]) == mlflow.data.from_pandas(augmented).digest != training_digest(parent)
 
 
+@pytest.mark.slow  # trains repeatedly: a probe per mode
 @pytest.mark.parametrize("mode", ["continue", "from_scratch"])
 def test_every_after_starts_from_the_same_saved_state(client, monkeypatch, mode):
     """continue: each repeats value starts from the trained `before` adapter (not the previous value's result);

@@ -8,8 +8,8 @@ from dataclasses import fields
 import pytest
 import tomllib
 import yaml
-from conftest import REPO
 from mlflow.projects import _project_spec
+from support.paths import REPO
 
 from finetune_lab import project_files
 from finetune_lab.cli import entry_point

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import REPO, entrypoint, load_table
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from scipy import stats
+from support.paths import REPO, entrypoint
+from support.store import load_table, top_level
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import (
@@ -287,6 +288,7 @@ def test_settling_reads_each_runs_record_once(client, monkeypatch):
     assert sorted(downloads) == sorted(runs)
 
 
+@pytest.mark.slow  # trains repeatedly: three sweeps, each registered
 def test_champion_moves_only_on_improvement(client):
     lora_sweep.run(tiny_sweep(max_steps=2, learning_rate=1e-3))
     lora_sweep.run(tiny_sweep(max_steps=12))
@@ -300,6 +302,7 @@ def test_champion_moves_only_on_improvement(client):
     assert versions["3"].tags["champion_decision"].startswith("kept on v2")
 
 
+@pytest.mark.slow  # trains repeatedly: two classifiers, each registered
 def test_champion_stays_when_the_eval_set_differs(client):
     """Losses on different eval sets are not comparable: a lower loss on a smaller eval set must not win."""
     base = dict(model="tiny", dataset="sample", max_train_samples=64, max_length=32, learning_rate=1e-3,
@@ -318,11 +321,11 @@ def test_failed_reload_check_registers_nothing(client, monkeypatch):
     with pytest.raises(registry.RegistrationError, match="not registered"):
         lora_sweep.run(tiny_sweep(ranks=(2,)))
     assert client.search_model_versions(f"name='{NAME}'") == []
-    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("registry").experiment_id])
-                 if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = top_level(client.search_runs([client.get_experiment_by_name("registry").experiment_id]))
     assert parent.info.status == "FAILED" and "RegistrationError" in parent.data.tags["error"]
 
 
+@pytest.mark.slow  # trains repeatedly: three sweeps
 def test_a_failure_after_the_version_is_created_leaves_no_version_behind(client, monkeypatch):
     """Registration is all or nothing: a version (created with its tags in one call) is deleted again when a later
     step fails, the champion alias goes back where it was, and a registered model this call created goes too."""

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, create_experiment, download_json, entrypoint, load_table, runs_of
 from mlflow.tracking import MlflowClient
 from scipy import stats
+from support.paths import REPO, entrypoint
+from support.store import children_of, create_experiment, download_json, load_table, runs_of
 
 from finetune_lab import classify, classify_sweep, lora_sweep, probe, report
 from finetune_lab.config import ClassifyConfig, ClassifySweepConfig, ProbeConfig, ReportConfig, SweepConfig
@@ -55,6 +56,10 @@ def no_leaked_experiment_id():
     --experiment-name` launched from this process would refuse to start with both set."""
     yield
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+# The tests on `store` are in the slow tier: it trains fifteen tiny models (six of them twice over, in sweeps).
+ON_THE_STORE = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +113,7 @@ def section(markdown: str, heading: str) -> str:
     return markdown[start: start + len(heading) + (following.start() if following else len(markdown))]
 
 
+@ON_THE_STORE
 def test_every_number_in_the_run_tables_equals_the_logged_value(store):
     runs = {r.info.run_id[:8]: r for name in ("classification", "lora_sweep", "retrain_probe", "classify_sweep")
             for r in runs_of(store.client, name)}
@@ -138,6 +144,7 @@ def test_every_number_in_the_run_tables_equals_the_logged_value(store):
     assert "seed" not in header, "only params that differ between the runs are shown"
 
 
+@ON_THE_STORE
 def test_rank_summary_cells_are_the_logged_mean_and_std(store, tmp_path):
     text = section(store.markdown, f"### LoRA rank sweep two-seeds ({store.sweeps['two-seeds'][:8]})")
     summary = load_table(store.client, store.sweeps["two-seeds"], "rank_summary.json", tmp_path).set_index("rank")
@@ -157,6 +164,7 @@ def test_rank_summary_cells_are_the_logged_mean_and_std(store, tmp_path):
     assert "4 child runs, status FINISHED" in text
 
 
+@ON_THE_STORE
 def test_classifier_sweep_summary_cells_are_the_logged_mean_and_std_and_name_the_best(store, tmp_path):
     parent = store.client.get_run(store.classify_sweep_run_id)
     text = html.unescape(section(store.markdown, f"### Classifier sweep three-classes ({parent.info.run_id[:8]})"))
@@ -177,10 +185,10 @@ def test_classifier_sweep_summary_cells_are_the_logged_mean_and_std_and_name_the
     assert "(report_images/metrics_by_configuration-three-classes.png)" in text
 
 
+@ON_THE_STORE
 def test_a_classifier_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_children(store, tmp_path):
     parent = store.client.get_run(store.classify_sweep_run_id)
-    children = [r for r in runs_of(store.client, "classify_sweep")
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = children_of(runs_of(store.client, "classify_sweep"), parent.info.run_id)
 
     class NoArtifacts:
         def table(self, run, path):
@@ -192,10 +200,10 @@ def test_a_classifier_sweep_without_its_summary_artifact_gets_the_same_summary_f
         assert computed[column].to_numpy() == pytest.approx(logged[column].to_numpy(), rel=1e-6), column
 
 
+@ON_THE_STORE
 def test_a_sweep_of_one_child_says_1_child_run(store, tmp_path):
     parent = store.client.get_run(store.sweeps["one-seed"])
-    (child, *_) = [r for r in runs_of(store.client, "lora_sweep")
-                   if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    (child, *_) = children_of(runs_of(store.client, "lora_sweep"), parent.info.run_id)
     blocks = sections.sweep_section(parent, [child], Artifacts(store.client, tmp_path))
     assert blocks[1].text.startswith("1 child run, status FINISHED")
 
@@ -268,10 +276,10 @@ def test_resume_attempts_and_bench_runs_have_sections_of_their_own(client, tmp_p
     assert not any("baseline" in column for column in header)
 
 
+@ON_THE_STORE
 def test_a_sweep_without_its_summary_artifact_gets_the_same_summary_from_its_children(store, tmp_path):
     parent = store.client.get_run(store.sweeps["two-seeds"])
-    children = [r for r in runs_of(store.client, "lora_sweep")
-                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = children_of(runs_of(store.client, "lora_sweep"), parent.info.run_id)
 
     class NoArtifacts:
         def table(self, run, path):
@@ -289,6 +297,7 @@ def verdict_lines(text: str) -> list[str]:
             if line.startswith("- **verdict**")]
 
 
+@ON_THE_STORE
 def test_verdicts_are_the_lines_the_sweeps_parents_logged(store, tmp_path):
     for name, run_id in store.sweeps.items():
         shown = verdict_lines(section(store.markdown, f"### LoRA rank sweep {name} ({run_id[:8]})"))
@@ -314,6 +323,7 @@ def test_verdicts_are_the_lines_the_sweeps_parents_logged(store, tmp_path):
                                                           tmp_path / "classify_sweep")["lines"]
 
 
+@ON_THE_STORE
 def test_independent_classification_runs_are_compared_by_mcnemar_on_their_predictions(store, tmp_path):
     """Two runs of one seed each on the same held-out split: McNemar's test on the examples each got right,
     recomputed from their predictions tables."""
@@ -328,6 +338,7 @@ def test_independent_classification_runs_are_compared_by_mcnemar_on_their_predic
     assert f"single seed: training noise unmeasured; held-out McNemar p = {expected:.2g} over 32 examples" in line
 
 
+@ON_THE_STORE
 def test_probe_before_after_table_and_verdict(store, tmp_path):
     text = section(store.markdown, "### Retraining probe ")
     comparison = load_table(store.client, store.probe_run_id, "probe_comparison.json", tmp_path)
@@ -347,12 +358,13 @@ def test_probe_before_after_table_and_verdict(store, tmp_path):
     # forgetting: the held-out loss after against before, paired example by example
     stages = {r.info.run_name: download_json(store.client, r.info.run_id, "held_out_losses.json",
                                              tmp_path / r.info.run_name)
-              for r in runs_of(store.client, "retrain_probe") if "mlflow.parentRunId" in r.data.tags}
+              for r in children_of(runs_of(store.client, "retrain_probe"))}
     paired = stats.ttest_rel(*(np.array(stages[name]["loss"], dtype=float) for name in ("after", "before")))
     assert forgetting.startswith("after vs before: eval_loss")
     assert f"held-out paired t p = {paired.pvalue:.2g}" in forgetting and "over 19 examples" in forgetting
 
 
+@ON_THE_STORE
 def test_html_is_one_file_with_embedded_images(store):
     sources = re.findall(r'src="([^"]*)"', store.html)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
@@ -364,6 +376,7 @@ def test_html_is_one_file_with_embedded_images(store):
     assert store.html.count('class="verdict"') == store.markdown.count("- **verdict**") == 6
 
 
+@ON_THE_STORE
 def test_wide_tables_and_figures_fit_the_page(store):
     """Tables scroll sideways inside the page instead of overflowing it; figures shrink to its width."""
     assert store.html.count("<table>") == store.html.count('<div class="wide"><table>') > 0
@@ -371,6 +384,7 @@ def test_wide_tables_and_figures_fit_the_page(store):
     assert ".wide { overflow-x: auto; }" in style and "img { max-width: 100%; height: auto; }" in style
 
 
+@ON_THE_STORE
 def test_the_report_is_logged_as_its_own_run(store, tmp_path):
     run = store.client.get_run(store.report_run_id)
     assert run.info.status == "FINISHED"

@@ -10,7 +10,8 @@ import mlflow
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import entrypoint, load_table, runs_of
+from support.paths import entrypoint
+from support.store import children_of, load_table, runs_of
 
 from finetune_lab import lora, lora_sweep, probe, prompts
 from finetune_lab.config import ProbeConfig, SweepConfig
@@ -25,12 +26,13 @@ def sweep_cli(*args: str):
     return CliRunner().invoke(entrypoint("lora_sweep").main, [*ARGS, *args])
 
 
+@pytest.mark.slow  # trains repeatedly: a sweep stopped by SIGTERM, then resumed
 def test_resume_reruns_only_the_children_that_did_not_finish(client, tmp_path, sigterm_at_second_child):
     chat = tmp_path / "chat.jsonl"
     shutil.copy(SAMPLES["sample_chat"], chat)
     assert sweep_cli("--dataset", str(chat)).exit_code == 143  # r2 finished, r4 killed, r8 never started
     (parent,) = runs_of(client, "resume")[:1]
-    first = {r.data.tags["mlflow.runName"]: r for r in runs_of(client, "resume") if "mlflow.parentRunId" in r.data.tags}
+    first = {r.data.tags["mlflow.runName"]: r for r in children_of(runs_of(client, "resume"))}
     assert {name: r.info.status for name, r in first.items()} == {"r2-seed3": "FINISHED", "r4-seed3": "KILLED"}
 
     sigterm_at_second_child.disarm()
@@ -44,7 +46,7 @@ def test_resume_reruns_only_the_children_that_did_not_finish(client, tmp_path, s
     assert attempt.data.tags[RESUMED_TAG] == parent.info.run_id and attempt.info.status == "FINISHED"
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and "error" not in parent.data.tags
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = children_of(runs, parent.info.run_id)
     assert sorted((r.data.tags["mlflow.runName"], r.info.status) for r in children) == [
         ("r2-seed3", "FINISHED"), ("r4-seed3", "FINISHED"), ("r4-seed3", "KILLED"), ("r8-seed3", "FINISHED")]
     assert [r.info.run_id for r in children if r.data.tags["mlflow.runName"] == "r2-seed3"] == [
@@ -74,7 +76,7 @@ def test_resume_reruns_only_the_children_that_did_not_finish(client, tmp_path, s
     assert "is not the parent run of a sweep" in not_a_parent.output
     after = runs_of(client, "resume")
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
-    assert len([r for r in after if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]) == 4
+    assert len(children_of(after, parent.info.run_id)) == 4
     refused = [r for r in after if r.data.tags.get(KIND_TAG) == "resume" and r.info.run_id != attempt.info.run_id]
     assert len(refused) == 3 and all(r.info.status == "FAILED" and "resume:" in r.data.tags["error"] for r in refused)
 
@@ -106,6 +108,7 @@ def test_a_reused_child_registers_after_its_logged_adapter_is_checked(client, mo
     assert torch.equal(registered.logits(text), in_memory[child_id])
 
 
+@pytest.mark.slow  # trains repeatedly: a probe stopped, then resumed
 def test_a_resumed_probe_continues_from_the_logged_before_adapter(client, monkeypatch):
     """`after` failed; resume reads `before` back (its reply, measures and trained adapter) and trains only `after`,
     which then measures exactly what an uninterrupted probe's `after` measures."""

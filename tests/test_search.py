@@ -8,9 +8,9 @@ import math
 
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from support.paths import entrypoint
 
 from finetune_lab import classify_sweep, contract, lora_sweep, search, sweep
 from finetune_lab.config import ClassifySweepConfig, SweepConfig

@@ -9,7 +9,8 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, load_table, runs_of
+from support.paths import entrypoint
+from support.store import load_table, parent_and_children, runs_of
 
 from finetune_lab import signals
 
@@ -26,8 +27,8 @@ def test_sigterm_ends_every_run_killed_and_keeps_the_finished_work(client, tmp_p
 
     runs = runs_of(client, "sigterm")
     assert not [r for r in runs if r.info.status == "RUNNING"], "no run may stay RUNNING"
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.data.params["lora_r"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    parent, children = parent_and_children(runs)
+    children = {r.data.params["lora_r"]: r for r in children}
     assert parent.info.status == "KILLED" and parent.data.tags["error"] == "terminated by SIGTERM"
     assert set(children) == {"2", "4"}, "the third child never started"
     assert children["2"].info.status == "FINISHED"

@@ -20,8 +20,10 @@ from pathlib import Path
 import mlflow
 import pytest
 from click.testing import CliRunner
-from conftest import entrypoint, load_table
 from mlflow.tracking import MlflowClient
+from support import tiers
+from support.paths import entrypoint
+from support.store import children_of, load_table
 
 from finetune_lab import training
 from finetune_lab.contract import RECOVERED_TAG
@@ -67,7 +69,8 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path, empty_store, monkeypatch):
+def server(request, tmp_path, empty_store, monkeypatch):
+    tiers.require_slow(request, "`mlflow server`")
     running = Server(tmp_path, empty_store)
     running.start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", running.uri)
@@ -81,6 +84,7 @@ def server(tmp_path, empty_store, monkeypatch):
     running.stop()
 
 
+@pytest.mark.slow  # starts `mlflow server`, stops it mid-sweep and starts it again
 def test_an_outage_keeps_the_trained_adapter_and_resume_records_it(server, monkeypatch):
     original, children = training.MlflowStepLogger.on_log, []
 
@@ -118,8 +122,7 @@ def test_an_outage_keeps_the_trained_adapter_and_resume_records_it(server, monke
     runs = client.search_runs([experiment])
     assert not [r for r in runs if r.info.status == "RUNNING"], "resume closes what the outage left RUNNING"
     assert client.get_run(parent_id).info.status == "FINISHED"
-    children = {(r.data.tags["mlflow.runName"], r.info.status): r for r in runs
-                if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    children = {(r.data.tags["mlflow.runName"], r.info.status): r for r in children_of(runs, parent_id)}
     assert sorted(children) == [("r2-seed1", "FINISHED"), ("r2-seed1", "KILLED"), ("r4-seed1", "FINISHED")]
     assert "closed by run" in children[("r2-seed1", "KILLED")].data.tags["error"]
     recorded = children[("r2-seed1", "FINISHED")]

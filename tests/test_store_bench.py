@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
+from support.store import children_of
 
 from finetune_lab import store_bench
 
@@ -15,7 +16,7 @@ def test_every_timed_run_is_recorded_whole(tracking_uri):
     client = MlflowClient(uri)
     [experiment] = [e for e in client.search_experiments() if e.name.startswith("store-bench-")]
     runs = client.search_runs([experiment.experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = children_of(runs)
     # the warm-up run, then 1 alone and 1 x 4 together
     assert len(children) == 1 + 1 + store_bench.CONCURRENT_CLIENTS
     assert {r.info.status for r in runs} == {"FINISHED"}

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import entrypoint, runs_of
 from peft import PeftModel
 from scipy import stats
+from support.paths import entrypoint
+from support.store import runs_of
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import contract, held_out, lora, lora_sweep, models, prompts, sweep, verdicts
@@ -91,7 +92,7 @@ def test_the_parent_logs_each_verdict_with_its_numbers_from_the_childrens_stored
     """Four methods at one rank, their children's per-example held-out losses in the store: `dora` (2 seeds) best;
     `lora` (2 seeds) decided across seeds; `pissa` (1 seed) by the paired test against dora's seeds pooled; `olora`
     (1 seed, no record) by nothing. Every number of verdicts.json recomputed with scipy."""
-    from conftest import download_json
+    from support.store import download_json
 
     rng = np.random.default_rng(0)
     base = rng.uniform(1.0, 3.0, 40)
@@ -163,7 +164,7 @@ def test_a_runner_up_not_shown_behind_tags_the_parent_best_shown_better_false(cl
 def test_the_failed_children_tag_stays_short_and_points_to_the_table(client, tmp_path):
     """10,000 children stopped by a signal: the tag names the first few, the table holds them all (a tag of every
     one held 615,993 characters, cut by MLflow)."""
-    from conftest import load_table
+    from support.store import load_table
 
     config = SweepConfig(ranks=tuple(range(1, 101)), seeds=tuple(range(100)), max_children=10_000)
     children = [sweep.ChildOutcome(spec, "", contract.NOT_RUN, error="not run: terminated by SIGTERM " + "x" * 40)
@@ -347,6 +348,7 @@ def test_called_in_process_the_config_is_still_validated(client):
         lora_sweep.run(tiny_sweep(ranks=(4, 4)))
 
 
+@pytest.mark.slow  # trains repeatedly: a sweep of four children
 def test_a_local_sweep_loads_the_tokenizer_and_the_base_once(client, monkeypatch):
     """Two children and the registration of the best, in one process: the tokenizer and the frozen base are loaded
     once. The registration checks the best adapter (as if trained elsewhere: no logits in memory) on the base the

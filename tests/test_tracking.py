@@ -5,10 +5,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import REPO
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import BAD_REQUEST
+from support.paths import REPO
 
 from finetune_lab import tracking
 from finetune_lab.contract import KIND_TAG
@@ -160,7 +160,8 @@ def test_an_unexpected_error_is_one_line_for_the_user_and_a_traceback_on_the_run
     from pathlib import Path
 
     from click.testing import CliRunner
-    from conftest import entrypoint, runs_of
+    from support.paths import entrypoint
+    from support.store import runs_of
 
     from finetune_lab import training
 

@@ -10,7 +10,8 @@ import statistics
 
 import pytest
 import torch
-from conftest import launch_in_own_store, load_table, runs_of
+from support.launch import launch_in_own_store
+from support.store import children_of, load_table, parent_and_children, runs_of
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from finetune_lab import bench, contract
@@ -40,11 +41,11 @@ def test_bench_logs_consistent_variants_and_prints_their_table(mlflow_run, clien
     result = mlflow_run("bench", {"tiny": "true", "peak_tflops": PEAK_TFLOPS, "output": output}, experiment="bench")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of(client, "bench")
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parent, _ = parent_and_children(runs)
     assert parent.data.tags[contract.KIND_TAG] == contract.BENCH and parent.info.status == "FINISHED"
     # No GPU to warm up here; the precision the device trains in is on record (its peak is what MFU is measured by).
     assert parent.data.metrics["bench_device_warmup_s"] == 0 and parent.data.params["effective_precision"] == "fp32"
-    variants = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    variants = {r.info.run_name: r for r in children_of(runs, parent.info.run_id)}
     assert set(variants) == {f"{w}:{v}" for w in ("classify", "lora_sweep") for v in VARIANTS}
     assert all(r.info.status == "FINISHED" for r in runs)
     metrics = {name: r.data.metrics for name, r in variants.items()}
@@ -87,7 +88,7 @@ def test_bench_logs_consistent_variants_and_prints_their_table(mlflow_run, clien
     # lora_sweep, project variants: the sweep's own parent record and its four children under the variant run.
     for variant in ("project", "project_large"):
         run = variants[f"lora_sweep:{variant}"]
-        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+        children = children_of(runs, run.info.run_id)
         assert sorted(int(c.data.params["lora_r"]) for c in children) == [4, 8, 16, 32]
         child = [c.data.metrics for c in children]
         logged = run.data.metrics
@@ -137,9 +138,9 @@ def test_bench_in_bf16_runs_the_project_in_bf16_against_the_fp32_baseline(tmp_pa
     assert launched.result.returncode == 0, launched.result.stderr[-3000:]
     runs = launched.runs()
     assert all(r.info.status == "FINISHED" for r in runs)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parent, _ = parent_and_children(runs)
     assert parent.data.params["effective_precision"] == "bf16" and parent.data.metrics["failed_variants"] == 0
-    variants = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    variants = {r.info.run_name: r for r in children_of(runs, parent.info.run_id)}
     assert set(variants) == {f"{w}:{v}" for w in ("classify", "lora_sweep") for v in ("baseline", "project")}
     sweep_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == variants[
         "lora_sweep:project"].info.run_id]

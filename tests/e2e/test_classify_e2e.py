@@ -9,16 +9,11 @@ import mlflow
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import (
-    REPO,
-    assert_metrics_match_predictions,
-    download_json,
-    entrypoint,
-    launch_in_own_store,
-    load_table,
-    runs_of,
-)
 from sklearn.metrics import confusion_matrix
+from support.checks import assert_metrics_match_predictions
+from support.launch import launch_in_own_store
+from support.paths import REPO, entrypoint
+from support.store import download_json, load_table, runs_of
 
 from finetune_lab.data import SAMPLES
 

@@ -12,8 +12,10 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
-from conftest import assert_metrics_match_predictions, download_json, launch_in_own_store, load_table
 from scipy import stats
+from support.checks import assert_metrics_match_predictions
+from support.launch import launch_in_own_store
+from support.store import download_json, load_table, parent_and_children
 
 from finetune_lab.contract import CONFIG_DIGEST_TAG, DATA_DIGEST_TAG
 
@@ -34,8 +36,7 @@ def swept(tmp_path_factory, empty_store):
                                    "clf-sweep")
     assert launched.result.returncode == 0, launched.result.stderr[-3000:]
     runs = launched.runs()
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent, children = parent_and_children(runs)
     return SimpleNamespace(launched=launched, client=launched.client, parent=parent, children=children)
 
 
@@ -153,8 +154,7 @@ def test_a_bf16_sweep_registers_its_best_classifier_against_the_logits_its_child
                                    BF16_SWEEP, "clf-sweep-bf16")
     assert launched.result.returncode == 0, launched.result.stderr[-3000:]
     runs = launched.runs()
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent, (child,) = parent_and_children(runs)
     assert parent.info.status == child.info.status == "FINISHED"
     assert parent.data.params["effective_precision"] == child.data.params["effective_precision"] == "bf16"
     (version,) = launched.client.search_model_versions("name='sentiment-sweep-bf16'")

@@ -13,8 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import download_json, entrypoint, launch_in_own_store, load_table
 from scipy import stats
+from support.launch import launch_in_own_store
+from support.paths import entrypoint
+from support.store import download_json, load_table, parent_and_children
 
 from finetune_lab import causal_lm, lora, models, training
 from finetune_lab.config import SweepConfig
@@ -35,8 +37,8 @@ def swept(tmp_path_factory, empty_store):
                                    "methods")
     assert launched.result.returncode == 0, launched.result.stderr[-3000:]
     runs = launched.runs()
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.data.params["lora_method"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    parent, children = parent_and_children(runs)
+    children = {r.data.params["lora_method"]: r for r in children}
     return SimpleNamespace(launched=launched, client=launched.client, parent=parent, children=children)
 
 

@@ -16,17 +16,10 @@ import pandas as pd
 import psutil
 import pytest
 import torch
-from conftest import (
-    adapter_on_base,
-    download_json,
-    greedy_reply,
-    launch_in_own_store,
-    launch_in_store_of,
-    load_table,
-    mlflow_run_command,
-    runs_of,
-)
 from scipy import stats
+from support.checks import adapter_on_base, greedy_reply
+from support.launch import launch_in_own_store, launch_in_store_of, mlflow_run_command
+from support.store import children_of, download_json, load_table, parent_and_children, runs_of, top_level
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import device
@@ -50,8 +43,8 @@ def test_sweep_parent_children_metrics_and_summary(mlflow_run, client, tmp_path)
     result = mlflow_run("lora_sweep", SWEEP, experiment="sweep")
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of(client, "sweep")
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = top_level(runs)
+    children = children_of(runs)
     assert len(parents) == 1 and len(children) == 4
     parent = parents[0]
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -169,7 +162,7 @@ def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(
 
         def second_child_training():
             runs = client.search_runs([experiment_id])
-            children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+            children = children_of(runs)
             running = [r for r in children if r.info.status == "RUNNING" and "train_loss" in r.data.metrics]
             return running and any(r.info.status == "FINISHED" for r in children) and running[0]
 
@@ -187,7 +180,7 @@ def test_sigterm_under_mlflow_run_keeps_the_error_tag_and_the_finished_children(
 
     runs = runs_of(client, "sigterm-e2e")
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parent, _ = parent_and_children(runs)
     assert parent.info.status == "FAILED", "mlflow run's wrapper turns a KILLED parent into FAILED"
     assert parent.data.tags["error"] == "terminated by SIGTERM"
     killed = client.get_run(training_child.info.run_id)
@@ -221,8 +214,7 @@ def bf16_registered(tmp_path_factory, empty_store):
                                 "sweep-bf16")
     assert swept.result.returncode == 0, swept.result.stderr[-3000:]
     runs = swept.runs()
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent, (child,) = parent_and_children(runs)
     answered = launch_in_store_of(swept.folder, "generate", BF16_GENERATE, "generate-bf16")
     return SimpleNamespace(swept=swept, answered=answered, client=swept.client, parent=parent, child=child)
 

@@ -18,9 +18,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import load_table, ray_left_behind, ray_processes
-from team_server import free_port
+from support.ray_processes import ray_left_behind, ray_processes
+from support.store import load_table, top_level
+from support.team_server import free_port
 from test_team_server_e2e import mlflow_run
+
+# On the team's server (the session's `team_server`): `make test-team`; its tests share the worker that holds it.
+pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_server")]
 
 SWEEP = {"model": "tiny", "dataset": "sample_chat", "ranks": "2,4", "seeds": "1", "max_steps": 3, "batch_size": 8,
          "max_length": 48, "learning_rate": 1e-3}
@@ -117,7 +121,7 @@ def sweep_record(client, experiment: str, tmp_path: Path) -> dict:
     history and adapter bytes (downloaded through the server's artifact proxy), the parent's summary and table."""
     found = client.get_experiment_by_name(experiment)
     runs = client.search_runs([found.experiment_id])
-    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    [parent] = top_level(runs)
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path / "table")
     record = {"parent": {
         "status": parent.info.status,

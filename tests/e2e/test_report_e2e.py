@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import create_experiment, runs_of
+from support.store import create_experiment, runs_of
 
 from finetune_lab import classify
 from finetune_lab.config import ClassifyConfig

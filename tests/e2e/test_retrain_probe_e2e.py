@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import adapter_on_base, greedy_reply, launch_in_own_store, load_table, runs_of
+from support.checks import adapter_on_base, greedy_reply
+from support.launch import launch_in_own_store
+from support.store import load_table, parent_and_children, runs_of
 
 PROBE = {"model": "tiny", "dataset": "sample_chat", "repeats_sweep": "0,1,32", "max_steps": 20, "batch_size": 8,
          "max_length": 48, "learning_rate": 1e-2, "max_new_tokens": 10, "seed": 7}
@@ -36,8 +38,8 @@ def test_probe_before_after_and_dose_response(mlflow_run, client, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = runs_of(client, "probe")
     assert all(r.info.status == "FINISHED" for r in runs)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    parent, children = parent_and_children(runs)
+    children = {r.info.run_name: r for r in children}
     assert set(children) == {"before", "after-r0", "after-r1", "after-r32"}
     assert {c.data.tags["mlflow.parentRunId"] for c in children.values()} == {parent.info.run_id}
     for child in children.values():
@@ -108,8 +110,8 @@ def test_a_bf16_probe_answers_as_its_logged_adapters_do_on_the_bf16_base(tmp_pat
     assert launched.result.returncode == 0, launched.result.stderr[-3000:]
     runs = launched.runs()
     assert all(r.info.status == "FINISHED" for r in runs)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.info.run_name: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    parent, children = parent_and_children(runs)
+    children = {r.info.run_name: r for r in children}
     assert set(children) == {"before", "after"}
     assert {r.data.params["effective_precision"] for r in runs} == {"bf16"}
     for child in children.values():

@@ -11,7 +11,9 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-from conftest import launch_in_own_store, load_table, mlflow_run_command, ray_left_behind, runs_of
+from support.launch import launch_in_own_store, mlflow_run_command
+from support.ray_processes import ray_left_behind
+from support.store import load_table, parent_and_children, runs_of
 from test_lora_sweep_e2e import wait_for
 
 from finetune_lab.contract import EARLY_STOPPED_TAG, TRIAL_PARAMS_TAG, TRIAL_TAG
@@ -30,8 +32,7 @@ def lora_search(tmp_path_factory, empty_store):
                                    "lora-search")
     assert launched.result.returncode == 0, launched.result.stderr[-3000:]
     runs = launched.runs()
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parent, children = parent_and_children(runs)
     trials = sorted((r for r in children if TRIAL_TAG in r.data.tags), key=lambda r: int(r.data.tags[TRIAL_TAG]))
     confirmed = [r for r in children if TRIAL_TAG not in r.data.tags]
     return SimpleNamespace(client=launched.client, parent=parent, trials=trials, confirmed=confirmed,
@@ -139,6 +140,7 @@ CLASSIFY = {"model": "tiny", "dataset": "sample", "search": "asha", "learning_ra
             "max_eval_samples": 32, "reduction": 2}
 
 
+@pytest.mark.xdist_group("ray")  # two Ray instances on two cores only slow each other down
 def test_a_search_on_ray_stopped_by_sigterm_resumes_without_training_a_trial_twice(client, tmp_path, local_ray,
                                                                                   mlflow_run):
     """Two Ray workers train the trials (the study in a Ray actor); SIGTERM to the entry point while trials train:
@@ -168,7 +170,7 @@ def test_a_search_on_ray_stopped_by_sigterm_resumes_without_training_a_trial_twi
     assert ray_left_behind(local_ray) == []
     runs = runs_of(client, "search-stop")
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parent, _ = parent_and_children(runs)
     assert parent.data.tags["error"] == "terminated by SIGTERM"
     before = {r.info.run_id: r for r in runs if TRIAL_TAG in r.data.tags}
     finished = {int(r.data.tags[TRIAL_TAG]): r.info.run_id for r in before.values() if r.info.status == "FINISHED"}

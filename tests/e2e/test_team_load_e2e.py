@@ -12,11 +12,17 @@ import threading
 import time
 
 import mlflow
-from conftest import REPO
+import pytest
 from mlflow import MlflowClient
+from support import mlflow_state
+from support.paths import REPO
+from support.store import children_of, top_level
 from test_team_server_e2e import member_env
 
 from finetune_lab import data, tracking
+
+# On the team's server (the session's `team_server`): `make test-team`; its tests share the worker that holds it.
+pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_server")]
 
 SWEEPS = 8
 MAX_STEPS = 4
@@ -63,8 +69,8 @@ def test_eight_sweeps_at_once_ride_out_a_minute_without_the_server(team_server, 
     assert outage_s >= OUTAGE_S
 
     runs = as_erin.search_runs([experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = top_level(runs)
+    children = children_of(runs)
     assert sorted(r.info.run_name for r in parents) == [f"sweep-{i}" for i in range(SWEEPS)]
     assert len(children) == 2 * SWEEPS
     assert {r.info.status for r in runs} == {"FINISHED"}, "nothing left RUNNING, nothing lost to the outage"
@@ -90,9 +96,7 @@ def start_a_run_with_the_others(experiment_id: str, all_started: threading.Barri
 
 
 def test_runs_starting_together_in_a_new_experiment_all_record_its_tag_and_their_datasets(team_server, monkeypatch):
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", None)  # this process's earlier stores mean nothing here
+    mlflow_state.forget(monkeypatch)  # this process's earlier stores mean nothing here
     for key, value in team_server.add_user("frank").items():
         monkeypatch.setenv(key, value)
     chat, _ = data.load("sample_chat", seed=0, test_fraction=0.1)

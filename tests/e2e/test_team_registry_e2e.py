@@ -9,10 +9,14 @@ import threading
 import mlflow
 import numpy as np
 import pytest
+from support import mlflow_state
 from test_team_server_e2e import refused_with_one_line
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from finetune_lab import classify, device, models, registry
+
+# On the team's server (the session's `team_server`): `make test-team`; its tests share the worker that holds it.
+pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_server")]
 
 MODEL = "race"
 GUARDED = "ginas-model"
@@ -23,9 +27,7 @@ MAX_LENGTH = 32
 @pytest.fixture
 def as_gina(team_server, monkeypatch):
     """This process's MLflow calls made by member gina (what she exports)."""
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", None)  # this process's earlier stores mean nothing here
+    mlflow_state.forget(monkeypatch)  # this process's earlier stores mean nothing here
     gina = team_server.env("gina") if "gina" in team_server.passwords else team_server.add_user("gina")
     for key, value in gina.items():
         monkeypatch.setenv(key, value)

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from team_server import TeamServer
+from support.team_server import TeamServer
 
 from finetune_lab import server as server_lib
 from finetune_lab.cli import INPUT_ERROR_EXIT

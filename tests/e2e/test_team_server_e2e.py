@@ -11,9 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+from support.paths import REPO
 
 from finetune_lab.entry_points import ENTRY_POINTS
+
+# On the team's server (the session's `team_server`): `make test-team`; its tests share the worker that holds it.
+pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_server")]
 
 # Each entry point once, as small as it goes (generate answers with the adapter the sweep registered).
 SMALLEST_RUNS = [

@@ -20,9 +20,12 @@ import mlflow
 import psutil
 import pytest
 import requests
-from team_server import free_port
+from support.team_server import free_port
 
 from finetune_lab import registry
+
+# On the team's server (the session's `team_server`): `make test-team`; its tests share the worker that holds it.
+pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_server")]
 
 PROMPT = "Hello, how are you?"
 REVIEWS = ["a wonderful, moving film", "dull and far too long"]

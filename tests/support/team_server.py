@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+from support.paths import REPO
+
 READY_LINE = "MLflow tracking server on"
 START_TIMEOUT_S = 180
 
@@ -46,8 +48,6 @@ class TeamServer:
     def command(self) -> list[str]:
         if not self.make:
             return [sys.executable, "-m", "finetune_lab.server", *self.args]
-        from conftest import REPO
-
         # the install step is this test's own environment: taken as done (-o), with its interpreter
         return ["make", "-C", str(REPO), "-o", ".venv/.installed", "server", f"PY={sys.executable}",
                 f"SERVER_ARGS={shlex.join(self.args)}"]

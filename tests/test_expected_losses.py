@@ -1,0 +1,61 @@
+"""Expected losses: tiny seeded models trained a few steps through the project's real training paths (`classify`'s
+and `lora_sweep`'s) log, step by step, the losses stored in tests/expected_losses.json. A change that alters
+training (data order, tokenisation, loss masking, the optimizer, a default) fails here instead of drifting the
+figures unnoticed.
+
+Tolerance: relative 1e-4. The runs are seeded and deterministic on one machine (two runs log equal values); across
+machines, CPU kernels (another BLAS build, instruction set or thread count) may sum in another order, which moves
+the float32 losses in their last digits (about 1e-6 relative after a few steps); 1e-4 leaves room for that and is
+still below what a change in training moves: a learning rate 10% higher moved classify's fourth loss by 2.2e-3 and
+lora_sweep's sixth by 4.6e-4, relative (both paths then fail here).
+
+Regenerate: `pytest tests/test_expected_losses.py --regenerate-expected-losses`, and commit the JSON with the
+change. Legitimate only when training is meant to change (a new default, a fixed defect, a pinned library upgraded)
+and the commit says why; never to make a failure go away."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from support.store import children_of, runs_of
+
+from finetune_lab import classify, lora_sweep
+from finetune_lab.config import ClassifyConfig, SweepConfig
+
+EXPECTED = Path(__file__).with_name("expected_losses.json")
+RELATIVE_TOLERANCE = 1e-4
+STEPS = 6
+
+RUNS = {
+    "classify": lambda: classify.run(ClassifyConfig(
+        model="tiny", dataset="sample", max_train_samples=48, max_eval_samples=16, max_length=32, batch_size=8,
+        max_steps=STEPS, learning_rate=1e-3, seed=7, experiment="expected-classify")),
+    "lora_sweep": lambda: lora_sweep.run(SweepConfig(
+        model="tiny", dataset="sample_chat", ranks=(2,), seeds=(1,), max_steps=STEPS, batch_size=8, max_length=48,
+        learning_rate=1e-2, experiment="expected-lora")),
+}
+
+
+def logged_losses(client, experiment: str, run_id: str) -> list[float]:
+    """The per-step train_loss of the run that trained: the run itself, or the sweep's one child."""
+    trained = children_of(runs_of(client, experiment), run_id) or [client.get_run(run_id)]
+    (run,) = trained
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, STEPS + 1)), "one logged loss per step"
+    return [m.value for m in history]
+
+
+@pytest.mark.parametrize("path", sorted(RUNS))
+def test_a_seeded_tiny_run_logs_the_stored_losses(client, request, path):
+    result = RUNS[path]()
+    experiment = client.get_run(result["run_id"]).info.experiment_id
+    losses = logged_losses(client, client.get_experiment(experiment).name, result["run_id"])
+    stored = json.loads(EXPECTED.read_text()) if EXPECTED.exists() else {}
+    if request.config.getoption("regenerate_expected_losses"):
+        EXPECTED.write_text(json.dumps({**stored, path: losses}, indent=1, sort_keys=True) + "\n")
+        pytest.skip(f"{EXPECTED.name}: {path} regenerated")
+    assert path in stored, f"no stored losses for {path}: regenerate them (see this module's docstring)"
+    assert losses == pytest.approx(stored[path], rel=RELATIVE_TOLERANCE), (
+        f"{path}'s training changed: logged {losses}, stored {stored[path]}")
