@@ -47,6 +47,7 @@ def test_a_loss_that_ends_above_uniform_and_twice_its_start_diverged():
     assert health.diagnose(steps([2.0, 4.5], [1.0, 1.0]), eval_loss=4.0, classes=1024) == "", "below ln V: noisy"
 
 
+@pytest.mark.slow  # trains repeatedly: a sweep of two children
 def test_a_collapsed_sweep_fails_every_child_and_registers_nothing(client, tmp_path):
     config = SweepConfig(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(1,), max_steps=6, batch_size=8,
                          max_length=48, learning_rate=1e6, experiment="collapse", register_as="dead-adapter")

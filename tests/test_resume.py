@@ -81,6 +81,7 @@ def test_resume_reruns_only_the_children_that_did_not_finish(client, tmp_path, s
     assert len(refused) == 3 and all(r.info.status == "FAILED" and "resume:" in r.data.tags["error"] for r in refused)
 
 
+@pytest.mark.slow  # trains repeatedly: a sweep, then its resume registers
 def test_a_reused_child_registers_after_its_logged_adapter_is_checked(client, monkeypatch):
     """Resuming a finished sweep trains nothing; registering its best child (not in memory) checks the registered
     model against the logged adapter, which holds exactly the logits the trained model had."""

@@ -18,6 +18,7 @@ SWEEP_ARGS = ["--model", "tiny", "--dataset", "sample_chat", "--ranks", "2,4,8",
               "--batch-size", "8", "--max-length", "48", "--learning-rate", "1e-2", "--experiment", "sigterm"]
 
 
+@pytest.mark.slow  # trains repeatedly: a sweep, stopped by SIGTERM at its second child
 def test_sigterm_ends_every_run_killed_and_keeps_the_finished_work(client, tmp_path, sigterm_at_second_child):
     previous = signal.getsignal(signal.SIGTERM)
     outcome = CliRunner().invoke(entrypoint("lora_sweep").main, SWEEP_ARGS)
