@@ -55,7 +55,7 @@ generate: install
 
 # Both tiers, on three processes (pytest-xdist; the slow tier spends much of its time waiting on servers and the
 # processes it starts, so a third keeps two cores busy); `test-fast` leaves out the slow one (real `mlflow run`
-# launches, servers, Ray). How tests are grouped onto processes: conftest.py.
+# launches, servers, Ray, repeated training). The tiers and how tests are grouped onto processes: docs/testing.md.
 PYTEST_PARALLEL ?= -n 3 --dist loadgroup
 test: install
 	$(PY) -m pytest $(PYTEST_PARALLEL)

@@ -6,13 +6,11 @@ import contextlib
 import gc
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 from support import mlflow_state, signals, tiers
-from support.launch import run_entry
-from support.paths import entrypoint
+from support.launch import invoke_as, run_entry
 
 _collecting = contextlib.ExitStack()
 
@@ -115,17 +113,12 @@ def no_weights_loaded(monkeypatch):
 
 @pytest.fixture
 def local_ray(request, monkeypatch):
-    """Settings for a local Ray instance started by the code under test: its own short temp folder (Ray's socket
-    paths must stay under 107 bytes), no auth token written into ~/.ray, no usage stats, no RAY_ADDRESS. Yields
-    the folder; whatever of that instance is still alive at the end is killed (tests assert there is none)."""
-    from support.ray_processes import kill_ray_processes
+    """A local Ray instance's settings for the code under test (support/ray_processes.py); yields its temp folder,
+    and kills whatever of that instance is still alive at the end (the tests assert there is none)."""
+    from support.ray_processes import isolate_ray, kill_ray_processes
 
     tiers.require_slow(request, "Ray")
-    folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    monkeypatch.setenv("RAY_TMPDIR", str(folder))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    folder = isolate_ray(monkeypatch)
     yield folder
     kill_ray_processes(folder)
     shutil.rmtree(folder, ignore_errors=True)
@@ -140,39 +133,16 @@ def sigterm_at_second_child(monkeypatch) -> signals.Trigger:
 @pytest.fixture
 def as_member(monkeypatch, tmp_path):
     """Run an entry point's click command in this process with a member's environment (what they export)."""
-    from click.testing import CliRunner
-
     monkeypatch.chdir(tmp_path)
     mlflow_state.forget(monkeypatch)  # this process's earlier stores mean nothing here
-
-    def invoke(entry: str, params: dict, env: dict, experiment: str = "team"):
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        args = ["--experiment", experiment]
-        for key, value in params.items():
-            args += [f"--{key.replace('_', '-')}", str(value)]
-        return CliRunner().invoke(entrypoint(entry).main, args)
-
-    return invoke
+    return lambda entry, params, env, experiment="team": invoke_as(monkeypatch, entry, params, env, experiment)
 
 
 @pytest.fixture(scope="session")
 def team_server():
     """One team's tracking server (`finetune_lab.server`: PostgreSQL, proxied artifacts, accounts) for the session's
-    tests, each with accounts and experiments of its own; stopped, and whatever it started killed, at the end. Its
-    folder is not under pytest's: PostgreSQL runs as another user (when tests run as root) and a later pytest
-    session makes pytest's folders private again. Its tests are in tests/e2e/ (the slow tier)."""
-    from support.team_server import TeamServer
+    tests, each with accounts and experiments of its own (support/team_server.py); all in tests/e2e/."""
+    from support.team_server import running
 
-    folder = Path(tempfile.mkdtemp(prefix="finetune_lab_team_"))
-    server = TeamServer(folder / "server")
-    server.data_dir.mkdir()
-    try:
-        server.start()
+    with running() as server:
         yield server
-    finally:
-        server.stop()
-        server.kill_everything()
-        shutil.rmtree(folder, ignore_errors=True)

@@ -7,6 +7,7 @@
 - `mlflow_state`: forgetting MLflow's in-process state between stores (the one place that touches its internals).
 - `tiers`: the slow tier and the grouping of tests onto xdist workers (the one pytest/xdist workaround).
 - `ray_processes`: finding the processes of a local Ray instance.
+- `processes`: processes described for a message (those that exited meanwhile left out).
 - `signals`: a SIGTERM delivered from inside training.
 - `team_server`: a team's tracking server (PostgreSQL, accounts) started and stopped as users do.
 """

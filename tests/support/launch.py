@@ -73,3 +73,20 @@ def launch_in_store_of(folder: Path, entry: str, params: dict, experiment: str) 
     client = MlflowClient(uri)
     result = run_entry(client, folder, entry, params, experiment, MLFLOW_TRACKING_URI=uri, MLFLOW_RUN_ID=None)
     return Launched(result, uri, client, folder, experiment)
+
+
+def invoke_as(monkeypatch, entry: str, params: dict, env: dict, experiment: str):
+    """An entry point's click command run in this process with a member's environment (what they export) and
+    nothing of anyone else's credentials."""
+    from click.testing import CliRunner
+
+    from support.paths import entrypoint
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = ["--experiment", experiment]
+    for key, value in params.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return CliRunner().invoke(entrypoint(entry).main, args)

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from support.processes import command_lines
+
 
 def ray_processes(folder: Path) -> list:
     """Live processes of the Ray instance whose temp folder is `folder`: they inherit RAY_TMPDIR from the driver
@@ -39,7 +41,7 @@ def ray_left_behind(folder: Path, grace_s: float = 30.0) -> list[str]:
     deadline = time.monotonic() + grace_s
     while (left := ray_processes(folder)) and time.monotonic() < deadline:
         time.sleep(0.5)
-    return [" ".join(p.cmdline()) or p.name() for p in left]
+    return command_lines(left)
 
 
 def kill_ray_processes(folder: Path) -> None:
@@ -50,3 +52,16 @@ def kill_ray_processes(folder: Path) -> None:
     for process in left:
         process.kill()
     psutil.wait_procs(left, timeout=10)
+
+
+def isolate_ray(monkeypatch) -> Path:
+    """Settings for a local Ray instance started by the code under test: its own short temp folder (Ray's socket
+    paths must stay under 107 bytes), no auth token written into ~/.ray, no usage stats, no RAY_ADDRESS."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    monkeypatch.setenv("RAY_TMPDIR", str(folder))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return folder

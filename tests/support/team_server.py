@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from support.paths import REPO
+from support.processes import command_lines
 
 READY_LINE = "MLflow tracking server on"
 START_TIMEOUT_S = 180
@@ -118,7 +119,7 @@ class TeamServer:
 
     def processes(self) -> list[str]:
         """The command lines of `own`."""
-        return [" ".join(p.cmdline()) or p.name() for p in self.own()]
+        return command_lines(self.own())
 
     def kill_everything(self) -> None:
         """The finaliser's last resort: every process group of `own`."""
@@ -197,3 +198,23 @@ class _UserClient:
                 return method(*args, **kwargs)
 
         return call
+
+
+@contextlib.contextmanager
+def running() -> Iterator[TeamServer]:
+    """A started server, stopped and everything it started killed at the end. Its folder is not under pytest's:
+    PostgreSQL runs as another user (when tests run as root) and a later pytest session makes pytest's folders
+    private again."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="finetune_lab_team_"))
+    server = TeamServer(folder / "server")
+    server.data_dir.mkdir()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        server.kill_everything()
+        shutil.rmtree(folder, ignore_errors=True)
