@@ -69,7 +69,8 @@ NOT_MEASUREMENTS = [
         "the GPU plan's estimates and time limits, and the GPU figures reported before the project had a GPU",
     ),
     ("performance.md", {"20 min 20 s", "11 min 13 s", "9 min 47 s"}, SUITE_TIMES),
-    ("testing.md", set(), SUITE_TIMES),
+    ("testing.md", {"10 min 13 s", "6 min 48 s", "5 min 02 s", "3 min 15 s", "25 min 30 s", "23 min 38 s", "289 s",
+                    "247 s", "217 s"}, SUITE_TIMES),
 ]
 
 
