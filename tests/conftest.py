@@ -380,9 +380,9 @@ def as_member(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def team_server():
-    """One team's tracking server (`finetune_lab.server`: PostgreSQL, proxied artifacts, accounts) for the session's
-    tests, each with accounts and experiments of its own; stopped, and whatever it started killed, at the end. Its
-    folder is not under pytest's: PostgreSQL runs as another user (when tests run as root) and a later pytest
+    """One team's tracking server (`finetune_lab.team.server`: PostgreSQL, proxied artifacts, accounts) for the
+    session's tests, each with accounts and experiments of its own; stopped, and whatever it started killed, at the end.
+    Its folder is not under pytest's: PostgreSQL runs as another user (when tests run as root) and a later pytest
     session makes pytest's folders private again."""
     import tempfile
 

@@ -7,8 +7,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO, assert_metrics_match_predictions, download_json, entrypoint, load_table, runs_of
 
-from finetune_lab import classify_sweep, health
+from finetune_lab import health
 from finetune_lab.contract import KIND_TAG
+from finetune_lab.experiments import classify_sweep
 
 ARGS = ["--model", "tiny", "--dataset", "sample", "--epochs", "1", "--seeds", "1", "--max-length", "32",
         "--batch-size", "32", "--max-train-samples", "128", "--max-eval-samples", "32", "--experiment", "clf-stop"]
@@ -95,7 +96,7 @@ def test_the_workload_pickles_for_ray_workers():
 
     config = ClassifySweepConfig(model="tiny", dataset="sample", learning_rates=(1e-3,), seeds=(1,))
     prepared = classify_sweep.DESIGN.prepare(config, 1)
-    workload = classify_sweep.Workload(config, prepared, {}, "")
+    workload = classify_sweep.ClassifySweepWorkload(config, prepared, {}, "")
     received = pickle.loads(pickle.dumps(workload))
     assert received.prepared.data.digest == prepared.data.digest
     assert received.prepared.data.splits["test"]["text"] == prepared.data.splits["test"]["text"]

@@ -13,7 +13,8 @@ import torch
 from conftest import launch_in_own_store, load_table, runs_of
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from finetune_lab import bench, contract
+from finetune_lab import contract
+from finetune_lab.experiments import bench
 
 VARIANTS = ["baseline", "project", "project_large"]
 PEAK_TFLOPS = 2.0

@@ -12,7 +12,8 @@ import pytest
 from test_team_server_e2e import refused_with_one_line
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from finetune_lab import classify, device, models, registry
+from finetune_lab import device, models, registry
+from finetune_lab.experiments import classify
 
 MODEL = "race"
 GUARDED = "ginas-model"
