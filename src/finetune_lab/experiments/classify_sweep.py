@@ -3,8 +3,8 @@ one child run per configuration x seed, each the complete record of a `classify`
 all on the same data and held-out split (prepared once, from the first seed); on the parent a comparison table, a
 summary per configuration (mean ± std over seeds of accuracy, precision, recall, F1, ROC-AUC and eval loss), a
 figure of each metric per configuration with the seeds' spread, the best configuration's confusion matrix, and the
-verdict: is the best configuration (highest mean accuracy) ahead of the runner-up beyond the seeds' spread? The best
-configuration's best seed is registered on request.
+verdicts (`verdicts`): is the best configuration (highest mean accuracy) shown better than the others, by Welch's test
+over seeds or McNemar's on the held-out examples? The best configuration's best seed is registered on request.
 """
 
 from __future__ import annotations
