@@ -43,7 +43,7 @@ ui: install
 # The team's tracking server (docs/team.md): PostgreSQL, proxied artifacts, accounts; options as SERVER_ARGS,
 # e.g. make server SERVER_ARGS="--host 0.0.0.0 --allowed-hosts mlflow.lab.example". Ctrl-C stops it.
 server: install
-	$(PY) -m finetune_lab.server $(SERVER_ARGS)
+	$(PY) -m finetune_lab.team.server $(SERVER_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

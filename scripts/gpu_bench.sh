@@ -99,7 +99,8 @@ step "$IMPORTS_S" python3 -c '
 import platform, sys
 import datasets, mlflow, peft, torch, transformers
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # the sqlite store imports
-from finetune_lab import bench, device
+from finetune_lab import device
+from finetune_lab.experiments import bench
 capabilities = device.detect()
 print(f"card: {capabilities.name}, compute capability {capabilities.compute_capability}, "
       f"precision {device.precision(capabilities)}")

@@ -140,8 +140,8 @@ def as_member(monkeypatch, tmp_path):
 
 @pytest.fixture(scope="session")
 def team_server():
-    """One team's tracking server (`finetune_lab.server`: PostgreSQL, proxied artifacts, accounts) for the session's
-    tests, each with accounts and experiments of its own (support/team_server.py); all in tests/e2e/."""
+    """One team's tracking server (`finetune_lab.team.server`: PostgreSQL, proxied artifacts, accounts) for the
+    session's tests, each with accounts and experiments of its own (support/team_server.py); all in tests/e2e/."""
     from support.team_server import running
 
     with running() as server:

@@ -11,8 +11,9 @@ from click.testing import CliRunner
 from support.paths import entrypoint
 from support.store import runs_of
 
-from finetune_lab import bench, causal_lm
+from finetune_lab import causal_lm
 from finetune_lab.config import BenchConfig
+from finetune_lab.experiments import bench
 
 
 def test_synthetic_data_has_the_stated_lengths():
@@ -94,7 +95,7 @@ def test_problems_of_the_derived_workload_configs_are_named_after_the_bench_fiel
 
 
 def test_flops_per_token_follow_the_stated_formula():
-    workload = bench.Workload("lora_sweep", None, None, None, None, linear_params=1000, layers=2, hidden=8,
+    workload = bench.BenchWorkload("lora_sweep", None, None, None, None, linear_params=1000, layers=2, hidden=8,
                               attended=10.0)
     assert workload.flops_per_token(adapter_params=50) == 4 * 1000 + 6 * 50 + 12 * 2 * 8 * 10
     workload.name = "classify"

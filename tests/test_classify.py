@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from finetune_lab import classify, training
+from finetune_lab import training
 from finetune_lab.config import ClassifyConfig
+from finetune_lab.experiments import classify
 
 
 @pytest.fixture

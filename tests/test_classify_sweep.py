@@ -9,8 +9,9 @@ from support.checks import assert_metrics_match_predictions
 from support.paths import REPO, entrypoint
 from support.store import download_json, load_table, parent_and_children, runs_of, top_level
 
-from finetune_lab import classify_sweep, health
+from finetune_lab import health
 from finetune_lab.contract import KIND_TAG
+from finetune_lab.experiments import classify_sweep
 
 ARGS = ["--model", "tiny", "--dataset", "sample", "--epochs", "1", "--seeds", "1", "--max-length", "32",
         "--batch-size", "32", "--max-train-samples", "128", "--max-eval-samples", "32", "--experiment", "clf-stop"]
@@ -98,7 +99,7 @@ def test_the_workload_pickles_for_ray_workers():
 
     config = ClassifySweepConfig(model="tiny", dataset="sample", learning_rates=(1e-3,), seeds=(1,))
     prepared = classify_sweep.DESIGN.prepare(config, 1)
-    workload = classify_sweep.Workload(config, prepared, {}, "")
+    workload = classify_sweep.ClassifySweepWorkload(config, prepared, {}, "")
     received = pickle.loads(pickle.dumps(workload))
     assert received.prepared.data.digest == prepared.data.digest
     assert received.prepared.data.splits["test"]["text"] == prepared.data.splits["test"]["text"]

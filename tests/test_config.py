@@ -8,8 +8,8 @@ from finetune_lab.config import (
     ClassifyConfig,
     ClassifySweepConfig,
     GenerateConfig,
+    LoraSweepConfig,
     ProbeConfig,
-    SweepConfig,
 )
 from finetune_lab.schema import as_params, field_docs, from_strings
 
@@ -23,7 +23,7 @@ from finetune_lab.schema import as_params, field_docs, from_strings
     ({"seeds": "1,4294967296"}, "seeds: must be in 0..4294967295, got 1,4294967296"),
 ])
 def test_bad_integer_lists(raw, expected):
-    assert from_strings(SweepConfig, raw).problems() == [expected]
+    assert from_strings(LoraSweepConfig, raw).problems() == [expected]
 
 
 def test_rules_follow_each_config_not_a_shared_name():
@@ -36,23 +36,23 @@ def test_rules_follow_each_config_not_a_shared_name():
 
 
 def test_alpha_modes():
-    ratio = SweepConfig()
+    ratio = LoraSweepConfig()
     assert [ratio.alpha_for(r) for r in (4, 32)] == [8.0, 64.0]  # same scale alpha/r = 2 at every rank
-    fixed = SweepConfig(lora_alpha=16)
+    fixed = LoraSweepConfig(lora_alpha=16)
     assert [fixed.alpha_for(r) / r for r in (4, 32)] == [4.0, 0.5]
-    config = from_strings(SweepConfig, {"lora_alpha": "0", "alpha_per_rank": "0", "eval_fraction": "0.6",
+    config = from_strings(LoraSweepConfig, {"lora_alpha": "0", "alpha_per_rank": "0", "eval_fraction": "0.6",
                                         "prompt_format": "xml", "target_modules": "q_proj,,v_proj"})
     assert sorted(p.split(":")[0] for p in config.problems()) == ["alpha_per_rank", "eval_fraction",
                                                                   "prompt_format", "target_modules"]
 
 
 def test_speed_switches_and_token_budget():
-    config = from_strings(SweepConfig, {"packing": "yes", "batch_tokens": "100", "max_length": "256"})
+    config = from_strings(LoraSweepConfig, {"packing": "yes", "batch_tokens": "100", "max_length": "256"})
     assert config.problems() == ["packing: must be one of auto, on, off, got 'yes'",
                                  "batch_tokens: must be 0 (= batch_size examples) or at least max_length (256) so "
                                  "every example fits, got 100"]
     assert from_strings(ProbeConfig, {"batch_tokens": "-1"}).problems()[0].startswith("batch_tokens: must be 0")
-    assert from_strings(SweepConfig, {"packing": "on", "batch_tokens": "16384"}).problems() == []
+    assert from_strings(LoraSweepConfig, {"packing": "on", "batch_tokens": "16384"}).problems() == []
     assert from_strings(ClassifyConfig, {"compile": "off"}).problems() == []
 
 
@@ -62,7 +62,7 @@ def test_shared_fields_are_declared_once_and_keep_each_entry_points_default():
     for name in shared:
         declared = [k for k in ClassifySweepConfig.__mro__ if name in vars(k).get("__annotations__", {})]
         assert len([k for k in declared if k.__name__ in ("Tracked", "Registering", "Resumable", "Sweeping")]) == 1
-    assert [c().experiment for c in (ClassifyConfig, ClassifySweepConfig, SweepConfig, ProbeConfig)] == [
+    assert [c().experiment for c in (ClassifyConfig, ClassifySweepConfig, LoraSweepConfig, ProbeConfig)] == [
         "classification", "classify_sweep", "lora_sweep", "retrain_probe"]
     assert field_docs(ClassifyConfig)["experiment"] == field_docs(BenchConfig)["experiment"]
     seeded = [k.__name__ for k in BenchConfig.__mro__ + ClassifyConfig.__mro__ + ProbeConfig.__mro__
@@ -86,7 +86,8 @@ def test_a_grid_beyond_max_children_is_refused_unless_max_children_allows_it():
                                  "seeds), more than max_children=100: give fewer values, or raise max_children"]
     assert from_strings(ClassifySweepConfig, {"learning_rates": rates, "seeds": seeds,
                                               "max_children": "10000"}).problems() == []
-    lora = from_strings(SweepConfig, {"methods": "lora,dora", "ranks": "4,8,16", "seeds": "1,2", "max_children": "11"})
+    lora = from_strings(LoraSweepConfig, {"methods": "lora,dora", "ranks": "4,8,16", "seeds": "1,2",
+                                          "max_children": "11"})
     assert lora.problems() == ["max_children: the grid has 12 children (2 methods x 3 ranks x 2 seeds), more than "
                                "max_children=11: give fewer values, or raise max_children"]
-    assert from_strings(SweepConfig, {"max_children": "0"}).problems() == ["max_children: must be >= 1, got 0"]
+    assert from_strings(LoraSweepConfig, {"max_children": "0"}).problems() == ["max_children: must be >= 1, got 0"]

@@ -14,7 +14,7 @@ from support.paths import entrypoint
 from transformers import AutoModelForCausalLM
 
 from finetune_lab import causal_lm, device, lora, models, registry, tracking, training
-from finetune_lab.config import ClassifyConfig, SweepConfig
+from finetune_lab.config import ClassifyConfig, LoraSweepConfig
 
 T4 = device.Capabilities("Tesla T4", (7, 5))
 A100 = device.Capabilities("NVIDIA A100-SXM4-80GB", (8, 0))
@@ -124,7 +124,7 @@ def test_an_adapter_on_a_16_bit_base_registers_and_serves_as_its_reference_compu
     tokenizer = causal_lm.load_tokenizer(source)
     texts = ["hello there", "general kenobi"]
     with tracking.experiment_run("test", f"{name}-registry") as run:
-        with lora.adapter(base, SweepConfig(), rank=2, seed=0) as adapted:
+        with lora.adapter(base, LoraSweepConfig(), rank=2, seed=0) as adapted:
             with torch.no_grad():  # a trained adapter: B is no longer zero
                 for weight_name, weight in adapted.named_parameters():
                     if "lora_B" in weight_name:

@@ -10,8 +10,8 @@ from finetune_lab import contract, tracking
 from finetune_lab.entry_points import ENTRY_POINTS, named
 
 # The kinds `contract` names for the report; `resume` is the kind of a resumed sweep's invocation, no entry point's.
-CONTRACT_KINDS = {contract.CLASSIFICATION, contract.CLASSIFY_SWEEP, contract.SWEEP, contract.PROBE, contract.GENERATE,
-                  contract.REPORT, contract.BENCH}
+CONTRACT_KINDS = {contract.CLASSIFICATION, contract.CLASSIFY_SWEEP, contract.LORA_SWEEP, contract.PROBE,
+                  contract.GENERATE, contract.REPORT, contract.BENCH}
 
 
 class Opened(Exception):
@@ -21,7 +21,7 @@ class Opened(Exception):
 def test_every_kind_of_contract_is_one_entry_points():
     assert sorted(row.kind for row in ENTRY_POINTS) == sorted(CONTRACT_KINDS)
     assert len({row.name for row in ENTRY_POINTS}) == len(ENTRY_POINTS)
-    assert named("lora_sweep").kind == contract.SWEEP, "the store's name for it since before the classifier sweep"
+    assert named("lora_sweep").kind == contract.LORA_SWEEP, "the store's name for it since before the classifier sweep"
 
 
 @pytest.mark.parametrize("row", ENTRY_POINTS, ids=lambda row: row.name)

@@ -22,7 +22,8 @@ from support.ray_processes import of_ray_instance, ray_left_behind
 from support.store import children_of, load_table, parent_and_children, runs_of
 from test_sweep import tiny_sweep
 
-from finetune_lab import causal_lm, executors, lora_sweep, models
+from finetune_lab import causal_lm, executors, models
+from finetune_lab.experiments import lora_sweep
 
 REMOTE_REJECTED = ("error: executor: the Ray cluster at RAY_ADDRESS={address} cannot reach the local tracking store "
                    "{uri}: run `mlflow server --backend-store-uri <database> --artifacts-destination <store>` and "
@@ -128,7 +129,7 @@ def test_the_workload_travels_with_its_rows_not_cache_file_paths(tmp_path):
     datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5]]}).save_to_disk(tmp_path / "saved")
     from_files = datasets.load_from_disk(str(tmp_path / "saved"))
     assert from_files.cache_files
-    workload = lora_sweep.Workload(tiny_sweep(), models.ModelSource("tiny", "/nowhere", ""),
+    workload = lora_sweep.LoraSweepWorkload(tiny_sweep(), models.ModelSource("tiny", "/nowhere", ""),
                                    datasets.DatasetDict({"train": from_files}), [], {}, "", "")
     sent = pickle.dumps(workload)
     shutil.rmtree(tmp_path / "saved")

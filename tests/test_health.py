@@ -8,8 +8,9 @@ import math
 import pytest
 from support.store import load_table, parent_and_children, runs_of
 
-from finetune_lab import health, lora_sweep
-from finetune_lab.config import SweepConfig
+from finetune_lab import health
+from finetune_lab.config import LoraSweepConfig
+from finetune_lab.experiments import lora_sweep
 
 UNIFORM = math.log(1024)  # the tiny Llama's vocabulary
 
@@ -49,7 +50,7 @@ def test_a_loss_that_ends_above_uniform_and_twice_its_start_diverged():
 
 @pytest.mark.slow  # trains repeatedly: a sweep of two children
 def test_a_collapsed_sweep_fails_every_child_and_registers_nothing(client, tmp_path):
-    config = SweepConfig(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(1,), max_steps=6, batch_size=8,
+    config = LoraSweepConfig(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(1,), max_steps=6, batch_size=8,
                          max_length=48, learning_rate=1e6, experiment="collapse", register_as="dead-adapter")
     with pytest.raises(RuntimeError, match="all 2 child runs failed; first error: TrainingCollapsed: training "
                                            "collapsed"):

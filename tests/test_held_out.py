@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from finetune_lab import classify, held_out, verdicts
+from finetune_lab import held_out, verdicts
+from finetune_lab.experiments import classify
 
 TEXTS = ["good", "bad", "fine", "dull"]
 LABELS = np.array([1, 0, 1, 0])

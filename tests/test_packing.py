@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from finetune_lab import causal_lm, data, models, training
-from finetune_lab.config import SweepConfig
+from finetune_lab.config import LoraSweepConfig
 from finetune_lab.packing import PackedRows, TokenBudgetBatchSampler
 from finetune_lab.prompts import IGNORE_INDEX
 
@@ -23,7 +23,7 @@ MAX_LENGTH = 48
 def lm():
     """A tiny Llama with a non-zero LoRA adapter (so the adapter's path is exercised too), its tokenizer and
     the tokenized embedded chat set (prompt tokens masked out of the loss)."""
-    config = SweepConfig(model="tiny", dataset="sample_chat", max_length=MAX_LENGTH, loss_on="output")
+    config = LoraSweepConfig(model="tiny", dataset="sample_chat", max_length=MAX_LENGTH, loss_on="output")
     loaded, _ = data.load(config.dataset, 0, config.eval_fraction)
     texts = list(loaded.splits["train"]["input"]) + list(loaded.splits["train"]["output"])
     base, tokenizer = causal_lm.load_base(models.tiny(models.CAUSAL_LM, texts, seed=0), "fp32")
@@ -173,7 +173,7 @@ def test_one_epoch_by_token_budget_trains_on_every_example_once(lm, tracking_uri
 
     _, tokenizer, tokenized = lm
     base = AutoModelForCausalLM.from_pretrained(tokenizer.name_or_path)
-    config = SweepConfig(model="tiny", dataset="sample_chat", max_length=MAX_LENGTH, packing=packing,
+    config = LoraSweepConfig(model="tiny", dataset="sample_chat", max_length=MAX_LENGTH, packing=packing,
                          batch_tokens=160, epochs=1, learning_rate=1e-3)
     train = tokenized["train"].select(range(60))
     sizes = []
@@ -197,10 +197,10 @@ def test_one_epoch_by_token_budget_trains_on_every_example_once(lm, tracking_uri
 
 def test_packed_training_batches_carry_no_attention_mask(lm):
     _, tokenizer, tokenized = lm
-    config = SweepConfig(model="tiny", dataset="sample_chat", max_length=MAX_LENGTH, packing="on")
+    config = LoraSweepConfig(model="tiny", dataset="sample_chat", max_length=MAX_LENGTH, packing="on")
     batch = causal_lm.collator(tokenizer, config)(features(tokenized, 4))
     assert set(batch) == {"input_ids", "labels", "position_ids"}
-    assert isinstance(causal_lm.collator(tokenizer, SweepConfig(packing="off")), DataCollatorForSeq2Seq)
-    assert isinstance(causal_lm.collator(tokenizer, SweepConfig(packing="auto")),
+    assert isinstance(causal_lm.collator(tokenizer, LoraSweepConfig(packing="off")), DataCollatorForSeq2Seq)
+    assert isinstance(causal_lm.collator(tokenizer, LoraSweepConfig(packing="auto")),
                       PackedRows if torch.cuda.is_available() else DataCollatorForSeq2Seq)
 

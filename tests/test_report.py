@@ -21,8 +21,9 @@ from scipy import stats
 from support.paths import REPO, entrypoint
 from support.store import children_of, create_experiment, download_json, load_table, runs_of
 
-from finetune_lab import classify, classify_sweep, lora_sweep, probe, report
-from finetune_lab.config import ClassifyConfig, ClassifySweepConfig, ProbeConfig, ReportConfig, SweepConfig
+from finetune_lab import report
+from finetune_lab.config import ClassifyConfig, ClassifySweepConfig, LoraSweepConfig, ProbeConfig, ReportConfig
+from finetune_lab.experiments import classify, classify_sweep, lora_sweep, probe
 from finetune_lab.report import render, sections
 from finetune_lab.report.configurations import config_label
 from finetune_lab.report.store import Artifacts, read_experiment
@@ -77,7 +78,7 @@ def store(tmp_path_factory) -> Store:
             create_experiment(client, name, root)
         for learning_rate in (1e-3, 5e-3):
             classify.run(ClassifyConfig(**TINY_CLASSIFY, learning_rate=learning_rate))
-        sweeps = {name: lora_sweep.run(SweepConfig(**TINY_SWEEP, seeds=seeds, run_name=name))["run_id"]
+        sweeps = {name: lora_sweep.run(LoraSweepConfig(**TINY_SWEEP, seeds=seeds, run_name=name))["run_id"]
                   for name, seeds in (("two-seeds", (1, 2)), ("one-seed", (3,)))}
         probe_run_id = probe.run(ProbeConfig(**TINY_PROBE))["run_id"]
         three = pd.read_csv(REPO / "data" / "sample" / "sentiment.csv")
@@ -210,9 +211,9 @@ def test_a_sweep_of_one_child_says_1_child_run(store, tmp_path):
 
 def test_sweeps_refused_before_any_child_ran_are_shown_refused_with_their_error_and_count_no_verdict(client,
                                                                                                       tmp_path):
-    from finetune_lab import classify_sweep
     from finetune_lab.config import ClassifySweepConfig
     from finetune_lab.errors import InputError
+    from finetune_lab.experiments import classify_sweep
 
     for name in ("classify_sweep", "lora_sweep", "report"):
         create_experiment(client, name, tmp_path)
@@ -220,7 +221,7 @@ def test_sweeps_refused_before_any_child_ran_are_shown_refused_with_their_error_
         classify_sweep.run(ClassifySweepConfig(model="tiny", dataset="sample", learning_rates=(-1.0,),
                                                run_name="refused-clf"))
     with pytest.raises(InputError):
-        lora_sweep.run(SweepConfig(**{**TINY_SWEEP, "ranks": (4, 4), "run_name": "refused-lora"}))
+        lora_sweep.run(LoraSweepConfig(**{**TINY_SWEEP, "ranks": (4, 4), "run_name": "refused-lora"}))
     result = report.write_report(ReportConfig(experiments="classify_sweep,lora_sweep", output=str(tmp_path / "out")))
     markdown = html.unescape((tmp_path / "out" / "report.md").read_text())
     assert "Refused before any child ran: InputError: learning_rates: must be numbers > 0, got -1.0" in section(
@@ -262,7 +263,7 @@ def test_resume_attempts_and_bench_runs_have_sections_of_their_own(client, tmp_p
         client.set_terminated(run_id)
         return run_id
 
-    parent = top_run("the-sweep", contract.SWEEP)
+    parent = top_run("the-sweep", contract.LORA_SWEEP)
     top_run("again", contract.RESUME, {contract.RESUMED_TAG: parent})
     top_run("speed", contract.BENCH, metrics={"classify/project/bench_tokens_per_s_ratio": 2.5,
                                              "classify/baseline/bench_tokens_per_s_ratio": 1.0})

@@ -13,10 +13,11 @@ from click.testing import CliRunner
 from support.paths import entrypoint
 from support.store import children_of, load_table, runs_of
 
-from finetune_lab import lora, lora_sweep, probe, prompts
-from finetune_lab.config import ProbeConfig, SweepConfig
+from finetune_lab import lora, prompts
+from finetune_lab.config import LoraSweepConfig, ProbeConfig
 from finetune_lab.contract import KIND_TAG, RESUMED_TAG
 from finetune_lab.data import SAMPLES
+from finetune_lab.experiments import lora_sweep, probe
 
 ARGS = ["--model", "tiny", "--ranks", "2,4,8", "--seeds", "3", "--max-steps", "4", "--batch-size", "8",
         "--max-length", "48", "--learning-rate", "1e-2", "--experiment", "resume"]
@@ -96,11 +97,11 @@ def test_a_reused_child_registers_after_its_logged_adapter_is_checked(client, mo
         return original(model, tokenizer, *args, **kwargs)
 
     monkeypatch.setattr(lora, "log_adapter", capture)
-    config = SweepConfig(model="tiny", dataset="sample_chat", ranks=(2,), seeds=(3,), max_steps=4, batch_size=8,
+    config = LoraSweepConfig(model="tiny", dataset="sample_chat", ranks=(2,), seeds=(3,), max_steps=4, batch_size=8,
                          max_length=48, learning_rate=1e-2, experiment="resume-register")
     first = lora_sweep.run(config)
     (child_id,) = in_memory
-    second = lora_sweep.run(SweepConfig(**{**config.__dict__, "resume": first["run_id"], "register_as": "resumed"}))
+    second = lora_sweep.run(LoraSweepConfig(**{**config.__dict__, "resume": first["run_id"], "register_as": "resumed"}))
     assert second["run_id"] == first["run_id"] and len(in_memory) == 1, "nothing was trained again"
     version = client.get_model_version_by_alias("resumed", "champion")
     assert version.tags["run_id"] == child_id and float(version.tags["reload_max_logit_diff"]) == 0.0
@@ -141,9 +142,9 @@ def test_a_resumed_probe_continues_from_the_logged_before_adapter(client, monkey
 
 def test_where_the_children_train_and_the_grid_s_bound_are_not_part_of_the_config_a_resume_compares():
     from finetune_lab import resume
-    from finetune_lab.config import SweepConfig
+    from finetune_lab.config import LoraSweepConfig
 
-    local = resume.config_digest(SweepConfig())
-    assert resume.config_digest(SweepConfig(executor="ray", workers=2, cpus_per_worker=2, run_name="x")) == local
-    assert resume.config_digest(SweepConfig(max_children=1000)) == local
-    assert resume.config_digest(SweepConfig(learning_rate=1e-3)) != local
+    local = resume.config_digest(LoraSweepConfig())
+    assert resume.config_digest(LoraSweepConfig(executor="ray", workers=2, cpus_per_worker=2, run_name="x")) == local
+    assert resume.config_digest(LoraSweepConfig(max_children=1000)) == local
+    assert resume.config_digest(LoraSweepConfig(learning_rate=1e-3)) != local

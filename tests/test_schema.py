@@ -6,10 +6,10 @@ from typing import get_type_hints
 
 import pytest
 
-from finetune_lab.config import BENCH_PARTS, BenchConfig, ClassifyConfig, ProbeConfig, SweepConfig
+from finetune_lab.config import BENCH_PARTS, BenchConfig, ClassifyConfig, LoraSweepConfig, ProbeConfig
 from finetune_lab.entry_points import ENTRY_POINTS
 from finetune_lab.schema import as_params, field_docs, from_strings
-from finetune_lab.server import ServerConfig
+from finetune_lab.team.server import ServerConfig
 
 
 def test_strings_are_coerced_to_field_types():
@@ -37,7 +37,7 @@ def test_every_field_has_a_docstring(config_class):
 
 
 def test_integer_lists_are_parsed_once_into_tuples():
-    config = from_strings(SweepConfig, {"ranks": " 4, 8,16 ", "seeds": "0,1"})
+    config = from_strings(LoraSweepConfig, {"ranks": " 4, 8,16 ", "seeds": "0,1"})
     assert config.ranks == (4, 8, 16) and config.seeds == (0, 1) and config.problems() == []
     assert as_params(config)["ranks"] == "4,8,16", "logged as the text it was given as"
     assert from_strings(ProbeConfig, {"repeats_sweep": ""}).repeats_list == (1,)

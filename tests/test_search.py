@@ -12,9 +12,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from support.paths import entrypoint
 
-from finetune_lab import classify_sweep, contract, lora_sweep, search, sweep
-from finetune_lab.config import ClassifySweepConfig, SweepConfig
+from finetune_lab import contract
+from finetune_lab.config import ClassifySweepConfig, LoraSweepConfig
 from finetune_lab.contract import FAILED, FINISHED, KILLED
+from finetune_lab.experiments import classify_sweep, lora_sweep, search, sweep
 from finetune_lab.schema import LogRange, as_params, from_strings
 
 CLASSIFY = ["--model", "tiny", "--dataset", "sample", "--experiment", "bad-search"]
@@ -68,14 +69,14 @@ def test_the_space_is_a_choice_per_list_and_a_log_uniform_range():
         ClassifySweepConfig(search="asha", learning_rates=LogRange(1e-5, 1e-3), epochs=(1.0, 2.0))))
     assert classify == {"learning_rate": FloatDistribution(1e-5, 1e-3, log=True),
                         "epochs": CategoricalDistribution([1.0, 2.0])}
-    config = SweepConfig(search="asha", methods="lora,dora", ranks=(4, 8), learning_rates=(1e-4, 1e-3))
+    config = LoraSweepConfig(search="asha", methods="lora,dora", ranks=(4, 8), learning_rates=(1e-4, 1e-3))
     lora = search.distributions(lora_sweep.design(config).space(config))
     assert lora == {"method": CategoricalDistribution(["lora", "dora"]), "rank": CategoricalDistribution([4, 8]),
                     "learning_rate": CategoricalDistribution([1e-4, 1e-3])}
-    fixed = SweepConfig(search="asha", learning_rate=3e-4)
+    fixed = LoraSweepConfig(search="asha", learning_rate=3e-4)
     assert lora_sweep.design(fixed).space(fixed)["learning_rate"] == (3e-4,), "no list: the one learning rate"
     assert lora_sweep.design(config).axes == ["method", "rank", "learning_rate"]
-    assert lora_sweep.design(SweepConfig()) is lora_sweep.DESIGN
+    assert lora_sweep.design(LoraSweepConfig()) is lora_sweep.DESIGN
 
 
 def test_sampled_values_stay_in_the_space_and_spread_log_uniformly():
@@ -190,7 +191,8 @@ def test_a_trial_stopped_at_a_rung_is_not_judged_by_its_last_steps(client, monke
     accuracy); a trial that trains its full budget is judged as every run is."""
     import mlflow
 
-    from finetune_lab import classify, health
+    from finetune_lab import health
+    from finetune_lab.experiments import classify
 
     monkeypatch.setattr(health, "diagnose", lambda steps, eval_loss, classes: "diverged (made so by the test)")
     config = ClassifySweepConfig(model="tiny", dataset="sample", max_length=32, batch_size=16, max_train_samples=128,
@@ -218,7 +220,7 @@ def test_measuring_at_the_rungs_leaves_training_as_it_would_be(client):
     at 0.844)."""
     import mlflow
 
-    from finetune_lab import classify
+    from finetune_lab.experiments import classify
 
     config = ClassifySweepConfig(model="tiny", dataset="sample", max_length=32, batch_size=16, max_train_samples=128,
                                  max_eval_samples=32, experiment="rungs")

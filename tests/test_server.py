@@ -1,5 +1,6 @@
-"""`finetune_lab.server` refuses to start without an administrator's password of its own, keeps it off every command
-line and file it writes, and starts MLflow with accounts and proxied artifacts on 127.0.0.1 unless told otherwise."""
+"""`finetune_lab.team.server` refuses to start without an administrator's password of its own, keeps it off every
+command line and file it writes, and starts MLflow with accounts and proxied artifacts on 127.0.0.1 unless told
+otherwise."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 
-from finetune_lab import server, tracking
+from finetune_lab import tracking
 from finetune_lab.errors import InputError
 from finetune_lab.schema import from_strings
-from finetune_lab.server import ServerConfig
+from finetune_lab.team import server
+from finetune_lab.team.server import ServerConfig
 
 PASSWORD = "a-long-enough-password"
 
@@ -207,7 +209,7 @@ def test_a_host_of_another_machine_is_refused(tmp_path):
 
 
 FAKE_MLFLOW = "import time; time.sleep(120)"
-# A process whose command line names finetune_lab.server, starting a child as the wrapper does (the child's
+# A process whose command line names finetune_lab.team.server, starting a child as the wrapper does (the child's
 # arguments in FAKE_CHILD: in its own command line they would make it look like an MLflow server itself).
 FAKE_WRAPPER = ("import json, os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
                 "*json.loads(os.environ['FAKE_CHILD'])], start_new_session=True); time.sleep(120)")
@@ -231,18 +233,18 @@ def test_a_server_left_running_is_named_with_what_to_do(tmp_path):
 
 @pytest.mark.parametrize("child", [
     [FAKE_MLFLOW, "server", "--artifacts-destination", "{data_dir}/artifacts"],  # its MLflow server
-    [f"{FAKE_MLFLOW}  # from finetune_lab.server import guard", "{data_dir}"],  # its guard, before MLflow starts
+    [f"{FAKE_MLFLOW}  # from finetune_lab.team.server import guard", "{data_dir}"],  # its guard, before MLflow starts
 ], ids=["mlflow", "guard"])
 def test_a_server_already_running_is_named(tmp_path, child):
     child = json.dumps([part.format(data_dir=tmp_path) for part in child])
-    wrapper = subprocess.Popen([sys.executable, "-c", FAKE_WRAPPER, "finetune_lab.server"],
+    wrapper = subprocess.Popen([sys.executable, "-c", FAKE_WRAPPER, "finetune_lab.team.server"],
                                env={**os.environ, "FAKE_CHILD": child})
     try:
         deadline = time.monotonic() + 30
         while not (found := server.still_running(tmp_path)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert found == [f"data_dir: {tmp_path} is already served by finetune_lab.server (pid {wrapper.pid}): use that "
-                         f"server, or stop it (Ctrl-C where it runs, or `kill {wrapper.pid}`) first"]
+        assert found == [f"data_dir: {tmp_path} is already served by finetune_lab.team.server (pid {wrapper.pid}): "
+                         f"use that server, or stop it (Ctrl-C where it runs, or `kill {wrapper.pid}`) first"]
     finally:
         for process in psutil.Process(wrapper.pid).children():
             os.killpg(process.pid, signal.SIGKILL)
@@ -279,7 +281,7 @@ def test_a_server_failure_is_one_line_without_a_run(monkeypatch):
         raise RuntimeError("mlflow server exited with status 1 (its log is above)")
 
     monkeypatch.setattr(server, "serve", fail)
-    outcome = CliRunner().invoke(command(ServerConfig, "finetune_lab.server:serve", "server", records_runs=False))
+    outcome = CliRunner().invoke(command(ServerConfig, "finetune_lab.team.server:serve", "server", records_runs=False))
     assert outcome.exit_code == 1
     [line] = [line for line in outcome.output.splitlines() if line.startswith("error:")]
     assert line.startswith("error: RuntimeError: mlflow server exited with status 1") and "failed run" not in line

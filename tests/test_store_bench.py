@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 from support.store import children_of
 
-from finetune_lab import store_bench
+from finetune_lab.team import store_bench
 
 
 def test_every_timed_run_is_recorded_whole(tracking_uri):

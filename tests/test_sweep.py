@@ -19,8 +19,9 @@ from support.paths import entrypoint
 from support.store import runs_of
 from transformers import AutoModelForCausalLM
 
-from finetune_lab import contract, held_out, lora, lora_sweep, models, prompts, sweep, verdicts
-from finetune_lab.config import SweepConfig
+from finetune_lab import contract, held_out, lora, models, prompts, verdicts
+from finetune_lab.config import LoraSweepConfig
+from finetune_lab.experiments import lora_sweep, sweep
 
 PROBE = "Hello, how are you?\n"
 
@@ -30,7 +31,7 @@ def test_the_plan_runs_seed_by_seed_through_every_configuration():
     assert [(p.name, p.position, p.settings) for p in planned] == [
         ("a-seed7", "[1/4]", {"lr": 1}), ("b-seed7", "[2/4]", {"lr": 2}), ("a-seed8", "[3/4]", {"lr": 1}),
         ("b-seed8", "[4/4]", {"lr": 2})]
-    assert lora_sweep.plan(SweepConfig(methods="lora,dora", ranks=(4,), seeds=(1,)))[1].name == "dora-r4-seed1"
+    assert lora_sweep.plan(LoraSweepConfig(methods="lora,dora", ranks=(4,), seeds=(1,)))[1].name == "dora-r4-seed1"
 
 
 def children_table() -> pd.DataFrame:
@@ -166,7 +167,7 @@ def test_the_failed_children_tag_stays_short_and_points_to_the_table(client, tmp
     one held 615,993 characters, cut by MLflow)."""
     from support.store import load_table
 
-    config = SweepConfig(ranks=tuple(range(1, 101)), seeds=tuple(range(100)), max_children=10_000)
+    config = LoraSweepConfig(ranks=tuple(range(1, 101)), seeds=tuple(range(100)), max_children=10_000)
     children = [sweep.ChildOutcome(spec, "", contract.NOT_RUN, error="not run: terminated by SIGTERM " + "x" * 40)
                 for spec in lora_sweep.plan(config)]
     mlflow.set_experiment("tags")
@@ -181,10 +182,10 @@ def test_the_failed_children_tag_stays_short_and_points_to_the_table(client, tmp
     assert len(table) == 10_000 and set(table["error"]) == {children[0].error}
 
 
-def tiny_sweep(**overrides) -> SweepConfig:
+def tiny_sweep(**overrides) -> LoraSweepConfig:
     settings = dict(model="tiny", dataset="sample_chat", ranks=(2, 4), seeds=(3,), max_steps=4, batch_size=8,
                     max_length=48, learning_rate=1e-2, experiment="sweep-unit")
-    return SweepConfig(**{**settings, **overrides})
+    return LoraSweepConfig(**{**settings, **overrides})
 
 
 def test_logged_adapters_reload_with_the_in_memory_logits(client, monkeypatch, tmp_path):

@@ -21,7 +21,7 @@ from finetune_lab.prompts import IGNORE_INDEX
 
 
 @dataclass
-class Prepared:
+class PreparedCausalLM:
     """Checked data and model source of a causal-LM experiment."""
 
     data: data_lib.LoadedData
@@ -29,7 +29,7 @@ class Prepared:
 
 
 def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_param: str = "ranks",
-            found: Sequence[str] = (), methods: Sequence[str] = ()) -> Prepared:
+            found: Sequence[str] = (), methods: Sequence[str] = ()) -> PreparedCausalLM:
     """Load and check data, model spec and architecture (and the LoRA `methods` against peft and the model); raise
     InputError with every problem, config's included. Rank problems are reported under `rank_param`, the parameter
     that set them; `found` are problems the caller found already (e.g. with the environment), reported together with
@@ -62,7 +62,7 @@ def prepare(config: LoraTrainingConfig, ranks: tuple[int, ...], seed: int, rank_
         problems += lora.check_architecture(skeleton, config, ranks, rank_param, methods)
         problems += lora.check_methods(skeleton, methods)
     raise_if_any(problems)
-    return Prepared(data, source)
+    return PreparedCausalLM(data, source)
 
 
 def load_tokenizer(source: models.ModelSource):

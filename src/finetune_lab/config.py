@@ -468,7 +468,7 @@ LORA_METHODS = ("lora", "dora", "rslora", "pissa", "olora")
 
 
 @dataclass
-class SweepConfig(Tracked, Sweeping, LoraTrainingConfig):
+class LoraSweepConfig(Tracked, Sweeping, LoraTrainingConfig):
     """LoRA fine-tuning of a causal LM over several ranks (and methods, and seeds): a parent run, one child per
     method x rank x seed."""
 
@@ -608,7 +608,7 @@ BENCH_PARTS = (
                  "precision": "precision"},
          notes={"dataset": "Or `synthetic`: texts of IMDB-like token lengths (lognormal, median 230, sigma 0.7, "
                            "in [32, 512]) with random labels."}),
-    Part("lora_sweep", SweepConfig, "lora_",
+    Part("lora_sweep", LoraSweepConfig, "lora_",
          ("model", "dataset", "input_column", "output_column", "max_length", "batch_size", "ranks", "target_modules"),
          defaults={"model": "random:smollm2-135m", "dataset": SYNTHETIC, "target_modules": "q_proj,v_proj"},
          set_by={"seeds": "seed", "precision": "precision"},

@@ -11,8 +11,10 @@ if TYPE_CHECKING:  # the scripts' `--help` reads the kinds here (`entry_points`)
 
 # Every top-level run says which experiment made it; the report sorts runs by this tag, never by guessing.
 KIND_TAG = "finetune_lab.kind"
-CLASSIFICATION, SWEEP, PROBE, GENERATE, REPORT, BENCH = ("classification", "sweep", "probe", "generate", "report",
-                                                         "bench")
+CLASSIFICATION, PROBE, GENERATE, REPORT, BENCH = "classification", "probe", "generate", "report", "bench"
+# The LoRA sweep's runs are tagged "sweep", the name they had in the store before the classifier sweep existed: stored
+# runs and the report that reads them keep working.
+LORA_SWEEP = "sweep"
 CLASSIFY_SWEEP = "classify_sweep"
 # The invocation that resumed an earlier parent run (`resume=...`); the parent it resumed is in RESUMED_TAG.
 RESUME = "resume"

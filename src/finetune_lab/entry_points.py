@@ -6,9 +6,9 @@ Adding an entry point: a config in `config.py`, the experiment's module with its
 `make generate`. Light on purpose: the scripts' `--help` imports it, so it names the experiment by `module:function`
 and imports nothing heavy.
 
-The team's tracking server (`python -m finetune_lab.server`) is built by the same `cli.command` but has no row: it is
-not an MLproject entry point (nobody `mlflow run`s a server), makes no run, so has no kind nor default experiment,
-and its options are documented with the server (docs/team.md).
+The team's tracking server (`python -m finetune_lab.team.server`) is built by the same `cli.command` but has no row:
+it is not an MLproject entry point (nobody `mlflow run`s a server), makes no run, so has no kind nor default
+experiment, and its options are documented with the server (docs/team.md).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from finetune_lab.config import (
     ClassifyConfig,
     ClassifySweepConfig,
     GenerateConfig,
+    LoraSweepConfig,
     ProbeConfig,
     ReportConfig,
-    SweepConfig,
 )
 
 
@@ -48,12 +48,13 @@ class EntryPoint:
 
 
 ENTRY_POINTS = (
-    EntryPoint("classify", ClassifyConfig, "finetune_lab.classify:run", contract.CLASSIFICATION),
-    EntryPoint("classify_sweep", ClassifySweepConfig, "finetune_lab.classify_sweep:run", contract.CLASSIFY_SWEEP),
-    EntryPoint("lora_sweep", SweepConfig, "finetune_lab.lora_sweep:run", contract.SWEEP),
-    EntryPoint("retrain_probe", ProbeConfig, "finetune_lab.probe:run", contract.PROBE),
-    EntryPoint("generate", GenerateConfig, "finetune_lab.generate:run", contract.GENERATE),
-    EntryPoint("bench", BenchConfig, "finetune_lab.bench:run", contract.BENCH),
+    EntryPoint("classify", ClassifyConfig, "finetune_lab.experiments.classify:run", contract.CLASSIFICATION),
+    EntryPoint("classify_sweep", ClassifySweepConfig, "finetune_lab.experiments.classify_sweep:run",
+               contract.CLASSIFY_SWEEP),
+    EntryPoint("lora_sweep", LoraSweepConfig, "finetune_lab.experiments.lora_sweep:run", contract.LORA_SWEEP),
+    EntryPoint("retrain_probe", ProbeConfig, "finetune_lab.experiments.probe:run", contract.PROBE),
+    EntryPoint("generate", GenerateConfig, "finetune_lab.experiments.generate:run", contract.GENERATE),
+    EntryPoint("bench", BenchConfig, "finetune_lab.experiments.bench:run", contract.BENCH),
     EntryPoint("report", ReportConfig, "finetune_lab.report:write_report", contract.REPORT),
 )
 

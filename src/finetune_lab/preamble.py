@@ -20,14 +20,14 @@ from finetune_lab.data import TEST, TRAIN
 from finetune_lab.errors import field_of, raise_if_any
 from finetune_lab.schema import as_params
 
-Prepared = TypeVar("Prepared")
+AnyPrepared = TypeVar("AnyPrepared")
 
 
 @dataclass
-class Begun(Generic[Prepared]):
+class Begun(Generic[AnyPrepared]):
     """An experiment's run after its preamble."""
 
-    prepared: Prepared
+    prepared: AnyPrepared
     """What `prepare` returned: checked data (`data`) and model source (`source`)."""
     parent: mlflow.ActiveRun
     """The run that holds the children: the invocation's own, or the earlier parent it resumes."""
@@ -58,8 +58,8 @@ def log_sources(prepared, params: dict[str, Any] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def begin(config, kind: str, prepare: Callable[[], Prepared],
-          params: Callable[[Prepared], dict[str, Any]] = lambda prepared: {}) -> Iterator[Begun[Prepared]]:
+def begin(config, kind: str, prepare: Callable[[], AnyPrepared],
+          params: Callable[[AnyPrepared], dict[str, Any]] = lambda prepared: {}) -> Iterator[Begun[AnyPrepared]]:
     """The preamble in the active run (the invocation's), for an experiment of `kind`: log the config, refuse it if a
     seed is bad (nothing can be loaded with it), check the permission to register (`register_as`), `prepare()`
     (which raises InputError with every problem), log the sources with `params(prepared)`; then, for a `Resumable`

@@ -14,7 +14,8 @@ from support.launch import launch_in_own_store
 from support.store import children_of, load_table, parent_and_children, runs_of
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from finetune_lab import bench, contract
+from finetune_lab import contract
+from finetune_lab.experiments import bench
 
 VARIANTS = ["baseline", "project", "project_large"]
 PEAK_TFLOPS = 2.0

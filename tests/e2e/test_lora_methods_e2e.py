@@ -19,7 +19,7 @@ from support.paths import entrypoint
 from support.store import download_json, load_table, parent_and_children
 
 from finetune_lab import causal_lm, lora, models, training
-from finetune_lab.config import SweepConfig
+from finetune_lab.config import LoraSweepConfig
 
 METHODS = ["pissa", "olora", "dora", "rslora", "lora"]
 SWEEP = {"model": "tiny", "dataset": "sample_chat", "methods": ",".join(METHODS), "ranks": 2, "seeds": 1,
@@ -128,7 +128,7 @@ def test_one_seed_each_the_methods_are_compared_on_the_held_out_examples(swept, 
 def test_every_logged_adapter_gives_its_held_out_loss_on_the_untouched_base(swept, tmp_path):
     """Each method's adapter as logged, on a base loaded afresh: the held-out loss its child logged."""
     client, parent = swept.client, swept.parent
-    config = SweepConfig(**{**{k: v for k, v in SWEEP.items() if k not in ("methods", "ranks", "seeds")},
+    config = LoraSweepConfig(**{**{k: v for k, v in SWEEP.items() if k not in ("methods", "ranks", "seeds")},
                             "ranks": (2,), "seeds": (1,)})
     source = models.ModelSource("tiny", parent.data.params["model_path"], "")
     prepared = causal_lm.prepare(config, config.ranks, 1)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from support.store import create_experiment, runs_of
 
-from finetune_lab import classify
 from finetune_lab.config import ClassifyConfig
+from finetune_lab.experiments import classify
 
 
 def test_report_entry_point_reports_the_logged_metrics(mlflow_run, client, tmp_path):

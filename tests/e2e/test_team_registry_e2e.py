@@ -13,7 +13,8 @@ from support import mlflow_state
 from test_team_server_e2e import refused_with_one_line
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from finetune_lab import classify, device, models, registry
+from finetune_lab import device, models, registry
+from finetune_lab.experiments import classify
 
 # On the team's server (the session's `team_server`): `make test-team`; its tests share the worker that holds it.
 pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_server")]

@@ -23,9 +23,9 @@ import pytest
 import requests
 from support.team_server import TeamServer
 
-from finetune_lab import server as server_lib
 from finetune_lab.cli import INPUT_ERROR_EXIT
-from finetune_lab.server import ServerConfig
+from finetune_lab.team import server as server_lib
+from finetune_lab.team.server import ServerConfig
 
 pytestmark = pytest.mark.team
 NAME = "mlflow.lab.example"
@@ -110,7 +110,7 @@ def test_the_documented_server_survives_a_kill_and_refuses_to_start_twice(docume
     killed = team.wrapper()
     killed.send_signal(signal.SIGKILL)
     assert gone(team) == []
-    assert "finetune_lab.server is gone: stopped the MLflow and PostgreSQL it left running" in team.log.read_text()
+    assert "finetune_lab.team.server is gone: stopped the MLflow and PostgreSQL it left running" in team.log.read_text()
     handles = json.loads((team.data_dir / "postgres" / ".handle_pids.json").read_text())
     assert killed.pid in handles, "pgserver still lists the killed process as a handle"
     team.process.wait(30)

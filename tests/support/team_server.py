@@ -1,6 +1,6 @@
-"""A team's tracking server for tests: `python -m finetune_lab.server` (PostgreSQL from pgserver, proxied artifacts,
-basic-auth), or `make server` as docs/team.md starts it, on a free port and a folder of the test's, started and
-stopped the way a user does, with accounts made through MLflow's own auth client. Everything it started is found
+"""A team's tracking server for tests: `python -m finetune_lab.team.server` (PostgreSQL from pgserver, proxied
+artifacts, basic-auth), or `make server` as docs/team.md starts it, on a free port and a folder of the test's, started
+and stopped the way a user does, with accounts made through MLflow's own auth client. Everything it started is found
 again (`processes`) to prove it is gone."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class TeamServer:
 
     def command(self) -> list[str]:
         if not self.make:
-            return [sys.executable, "-m", "finetune_lab.server", *self.args]
+            return [sys.executable, "-m", "finetune_lab.team.server", *self.args]
         # the install step is this test's own environment: taken as done (-o), with its interpreter
         return ["make", "-C", str(REPO), "-o", ".venv/.installed", "server", f"PY={sys.executable}",
                 f"SERVER_ARGS={shlex.join(self.args)}"]
@@ -80,11 +80,11 @@ class TeamServer:
         return self.log.read_text()[offset:]
 
     def wrapper(self) -> psutil.Process:
-        """The `finetune_lab.server` process (`make`'s child, when started with make)."""
+        """The `finetune_lab.team.server` process (`make`'s child, when started with make)."""
         started = psutil.Process(self.process.pid)
         if not self.make:
             return started
-        [wrapper] = [p for p in started.children() if "finetune_lab.server" in p.cmdline()]
+        [wrapper] = [p for p in started.children() if "finetune_lab.team.server" in p.cmdline()]
         return wrapper
 
     def stop(self) -> None:

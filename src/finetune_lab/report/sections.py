@@ -223,7 +223,7 @@ def sweep_section(parent: Run, children: list[Run], artifacts: Artifacts) -> lis
 
 # What a search's parent says about its kind of sweep: objective, and the summary its confirmation logs.
 SEARCH_KINDS = {contract.CLASSIFY_SWEEP: ("accuracy", contract.CONFIGURATION_SUMMARY, contract.CLASSIFY_METRICS),
-                contract.SWEEP: ("eval_loss", contract.RANK_SUMMARY, contract.SWEEP_CHILD_METRICS)}
+                contract.LORA_SWEEP: ("eval_loss", contract.RANK_SUMMARY, contract.SWEEP_CHILD_METRICS)}
 # The search table's columns the report leaves out (the run id is shown short).
 SEARCH_HIDDEN = ("run_id", "error", "reused")
 
@@ -387,7 +387,7 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
     for parent in by_kind.get(contract.CLASSIFY_SWEEP, []):
         if parent not in searches:
             blocks += classify_sweep_section(parent, found.children_of(parent), artifacts)
-    sweeps, probes = by_kind.get(contract.SWEEP, []), by_kind.get(contract.PROBE, [])
+    sweeps, probes = by_kind.get(contract.LORA_SWEEP, []), by_kind.get(contract.PROBE, [])
     sweeps = [p for p in sweeps if p not in searches]
     blocks += parents_overview("LoRA rank sweeps", sweeps, contract.SWEEP_PARENT_METRICS)
     for parent in sweeps:
@@ -405,7 +405,7 @@ def experiment_section(found: ExperimentRuns, artifacts: Artifacts) -> list[Bloc
     if contract.BENCH in by_kind:
         blocks += bench_section(by_kind[contract.BENCH])
     others = [r for kind, runs in by_kind.items() if kind not in (contract.CLASSIFICATION, contract.CLASSIFY_SWEEP,
-                                                                 contract.SWEEP, contract.PROBE, contract.RESUME,
+                                                                 contract.LORA_SWEEP, contract.PROBE, contract.RESUME,
                                                                  contract.BENCH)
               for r in runs]
     if others:

@@ -54,12 +54,13 @@ from transformers import (
     TrainingArguments,
 )
 
-from finetune_lab import causal_lm, classify, contract, device, lora, lora_sweep, models, tracking, training
+from finetune_lab import causal_lm, contract, device, lora, models, tracking, training
 from finetune_lab import data as data_lib
-from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, SweepConfig, TrainingConfig
+from finetune_lab.config import SYNTHETIC, BenchConfig, ClassifyConfig, LoraSweepConfig, TrainingConfig
 from finetune_lab.contract import BASELINE, variant_name
 from finetune_lab.data import TEST, TRAIN
 from finetune_lab.errors import InputError, field_of, one_line, problem, raise_if_any
+from finetune_lab.experiments import classify, lora_sweep
 from finetune_lab.prompts import IGNORE_INDEX
 from finetune_lab.schema import as_params
 
@@ -122,13 +123,13 @@ def synthetic_frame(workload: str, config: BenchConfig) -> pd.DataFrame:
 
 
 @dataclass
-class Workload:
+class BenchWorkload:
     """One workload: the entry point's config (the `project` variant's), its checked data and model, the data
     tokenized once (for the baseline and the FLOP count), and the model's FLOPs per token."""
 
     name: str
-    config: ClassifyConfig | SweepConfig
-    prepared: classify.Prepared | causal_lm.Prepared
+    config: ClassifyConfig | LoraSweepConfig
+    prepared: classify.PreparedClassification | causal_lm.PreparedCausalLM
     tokenizer: object
     tokenized: object
     linear_params: int
@@ -159,8 +160,8 @@ def set_by_variant(workload: str, variant: str) -> dict[str, str]:
     return VARIANT_SET_BY.get(variant, {}).get(workload, {})
 
 
-def variant_config(workload: str, project_config: ClassifyConfig | SweepConfig, variant: str,
-                   config: BenchConfig) -> ClassifyConfig | SweepConfig:
+def variant_config(workload: str, project_config: ClassifyConfig | LoraSweepConfig, variant: str,
+                   config: BenchConfig) -> ClassifyConfig | LoraSweepConfig:
     """The workload's config as a variant runs it (`project_config`: the `project` variant's)."""
     return dataclasses.replace(project_config, **config.values(workload, set_by_variant(workload, variant)),
                                **VARIANT_SETTINGS.get(variant, {}).get(workload, {}))
@@ -192,7 +193,7 @@ def check(config: BenchConfig) -> list[str]:
     return problems
 
 
-def prepare(config: BenchConfig, scratch: Path) -> list[Workload]:
+def prepare(config: BenchConfig, scratch: Path) -> list[BenchWorkload]:
     """Every workload's data and model checked (the synthetic data made first) before any weights are loaded;
     raise InputError with every problem of every workload, under the bench's field names."""
     problems, checked = [], []
@@ -215,8 +216,8 @@ def prepare(config: BenchConfig, scratch: Path) -> list[Workload]:
     return [_tokenized(name, project, prepared) for name, project, prepared in checked]
 
 
-def _lora_examples(project: SweepConfig, prepared: causal_lm.Prepared, config: BenchConfig, scratch: Path
-                   ) -> tuple[SweepConfig, causal_lm.Prepared]:
+def _lora_examples(project: LoraSweepConfig, prepared: causal_lm.PreparedCausalLM, config: BenchConfig, scratch: Path
+                   ) -> tuple[LoraSweepConfig, causal_lm.PreparedCausalLM]:
     """The LoRA workload on its first `lora_examples` training examples (after a seeded shuffle), for every variant:
     the baseline trains on the prepared splits, the project's variants prepare them again from their config's
     dataset. So when the data has more, the splits as cut are written to a file of `scratch` (with a `split`
@@ -231,7 +232,7 @@ def _lora_examples(project: SweepConfig, prepared: causal_lm.Prepared, config: B
     return project, causal_lm.prepare(project, project.ranks, config.seed)
 
 
-def _tokenized(name: str, project, prepared) -> Workload:
+def _tokenized(name: str, project, prepared) -> BenchWorkload:
     if name == CLASSIFY:
         tokenizer = models.load_tokenizer(prepared.source)
         tokenized = classify.tokenize(prepared, tokenizer, project)
@@ -242,7 +243,7 @@ def _tokenized(name: str, project, prepared) -> Workload:
         skeleton = models.skeleton(prepared.source, AutoModelForCausalLM)
     lengths = np.asarray(tokenized[TRAIN]["length"], dtype=np.float64)
     linear = sum(m.in_features * m.out_features for m in skeleton.modules() if isinstance(m, torch.nn.Linear))
-    return Workload(name, project, prepared, tokenizer, tokenized, linear, skeleton.config.num_hidden_layers,
+    return BenchWorkload(name, project, prepared, tokenizer, tokenized, linear, skeleton.config.num_hidden_layers,
                     skeleton.config.hidden_size, float((lengths ** 2).sum() / lengths.sum()))
 
 
@@ -259,7 +260,7 @@ def reference_arguments(output_dir: Path, config: TrainingConfig, seed: int) -> 
                              report_to="none", save_strategy="no", eval_strategy="no", **training.STEP_LOGGING)
 
 
-def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, float]]:
+def baseline(workload: BenchWorkload, seed: int, scratch: Path) -> list[tuple[dict, float]]:
     """The reference recipe on the workload: (training metrics, FLOPs per token) per training (per rank for LoRA)."""
     config, source = workload.config, workload.prepared.source
     reference_settings = {"dtype": torch.float32, "attn_implementation": "eager"}
@@ -296,7 +297,7 @@ def baseline(workload: Workload, seed: int, scratch: Path) -> list[tuple[dict, f
     return trained
 
 
-def project(workload: Workload, config: ClassifyConfig | SweepConfig) -> list[tuple[dict, float]]:
+def project(workload: BenchWorkload, config: ClassifyConfig | LoraSweepConfig) -> list[tuple[dict, float]]:
     """The entry point's own path, run inside the variant's run (a sweep's children nest under it)."""
     if workload.name == CLASSIFY:
         return [(classify.execute(config)["training"], workload.flops_per_token())]
@@ -356,17 +357,17 @@ class Outcome:
     error: str = ""
 
 
-def batch_of(config: ClassifyConfig | SweepConfig, variant: str) -> str:
+def batch_of(config: ClassifyConfig | LoraSweepConfig, variant: str) -> str:
     if variant == BASELINE:
         return f"{config.batch_size} padded to {config.max_length}"
     if getattr(config, "batch_tokens", 0):
         return f"{config.batch_tokens} tokens" + (" packed" if causal_lm.packed(config) else "")
-    if isinstance(config, SweepConfig):
+    if isinstance(config, LoraSweepConfig):
         return f"{config.batch_size}" + (" packed" if causal_lm.packed(config) else "")
     return f"{config.batch_size}" + (f" compiled, {config.compile_shapes}" if training.switch(config.compile) else "")
 
 
-def run_variant(workload: Workload, variant: str, config: BenchConfig, peak_flops: float | None) -> Outcome:
+def run_variant(workload: BenchWorkload, variant: str, config: BenchConfig, peak_flops: float | None) -> Outcome:
     """One variant in its own child run; a failure ends that run FAILED and is returned, not raised."""
     variant_cfg = variant_config(workload.name, workload.config, variant, config)
     outcome = Outcome(workload.name, variant, batch_of(variant_cfg, variant))

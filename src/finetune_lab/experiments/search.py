@@ -31,11 +31,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
-from finetune_lab import contract, executors, plots, resume, signals, sweep, tracking
+from finetune_lab import contract, executors, plots, resume, signals, tracking
 from finetune_lab.config import ASHA, Sweeping
 from finetune_lab.contract import FAILED, FINISHED
+from finetune_lab.experiments import sweep
+from finetune_lab.experiments.sweep import ChildOutcome, ChildSpec, Design
 from finetune_lab.schema import LogRange
-from finetune_lab.sweep import ChildOutcome, ChildSpec, Design
 
 COMPLETED, STOPPED = "completed", "stopped early"
 # TPE samples the first 1/TPE_RANDOM_SHARE of the trials at random before its model takes over (at least 2, at

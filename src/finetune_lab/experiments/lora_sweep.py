@@ -32,17 +32,16 @@ from finetune_lab import (
     preamble,
     prompts,
     registry,
-    search,
     spool,
-    sweep,
     tracking,
     training,
 )
-from finetune_lab.config import ASHA, SweepConfig
+from finetune_lab.config import ASHA, LoraSweepConfig
 from finetune_lab.contract import ADAPTER_ARTIFACT, FAILED, FINISHED
 from finetune_lab.data import TEST, TRAIN
+from finetune_lab.experiments import search, sweep
+from finetune_lab.experiments.sweep import ChildOutcome, ChildSpec
 from finetune_lab.schema import LogRange
-from finetune_lab.sweep import ChildOutcome, ChildSpec
 
 # A prompt every registered adapter is checked and exemplified on.
 PROBE_PROMPT = "Hello, how are you?"
@@ -53,10 +52,10 @@ CONVERSION_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16
 
 
 @dataclass
-class Workload:
+class LoraSweepWorkload:
     """What every child of a sweep shares; sent once to each process that trains children."""
 
-    config: SweepConfig
+    config: LoraSweepConfig
     source: models.ModelSource
     tokenized: datasets.DatasetDict
     check_texts: list[str]
@@ -85,7 +84,7 @@ class ChildTrainer:
     """The workload in the process that trains children: the frozen base loaded once, then one child after another,
     each with a fresh adapter that is detached afterwards."""
 
-    def __init__(self, workload: Workload):
+    def __init__(self, workload: LoraSweepWorkload):
         self.workload = workload
         self.base, self.tokenizer = causal_lm.load_base(workload.source,
                                                         device.training_precision(workload.config.precision))
@@ -168,14 +167,14 @@ def run_child(trainer: ChildTrainer, spec: ChildSpec, run_id: str = "") -> Child
     return outcome
 
 
-def registry_check_texts(prepared: causal_lm.Prepared, tokenizer, config: SweepConfig) -> list[str]:
+def registry_check_texts(prepared: causal_lm.PreparedCausalLM, tokenizer, config: LoraSweepConfig) -> list[str]:
     """Prompts on which a registered adapter must reproduce the trained model's logits exactly."""
     held_out = prepared.data.splits[TEST][0][config.input_column]
     return [prompts.prompt_text(tokenizer, text, config.prompt_format) for text in (held_out, PROBE_PROMPT)]
 
 
 class LoraSweep(sweep.Design):
-    kind = contract.SWEEP
+    kind = contract.LORA_SWEEP
     axes = ["method", "rank"]
     table_metrics = contract.SWEEP_TABLE_METRICS
     summary_metrics = contract.SUMMARY_METRICS
@@ -183,7 +182,7 @@ class LoraSweep(sweep.Design):
     lower_is_better = True
     summary_artifact = contract.RANK_SUMMARY
 
-    def configurations(self, config: SweepConfig) -> list[tuple[str, dict]]:
+    def configurations(self, config: LoraSweepConfig) -> list[tuple[str, dict]]:
         return [(contract.lora_label(method, rank), {"method": method, "rank": rank})
                 for method in config.method_list for rank in config.ranks]
 
@@ -191,24 +190,24 @@ class LoraSweep(sweep.Design):
         label = contract.lora_label(settings["method"], settings["rank"])
         return f"{label}-lr{settings['learning_rate']:g}" if "learning_rate" in settings else label
 
-    def space(self, config: SweepConfig) -> dict:
+    def space(self, config: LoraSweepConfig) -> dict:
         rates = config.learning_rates or (config.learning_rate,)
         return {"method": tuple(config.method_list), "rank": config.ranks,
                 "learning_rate": rates if isinstance(rates, LogRange) else tuple(rates)}
 
-    def prepare(self, config: SweepConfig, split_seed: int) -> causal_lm.Prepared:
+    def prepare(self, config: LoraSweepConfig, split_seed: int) -> causal_lm.PreparedCausalLM:
         return causal_lm.prepare(config, config.ranks, split_seed, found=executors.problems(config),
                                  methods=[m for m in config.method_list if m in lora.METHOD_SETTINGS])
 
-    def workload(self, config: SweepConfig, prepared: causal_lm.Prepared, marks: dict[str, str],
-                 parent_run_id: str) -> Workload:
+    def workload(self, config: LoraSweepConfig, prepared: causal_lm.PreparedCausalLM, marks: dict[str, str],
+                 parent_run_id: str) -> LoraSweepWorkload:
         tokenizer = causal_lm.load_tokenizer(prepared.source)
         tokenized = causal_lm.tokenize(prepared.data.splits, tokenizer, config)
         check_texts = registry_check_texts(prepared, tokenizer, config) if config.register_as else []
-        return Workload(config, prepared.source, tokenized, check_texts, marks, parent_run_id,
+        return LoraSweepWorkload(config, prepared.source, tokenized, check_texts, marks, parent_run_id,
                         prepared.data.eval_digest)
 
-    def record_kept(self, workload: Workload, specs: list[ChildSpec]) -> dict[str, ChildOutcome]:
+    def record_kept(self, workload: LoraSweepWorkload, specs: list[ChildSpec]) -> dict[str, ChildOutcome]:
         """The planned children whose training finished during a tracking outage and was kept on this machine
         (`spool`), recorded now as child runs of the parent instead of trained again: name → outcome."""
         kept, recorded = spool.kept(workload.parent_run_id), {}
@@ -255,7 +254,7 @@ class LoraSweep(sweep.Design):
         plots.log_figure(plots.loss_curves({c.name: c.curve for c in children if c.status == FINISHED}),
                          contract.LOSS_CURVES_FIGURE)
 
-    def register(self, workload: Workload, prepared: causal_lm.Prepared, best: ChildOutcome) -> dict:
+    def register(self, workload: LoraSweepWorkload, prepared: causal_lm.PreparedCausalLM, best: ChildOutcome) -> dict:
         """Register the best child's adapter (adapter files + base reference) after a verified reload. A child whose
         trained model is not in memory (trained by an earlier attempt), or was on a device this process does not have
         (a GPU worker of a CPU driver), is checked against its logged adapter on the base, on this process's
@@ -300,22 +299,22 @@ DESIGN = LoraSweep()
 SEARCHED = SearchedLoraSweep()
 
 
-def design(config: SweepConfig) -> LoraSweep:
+def design(config: LoraSweepConfig) -> LoraSweep:
     """The design that trains `config`: the grid's, or the search's."""
     return SEARCHED if config.search == ASHA else DESIGN
 
 
-def plan(config: SweepConfig) -> list[ChildSpec]:
+def plan(config: LoraSweepConfig) -> list[ChildSpec]:
     """Every child of the sweep, in the order they run: seed by seed, method by method, rank by rank."""
     return DESIGN.plan(config)
 
 
-def execute(config: SweepConfig) -> dict:
+def execute(config: LoraSweepConfig) -> dict:
     """The whole sweep inside the active run (see `sweep.execute`)."""
     return sweep.execute(config, DESIGN)
 
 
-def run(config: SweepConfig) -> dict:
+def run(config: LoraSweepConfig) -> dict:
     """The whole sweep, a grid or a search (see `search.run`), inside one parent run; the parent's id, the best child
     and notes."""
     return search.run(config, design(config))

@@ -28,7 +28,9 @@ TEST_FRACTION = 0.2
 
 
 @dataclass
-class Prepared:
+class PreparedClassification:
+    """Checked data and model source of a classification experiment, with the classes the labels name."""
+
     data: data_lib.LoadedData
     """The splits as used: limited by max_train_samples / max_eval_samples, with digests of what is left."""
     source: models.ModelSource
@@ -36,7 +38,7 @@ class Prepared:
     label_names: list[str]
 
 
-def prepare(config: ClassifyConfig) -> Prepared:
+def prepare(config: ClassifyConfig) -> PreparedClassification:
     """Load and check data and model spec; raise InputError with every problem found, config's and the device's
     included."""
     problems = [*config.problems(), *device.precision_problems(config.precision, device.detect())]
@@ -67,10 +69,10 @@ def prepare(config: ClassifyConfig) -> Prepared:
         problems += models.check_max_length(source, config.max_length)
     raise_if_any(problems)
     names = config.label_name_list or data_lib.label_names(data, config.label_column, classes)
-    return Prepared(data, source, classes, names)
+    return PreparedClassification(data, source, classes, names)
 
 
-def load_model(prepared: Prepared, seed: int):
+def load_model(prepared: PreparedClassification, seed: int):
     """(model, tokenizer) with a classification head for the data's classes, named after them. A pretrained
     encoder has no such head: it is initialised from `seed` (reproducibly), which is said in one line instead of
     transformers' table of missing weights."""
@@ -94,7 +96,7 @@ def load_model(prepared: Prepared, seed: int):
     return model, tokenizer
 
 
-def tokenize(prepared: Prepared, tokenizer, config: ClassifyConfig):
+def tokenize(prepared: PreparedClassification, tokenizer, config: ClassifyConfig):
     """Texts → token ids (truncated to max_length), labels and lengths, every split once."""
 
     def encode(batch):
@@ -165,7 +167,7 @@ def held_out_metrics(model, tokenized_test, collator, batch_size: int, precision
     return headline_metrics(logits, np.asarray(tokenized_test["labels"]))
 
 
-def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "classify",
+def fit(config: ClassifyConfig, prepared: PreparedClassification, run_id: str, name: str = "classify",
         watch: training.Watch | None = None) -> Fitted:
     """Load the model, tokenize once, train (compiled when `compile` says so; per-step metrics into run `run_id`;
     `watch` measures the held-out split where it chooses, and may stop training) and predict the held-out split in
@@ -195,7 +197,7 @@ def fit(config: ClassifyConfig, prepared: Prepared, run_id: str, name: str = "cl
                   training.stopped_early(trainer))
 
 
-def preamble_params(prepared: Prepared) -> dict[str, int]:
+def preamble_params(prepared: PreparedClassification) -> dict[str, int]:
     """What a classifier's run records beyond the preamble's sources, environment and data sizes."""
     return {"num_labels": len(prepared.classes)}
 
@@ -211,7 +213,7 @@ class Trained:
     """The held-out texts, in the order of the predictions."""
 
 
-def train_and_log(config: ClassifyConfig, prepared: Prepared, name: str = "classify",
+def train_and_log(config: ClassifyConfig, prepared: PreparedClassification, name: str = "classify",
                   watch: training.Watch | None = None) -> Trained:
     """Train and evaluate into the active run: training metrics, headline metrics, predictions table, confusion
     matrix and report (`name`: what the console calls it; `watch`: see `fit`). A collapsed classifier (a uniform
@@ -258,7 +260,7 @@ def eager_reference(model, tokenizer, texts: list[str], max_length: int) -> regi
         return registry.reference(model, tokenizer, texts, truncation=True, max_length=max_length)
 
 
-def register(config: ClassifyConfig, prepared: Prepared, model, tokenizer, check_texts: list[str],
+def register(config: ClassifyConfig, prepared: PreparedClassification, model, tokenizer, check_texts: list[str],
              eval_loss: float, trained_in: str = "", expected: registry.Reference | None = None) -> dict:
     """Register the fine-tuned classifier (logged into the active run) after checking that its reload gives the same
     logits as `expected` (default: the model's own). `trained_in`: the run that trained it (default: the active

@@ -1,7 +1,7 @@
 """How fast a tracking store takes what a sweep logs: the latency of one training step's `log_batch` (what
 `MlflowStepLogger` sends) and how many small runs per minute it records, one client alone and several at once.
 
-    python -m finetune_lab.store_bench sqlite:///bench.db http://127.0.0.1:5000
+    python -m finetune_lab.team.store_bench sqlite:///bench.db http://127.0.0.1:5000
 
 A run here is what a sweep child sends besides its artifacts: created under a parent, 20 params, `STEPS` steps of
 3 metrics one batch each, 8 summary metrics, ended. Credentials for a server come from the environment, as for

@@ -114,8 +114,8 @@ def compare(before: Stage, after: Stage) -> dict[str, float]:
     return change
 
 
-def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.Prepared, config: ProbeConfig, name: str,
-              repeats: int, start: dict, before: Stage | None = None, *, position: str) -> Stage:
+def run_stage(model, tokenizer, tokenized, new_row, prepared: causal_lm.PreparedCausalLM, config: ProbeConfig,
+              name: str, repeats: int, start: dict, before: Stage | None = None, *, position: str) -> Stage:
     """In child run `name` (stage `position`, like `[2/3]`): reset the adapter to `start`, train on the train split
     + `repeats` copies of the new example, answer the probe and measure; log the training data it used, the
     adapter, and the change from `before` when given."""
@@ -212,7 +212,7 @@ def log_comparison(before: Stage, afters: list[Stage], config: ProbeConfig) -> p
 
 
 def run_stages(parent: mlflow.ActiveRun, config: ProbeConfig,
-               prepared: causal_lm.Prepared) -> tuple[Stage, list[Stage]]:
+               prepared: causal_lm.PreparedCausalLM) -> tuple[Stage, list[Stage]]:
     """`before`, then one `after` per repeats value, as child runs of `parent`; stages the parent already finished
     with the same config and data (`resume`) are read back instead of trained again."""
     base, tokenizer = causal_lm.load_base(prepared.source, device.training_precision(config.precision))

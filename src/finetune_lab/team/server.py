@@ -47,6 +47,8 @@ PRIVATE_UMASK = 0o077
 # Started as root, `pgserver` runs PostgreSQL as this system user, which must pass through `<data_dir>`.
 POSTGRES_SYSTEM_USER = "pgserver"
 PERMISSIONS = ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+# This module by name (`python -m` runs it as `__main__`): how its processes and its guard are recognised.
+MODULE = "finetune_lab.team.server"
 
 
 @dataclass
@@ -264,15 +266,15 @@ def still_running(data_dir: Path) -> list[str]:
     for process in psutil.process_iter(["cmdline", "ppid"]):
         command = process.info["cmdline"] or []
         mlflow = "server" in command and "--artifacts-destination" in command and artifacts in command
-        guard = str(data_dir) in command and any("finetune_lab.server import guard" in part for part in command)
+        guard = str(data_dir) in command and any(f"{MODULE} import guard" in part for part in command)
         with contextlib.suppress(psutil.Error, ProcessLookupError):
             if mlflow:
                 groups.add(os.getpgid(process.pid))
-            if (mlflow or guard) and "finetune_lab.server" in " ".join(psutil.Process(process.info["ppid"]).cmdline()):
+            if (mlflow or guard) and MODULE in " ".join(psutil.Process(process.info["ppid"]).cmdline()):
                 wrappers.add(process.info["ppid"])
     if wrappers:
         pids = " ".join(map(str, sorted(wrappers)))
-        return [problem("data_dir", f"{data_dir} is already served by finetune_lab.server (pid {pids}): use that "
+        return [problem("data_dir", f"{data_dir} is already served by {MODULE} (pid {pids}): use that "
                                     f"server, or stop it (Ctrl-C where it runs, or `kill {pids}`) first")]
     postgres = running_postgres(data_dir / "postgres")
     left = [f"MLflow (process group {group})" for group in sorted(groups)]
@@ -323,7 +325,7 @@ def guard(data_dir: str) -> None:
         stop_postgres(pgdata)
         stopped.append("PostgreSQL")
     if stopped:
-        print(f"finetune_lab.server is gone: stopped the {' and '.join(stopped)} it left running", file=sys.stderr,
+        print(f"{MODULE} is gone: stopped the {' and '.join(stopped)} it left running", file=sys.stderr,
               flush=True)
 
 
@@ -331,7 +333,7 @@ def guard(data_dir: str) -> None:
 def guarded(data_dir: Path) -> Iterator[subprocess.Popen]:
     """A guard process for this wrapper's servers (`guard`), in a session of its own so that the signals meant for
     the wrapper's (Ctrl-C in its terminal, `kill` of its process group) leave it alone; ended with the block."""
-    body = "import sys; from finetune_lab.server import guard; guard(sys.argv[1])"
+    body = f"import sys; from {MODULE} import guard; guard(sys.argv[1])"
     # -W ignore: importing pgserver warns about XDG_RUNTIME_DIR, which the wrapper has said already
     process = subprocess.Popen([sys.executable, "-W", "ignore", "-c", body, str(data_dir)], stdin=subprocess.PIPE,
                                text=True, start_new_session=True)
@@ -459,7 +461,7 @@ def serve(config: ServerConfig) -> None:
 def main() -> None:
     from finetune_lab.cli import command
 
-    command(ServerConfig, "finetune_lab.server:serve", "server", records_runs=False)()
+    command(ServerConfig, f"{MODULE}:serve", "server", records_runs=False)()
 
 
 if __name__ == "__main__":

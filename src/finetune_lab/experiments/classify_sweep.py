@@ -3,8 +3,8 @@ one child run per configuration x seed, each the complete record of a `classify`
 all on the same data and held-out split (prepared once, from the first seed); on the parent a comparison table, a
 summary per configuration (mean ± std over seeds of accuracy, precision, recall, F1, ROC-AUC and eval loss), a
 figure of each metric per configuration with the seeds' spread, the best configuration's confusion matrix, and the
-verdict: is the best configuration (highest mean accuracy) ahead of the runner-up beyond the seeds' spread? The best
-configuration's best seed is registered on request.
+verdicts (`verdicts`): is the best configuration (highest mean accuracy) shown better than the others, by Welch's test
+over seeds or McNemar's on the held-out examples? The best configuration's best seed is registered on request.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForSequenceClassification
 
-from finetune_lab import classify, contract, executors, health, models, plots, preamble, search, sweep, tracking
+from finetune_lab import contract, executors, health, models, plots, preamble, tracking
 from finetune_lab import data as data_lib
 from finetune_lab.config import ClassifyConfig, ClassifySweepConfig
 from finetune_lab.contract import FAILED, FINISHED
 from finetune_lab.data import TEST
 from finetune_lab.errors import InputError, raise_if_any
-from finetune_lab.sweep import ChildOutcome, ChildSpec
+from finetune_lab.experiments import classify, search, sweep
+from finetune_lab.experiments.sweep import ChildOutcome, ChildSpec
 
 # A child's fine-tuned classifier (weights + tokenizer), logged only when the sweep registers its best.
 CLASSIFIER_ARTIFACT = "classifier"
@@ -45,11 +46,11 @@ def configuration_name(row) -> str:
 
 
 @dataclasses.dataclass
-class Workload:
+class ClassifySweepWorkload:
     """What every child shares: the sweep's config, the data and model source as prepared once, and the tags."""
 
     config: ClassifySweepConfig
-    prepared: classify.Prepared
+    prepared: classify.PreparedClassification
     marks: dict[str, str]
     parent_run_id: str
 
@@ -72,14 +73,14 @@ class Workload:
 class ChildTrainer:
     """Trains children one after another in this process, each a `classify` run of its own config."""
 
-    def __init__(self, workload: Workload):
+    def __init__(self, workload: ClassifySweepWorkload):
         self.workload = workload
 
     def __call__(self, spec: ChildSpec, run_id: str = "") -> ChildOutcome:
         return run_child(self.workload, spec, run_id)
 
 
-def run_child(work: Workload, spec: ChildSpec, run_id: str = "") -> ChildOutcome:
+def run_child(work: ClassifySweepWorkload, spec: ChildSpec, run_id: str = "") -> ChildOutcome:
     """Fine-tune one classifier in its own child run with the record of `classify` (`run_id`: the run the driver
     made for it in a worker process, else a new nested run). A failure (a collapsed model, anything) ends that run
     FAILED and is returned, not raised; a signal or a tracking outage raises executors.Stopped
@@ -132,7 +133,7 @@ class ClassifySweep(sweep.Design):
     def space(self, config: ClassifySweepConfig) -> dict:
         return {"learning_rate": config.learning_rates, "epochs": config.epochs}
 
-    def prepare(self, config: ClassifySweepConfig, split_seed: int) -> classify.Prepared:
+    def prepare(self, config: ClassifySweepConfig, split_seed: int) -> classify.PreparedClassification:
         # The data and model checks of `classify` on the settings every child shares (the grid's values play no
         # part in them), reported together with the sweep's own problems, each once.
         found = [*config.problems(), *executors.problems(config)]
@@ -144,12 +145,12 @@ class ClassifySweep(sweep.Design):
         raise_if_any(found)
         return prepared
 
-    def preamble_params(self, prepared: classify.Prepared) -> dict:
+    def preamble_params(self, prepared: classify.PreparedClassification) -> dict:
         return classify.preamble_params(prepared)
 
-    def workload(self, config: ClassifySweepConfig, prepared: classify.Prepared, marks: dict[str, str],
-                 parent_run_id: str) -> Workload:
-        return Workload(config, prepared, marks, parent_run_id)
+    def workload(self, config: ClassifySweepConfig, prepared: classify.PreparedClassification, marks: dict[str, str],
+                 parent_run_id: str) -> ClassifySweepWorkload:
+        return ClassifySweepWorkload(config, prepared, marks, parent_run_id)
 
     def log_figures(self, summary: pd.DataFrame, children: list[ChildOutcome], best: pd.Series) -> None:
         finished = [c for c in children if c.status == FINISHED]
@@ -165,7 +166,8 @@ class ClassifySweep(sweep.Design):
         figure.axes[0].set_title(f"Best: {configuration_name(best)}, seed {best['seed']}", fontsize="medium")
         plots.log_figure(figure, contract.BEST_CONFUSION_FIGURE)
 
-    def register(self, workload: Workload, prepared: classify.Prepared, best: ChildOutcome) -> dict:
+    def register(self, workload: ClassifySweepWorkload, prepared: classify.PreparedClassification,
+                 best: ChildOutcome) -> dict:
         """Register the best child's classifier (downloaded from its run) after a verified reload against the
         logits the trained model gave (or, trained by an earlier attempt, the downloaded model's own)."""
         with tracking.scratch_dir("register") as scratch:
