@@ -3,11 +3,10 @@ and `lora_sweep`'s) log, step by step, the losses stored in tests/expected_losse
 training (data order, tokenisation, loss masking, the optimizer, a default) fails here instead of drifting the
 figures unnoticed.
 
-Tolerance: relative 1e-4. The runs are seeded and deterministic on one machine (two runs log equal values); across
-machines, CPU kernels (another BLAS build, instruction set or thread count) may sum in another order, which moves
-the float32 losses in their last digits (about 1e-6 relative after a few steps); 1e-4 leaves room for that and is
-still below what a change in training moves: a learning rate 10% higher moved classify's fourth loss by 2.2e-3 and
-lora_sweep's sixth by 4.6e-4, relative (both paths then fail here).
+Tolerance: relative 3e-4. The runs are seeded; on this machine, two runs of the same commit under different load
+differed by up to 1.2e-4 relative at one step (CPU float32 kernels summing in another order); another machine's
+BLAS may differ as much. A learning rate 10% higher moved classify's fourth loss by 2.2e-3 and lora_sweep's sixth
+by 4.6e-4, relative: both fail here, lora_sweep's with a thin margin.
 
 Regenerate: `pytest tests/test_expected_losses.py --regenerate-expected-losses`, and commit the JSON with the
 change. Legitimate only when training is meant to change (a new default, a fixed defect, a pinned library upgraded)
@@ -26,7 +25,7 @@ from support.paths import REPO
 from support.store import children_of, runs_of, top_level
 
 EXPECTED = Path(__file__).with_name("expected_losses.json")
-RELATIVE_TOLERANCE = 1e-4
+RELATIVE_TOLERANCE = 3e-4
 STEPS = 6
 
 # Each in a process of its own, as `mlflow run` starts it: the losses depend on nothing an earlier test left in
