@@ -70,6 +70,7 @@ NOT_MEASUREMENTS = [
     ),
     ("performance.md", {"20 min 20 s", "11 min 13 s", "9 min 47 s"}, SUITE_TIMES),
     ("testing.md", {"10 min 13 s", "6 min 48 s", "5 min 02 s", "3 min 15 s", "25 min 30 s", "23 min 38 s", "289 s",
+                    "4 min 19 s", "4 min 10 s",
                     "247 s", "217 s"}, SUITE_TIMES),
 ]
 
