@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.paths import REPO
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from finetune_lab import models
@@ -62,6 +63,16 @@ def test_tiny_models_are_cached_by_content_and_reload():
                                            tokenize=False)
     assert prompt.endswith("<|im_start|>assistant\n")
     assert model(**tokenizer("hello there", return_tensors="pt")).logits.shape[-1] == len(tokenizer)
+
+
+@pytest.mark.parametrize("kind", [models.CLASSIFIER, models.CAUSAL_LM])
+def test_a_tiny_model_built_again_from_the_same_texts_has_the_same_vocabulary(kind):
+    """A cache built on another machine, or after a cache was cleared, must hold the same model: tokenizers'
+    WordPieceTrainer gave a different vocabulary at almost every build of the embedded reviews (and so other losses
+    for the same seed)."""
+    texts = (REPO / "data" / "sample" / "sentiment.csv").read_text().splitlines()[1:200]
+    vocabularies = {tuple(sorted(models._train_tokenizer(texts, kind).get_vocab().items())) for _ in range(5)}
+    assert len(vocabularies) == 1
 
 
 def test_resolve_builds_tiny_models_from_the_run_texts_only_when_there_are_some():

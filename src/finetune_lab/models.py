@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ from finetune_lab import device, hub
 from finetune_lab.errors import problem
 
 TINY = "tiny"
+# The tiny classifier's vocabulary size, and the version of how tiny models are built: part of their cache key, so
+# that a cache built by an earlier version is not taken for this one's.
+TINY_CLASSIFIER_VOCAB = 2000
+TINY_BUILD = 2
 # The revision of a model spec that is a local folder: nothing to pin it to but the folder itself.
 LOCAL = "local"
 # What a model is for: it decides the tiny architecture and the Auto class that loads it.
@@ -232,16 +237,21 @@ def _train_tokenizer(texts: list[str], kind: str):
 
     if kind == CLASSIFIER:
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
+        normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        # A word-level vocabulary counted here rather than tokenizers' WordPieceTrainer, which numbers its subwords
+        # in hash-map order (huggingface/tokenizers#1794, open in 0.23): the same texts gave another vocabulary at
+        # every build, so `tiny` was not the same model twice. Words by count, ties broken by the word.
+        counts = Counter(word for text in texts
+                         for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        words = sorted(counts, key=lambda word: (-counts[word], word))[:TINY_CLASSIFIER_VOCAB - len(specials)]
+        tokenizer = Tokenizer(models.WordLevel({token: i for i, token in enumerate([*specials, *words])},
+                                               unk_token="[UNK]"))
+        tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
         cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
             special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
-        tokenizer.decoder = decoders.WordPiece()
         return PreTrainedTokenizerFast(
             tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
             sep_token="[SEP]", mask_token="[MASK]",
@@ -293,7 +303,7 @@ def _build_tiny(kind: str, texts: list[str], seed: int, num_labels: int, target:
 
 def tiny(kind: str, texts: list[str], seed: int, num_labels: int = 2) -> ModelSource:
     """Build (once per texts/seed) and cache a tiny random model; `kind` is `classifier` or `causal_lm`."""
-    key = _content_hash(f"{kind}:{num_labels}", texts, seed)
+    key = _content_hash(f"{kind}:{num_labels}:build{TINY_BUILD}", texts, seed)
     target = cached(cache_root() / "tiny" / f"{kind}-{key}",
                     lambda staged, _: _build_tiny(kind, texts, seed, num_labels, staged), key)
     return ModelSource(TINY, str(target), key)
