@@ -74,7 +74,8 @@ def test_predictions_come_back_in_dataset_order_whatever_the_lengths():
 
     from finetune_lab import models
 
-    texts = [" ".join(f"word{(n * j) % 7}" for j in range(n)) + f" text{n}" for n in (30, 2, 17, 5, 25, 1, 9, 40, 3, 12)]
+    lengths = (30, 2, 17, 5, 25, 1, 9, 40, 3, 12)
+    texts = [" ".join(f"word{(n * j) % 7}" for j in range(n)) + f" text{n}" for n in lengths]
     model, tokenizer = models.load(models.tiny(models.CLASSIFIER, texts * 3, seed=0),
                                    AutoModelForSequenceClassification)
     with torch.no_grad():  # a random tiny head answers almost alike for every text: spread its answers apart
