@@ -210,18 +210,19 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
 @pytest.mark.xdist_group("ray")  # two Ray instances on two cores only slow each other down
 def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(client, local_ray, monkeypatch,
                                                                                tmp_path):
-    """SIGTERM to the driver while it hands out the third child: the child still training on the other worker
-    ends KILLED naming the signal, the parent summarises the finished one and lists the others, no run stays
+    """SIGTERM to the driver while it makes the third child's run: that child and the one still training on the
+    other worker end KILLED naming the signal, the parent summarises the finished one and lists the others, no run stays
     RUNNING, and Ray is shut down."""
     from finetune_lab import signals, tracking
 
     create, made = tracking.create_child_run, []
 
-    def signal_at_the_third(name):
+    def signal_at_the_third(name):  # the run exists, its id not yet returned: a search left such a run RUNNING
+        run_id = create(name)
         made.append(name)
         if len(made) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return create(name)
+        return run_id
 
     monkeypatch.setattr(tracking, "create_child_run", signal_at_the_third)
     with pytest.raises(signals.Terminated):
@@ -233,7 +234,7 @@ def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(c
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
     statuses = dict(zip(table["run_id"], table["status"]))
     children = {r.info.run_id: r for r in children_of(runs)}
-    assert sorted(table["status"]) == ["FINISHED", "KILLED", "NOT_RUN", "NOT_RUN"]
+    assert sorted(table["status"]) == ["FINISHED", "KILLED", "KILLED", "NOT_RUN"]
     for run_id, child in children.items():
         assert statuses[run_id] == child.info.status
         if child.info.status == "KILLED":

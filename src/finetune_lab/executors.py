@@ -182,15 +182,18 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
     worker is, fail."""
     from ray.exceptions import RayError, RayTaskError
 
-    left, idle, running, run_ids = count, [], {}, {}
+    left, idle, running, run_ids, unended = count, [], {}, {}, {}
     starting = {worker.ready.remote(): worker for worker in workers}
     lost, ended = "", 0
     try:
         while running or (left and (idle or starting)):
             while left and idle:
                 child, worker, left = next(children), idle.pop(0), left - 1
-                run_ids[child.name] = tracking.create_child_run(child.name)
-                running[worker.train.remote(child, run_ids[child.name])] = (worker, child)
+                # A signal while its run is made and handed out waits until the run is known here to end it.
+                with signals.deferred():
+                    run_ids[child.name] = tracking.create_child_run(child.name)
+                    unended[child.name] = child
+                    running[worker.train.remote(child, run_ids[child.name])] = (worker, child)
             [done], _ = ray.wait([*starting, *running], num_returns=1)
             if done in starting:
                 worker = starting.pop(done)
@@ -201,6 +204,7 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
                     lost = f"could not start: {str(error).strip().splitlines()[-1]}"
                 continue
             worker, child = running.pop(done)
+            unended.pop(child.name)
             try:
                 outcome = ray.get(done)
                 idle.append(worker)
@@ -220,7 +224,7 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
         error = signals.restored(caught)
         reason = "interrupted before it ended" + (f": {error}" if str(error) else "")
         stopped = []
-        for _, child in running.values():
+        for child in unended.values():
             tracking.end_run_by_id(run_ids[child.name], KILLED, reason)
             stopped.append(child.failed(run_ids[child.name], reason, KILLED))
         if isinstance(error, KeyboardInterrupt):  # a signal: the sweep summarises what ended, then stops

@@ -24,8 +24,9 @@ from support.team_server import free_port
 
 from finetune_lab import registry
 
-# On the team's server (the session's `team_server`): `make test-team`; its tests share the worker that holds it.
-pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_server")]
+# On a team's server of its own (the `team_server` fixture on another worker): building the serving environments is
+# the longest of the team's tests, and the worker holding the others would run it after them.
+pytestmark = [pytest.mark.team, pytest.mark.xdist_group("team_serving")]
 
 PROMPT = "Hello, how are you?"
 REVIEWS = ["a wonderful, moving film", "dull and far too long"]
