@@ -45,10 +45,7 @@ def pytest_sessionfinish(session):
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
 def pytest_collection_modifyitems(config, items):
     """The slow tier and the workers' groups: support/tiers.py."""
-    for item in items:
-        tiers.mark_location(item)
-        if getattr(config.option, "loadgroup", False):
-            tiers.tell_xdist_the_group(item)
+    tiers.arrange(items, tell_xdist=getattr(config.option, "loadgroup", False))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -210,17 +210,17 @@ def test_workers_that_cannot_start_fail_every_child(client, local_ray, monkeypat
 @pytest.mark.xdist_group("ray")  # two Ray instances on two cores only slow each other down
 def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(client, local_ray, monkeypatch,
                                                                                tmp_path):
-    """SIGTERM to the driver while it makes the third child's run: that child and the one still training on the
-    other worker end KILLED naming the signal, the parent summarises the finished one and lists the others, no run stays
-    RUNNING, and Ray is shut down."""
+    """SIGTERM to the driver while it makes the third child's run: that child, and any still training, end KILLED
+    naming the signal; the parent summarises what finished and lists the others; no run stays RUNNING, and Ray is
+    shut down."""
     from finetune_lab import signals, tracking
 
-    create, made = tracking.create_child_run, []
+    create, tracking_ids = tracking.create_child_run, []
 
     def signal_at_the_third(name):  # the run exists, its id not yet returned: a search left such a run RUNNING
         run_id = create(name)
-        made.append(name)
-        if len(made) == 3:
+        tracking_ids.append(run_id)
+        if len(tracking_ids) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return run_id
 
@@ -234,11 +234,16 @@ def test_sigterm_during_a_ray_sweep_keeps_the_finished_work_and_ends_every_run(c
     table = load_table(client, parent.info.run_id, "comparison_table.json", tmp_path)
     statuses = dict(zip(table["run_id"], table["status"]))
     children = {r.info.run_id: r for r in children_of(runs)}
-    assert sorted(table["status"]) == ["FINISHED", "KILLED", "KILLED", "NOT_RUN"]
+    third = children[tracking_ids[2]]
+    assert third.info.status == "KILLED", "the run made as the signal came ends KILLED"
+    # The first two finished or were still training (a worker that loads its base late leaves both to the other,
+    # which takes the second once the first is done); the fourth never started.
+    assert list(table["status"]).count("NOT_RUN") == 1 and "FINISHED" in set(table["status"])
+    assert set(table["status"]) <= {"FINISHED", "KILLED", "NOT_RUN"}
     for run_id, child in children.items():
         assert statuses[run_id] == child.info.status
         if child.info.status == "KILLED":
             assert child.data.tags["error"] == "interrupted before it ended: terminated by SIGTERM"
-    finished = next(r for r in children.values() if r.info.status == "FINISHED")
-    assert parent.data.tags["best_run_id"] == finished.info.run_id
+    finished = [r.info.run_id for r in children.values() if r.info.status == "FINISHED"]
+    assert parent.data.tags["best_run_id"] in finished
     assert ray_left_behind(local_ray) == []
