@@ -45,7 +45,10 @@ def pytest_sessionfinish(session):
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the markers
 def pytest_collection_modifyitems(config, items):
     """The slow tier and the workers' groups: support/tiers.py."""
-    tiers.arrange(items, tell_xdist=getattr(config.option, "loadgroup", False))
+    for item in items:
+        tiers.mark_location(item)
+        if getattr(config.option, "loadgroup", False):
+            tiers.tell_xdist_the_group(item)
 
 
 @pytest.fixture(scope="session", autouse=True)

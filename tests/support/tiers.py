@@ -20,31 +20,6 @@ def mark_location(item: pytest.Item) -> None:
         item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
-# The groups that take longest (measured with --durations on 2 cores: the team's server about 7 minutes, Ray about
-# 4), longest first. pytest-xdist hands groups to workers in the order they were collected: collected last, as
-# their file names put them, they started when the other workers were nearly done and the suite waited for them.
-LONGEST_GROUPS = ("team_server", "ray", "search_e2e", "team_serving")
-
-
-def arrange(items: list[pytest.Item], tell_xdist: bool) -> None:
-    """Every item in its tier and group, the longest groups first; with `--dist loadgroup`, xdist told the groups."""
-    for item in items:
-        mark_location(item)
-    longest_groups_first(items)
-    if tell_xdist:
-        for item in items:
-            tell_xdist_the_group(item)
-
-
-def longest_groups_first(items: list[pytest.Item]) -> None:
-    """Reorder `items` (in place, otherwise keeping their order) so that the `LONGEST_GROUPS` are handed out first."""
-    def rank(item: pytest.Item) -> int:
-        group = item.get_closest_marker("xdist_group").args[0]
-        return LONGEST_GROUPS.index(group) if group in LONGEST_GROUPS else len(LONGEST_GROUPS)
-
-    items.sort(key=rank)
-
-
 def tell_xdist_the_group(item: pytest.Item) -> None:
     """Workaround for pytest-xdist 3.8.0 with pytest 9.2.0 (remove when xdist reads the group from the marker):
     `--dist loadgroup` tells its scheduler an item's group by rewriting `item._nodeid`, which pytest 9 no longer
