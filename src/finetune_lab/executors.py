@@ -182,7 +182,7 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
     worker is, fail."""
     from ray.exceptions import RayError, RayTaskError
 
-    left, idle, running, run_ids, unended = count, [], {}, {}, {}
+    left, idle, running, run_ids = count, [], {}, {}
     starting = {worker.ready.remote(): worker for worker in workers}
     lost, ended = "", 0
     try:
@@ -192,7 +192,6 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
                 # A signal while its run is made and handed out waits until the run is known here to end it.
                 with signals.deferred():
                     run_ids[child.name] = tracking.create_child_run(child.name)
-                    unended[child.name] = child
                     running[worker.train.remote(child, run_ids[child.name])] = (worker, child)
             [done], _ = ray.wait([*starting, *running], num_returns=1)
             if done in starting:
@@ -204,7 +203,6 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
                     lost = f"could not start: {str(error).strip().splitlines()[-1]}"
                 continue
             worker, child = running.pop(done)
-            unended.pop(child.name)
             try:
                 outcome = ray.get(done)
                 idle.append(worker)
@@ -222,14 +220,26 @@ def _hand_out(ray, workers: list, children: Iterator, count: int) -> Iterator:
                           f"no Ray worker left to train it (the last one {lost})")
     except BaseException as caught:  # interrupted (or the caller stopped early): the children training end KILLED
         error = signals.restored(caught)
-        reason = "interrupted before it ended" + (f": {error}" if str(error) else "")
-        stopped = []
-        for child in unended.values():
-            tracking.end_run_by_id(run_ids[child.name], KILLED, reason)
-            stopped.append(child.failed(run_ids[child.name], reason, KILLED))
+        stopped = _kill_and_end(ray, workers, list(running), [(c, run_ids[c.name]) for _, c in running.values()],
+                                "interrupted before it ended" + (f": {error}" if str(error) else ""))
         if isinstance(error, KeyboardInterrupt):  # a signal: the sweep summarises what ended, then stops
             raise Stopped(stopped, error) from caught
         raise
+
+
+def _kill_and_end(ray, workers: list, tasks: list, unended: list, reason: str) -> list:
+    """Kill the workers, then end KILLED the runs of the children not yet ended; their outcomes. The workers go
+    first: one still taking its child would reopen the run (RUNNING again) after it is ended here; their `tasks`
+    end once they are gone."""
+    for worker in workers:
+        ray.kill(worker)
+    if tasks:
+        ray.wait(tasks, num_returns=len(tasks), timeout=30)
+    stopped = []
+    for child, run_id in unended:
+        tracking.end_run_by_id(run_id, KILLED, reason)
+        stopped.append(child.failed(run_id, reason, KILLED))
+    return stopped
 
 
 def _failed(child, run_id: str, error: str):
