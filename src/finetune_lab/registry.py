@@ -222,8 +222,7 @@ def register_verified(name: str, candidate: Candidate, run_id: str) -> dict[str,
     Nothing is registered when the reload differs from the in-memory model (RegistrationError). Registration is
     all or nothing: the version is created with its tags in one call, and deleted again (with the registered
     model, if this call created it and it is left empty) when anything after that fails; the alias then settles
-    on the best version left.
-    """
+    on the best version left."""
     console.say(f"registering in {name!r}: log the model, reload it, compare its logits with the trained model's")
     # On the trained model's device, in its dtype; MLflow loads the model to check its input example too.
     with device.serving_on(candidate.expected.device, device.PRECISION_OF[candidate.expected.dtype]):
